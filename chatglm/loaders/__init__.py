@@ -1,0 +1,94 @@
+"""From a path to a model: detect the file kind, read its config and tensors, build the decoder."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import ModelConfig
+from ..default_model import DEFAULT_NAME, default_model_path
+from ..errors import ModelFileError
+from ..models.layers import Decoder, Weight
+from .names import assemble, namer
+
+DTYPES = {"f32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "f16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class Checkpoint:
+    """A model file opened but not yet loaded: its config, where each tensor comes from, its tokenizer."""
+
+    path: Path
+    config: ModelConfig
+    layout: dict[str, list[str]]
+    table: dict[str, str]                  # the family's naming table the layout came from
+    get: Callable[[str], Weight]
+    stored_dtype: torch.dtype              # the dtype of its float weights
+    load_tokenizer: Callable[[], Any]
+    transforms: dict[str, Callable[[Weight], Weight]] = field(default_factory=dict)
+    format: str = "hf"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """'default' names the default model; anything else must exist."""
+    if str(path) == DEFAULT_NAME:
+        return default_model_path()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelFileError(p, "no such file or folder (expected a Hugging Face model folder or a .gguf file)")
+    return p
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    p = resolve_path(path)
+    if p.is_dir():
+        from .hf import open_hf
+
+        return open_hf(p)
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        from .gguf import open_gguf
+
+        return open_gguf(p)
+    if p.name == "config.json":
+        from .hf import open_hf
+
+        return open_hf(p.parent)
+    raise ModelFileError(p, f"not a model file: starts with {magic!r}; expected a GGUF file or a Hugging Face folder")
+
+
+def compute_dtype(ckpt: Checkpoint, dtype: str, device: str) -> torch.dtype:
+    """The activations' dtype: the stored float dtype, or float32 for quantized files on the CPU."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(sorted(set(DTYPES)))}")
+        return DTYPES[dtype]
+    if ckpt.format == "gguf":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return ckpt.stored_dtype
+
+
+def check_device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"device {device!r} is not one of cpu, cuda")
+    return device
+
+
+def build_model(ckpt: Checkpoint, dtype: str = "auto", device: str = "cpu") -> Decoder:
+    device = check_device(device)
+    weights = assemble(ckpt.layout, ckpt.get, ckpt.path, ckpt.transforms)
+    factors = weights.pop("rope_factors", None)
+    if factors is not None:
+        ckpt.config.extra["rope_factors"] = factors if isinstance(factors, torch.Tensor) else factors.dequantize()
+    return Decoder(ckpt.config, weights, compute_dtype(ckpt, dtype, device), device, ckpt.path, namer(ckpt.layout, ckpt.table))
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> Decoder:
+    """A ready model with `.config` and `.logits(ids)`, from a folder, a GGUF file or 'default'."""
+    return build_model(open_checkpoint(path), dtype, device)

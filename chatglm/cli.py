@@ -1,0 +1,105 @@
+"""The `chatglm` command. Errors reach the user as one line, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from .errors import ChatGLMError
+from .messages import ChatMessage
+
+EXIT_WORDS = {"stop", "exit", "quit"}
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temp,
+                top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repeat_penalty, seed=args.seed,
+                do_sample=args.temp > 0)
+
+
+def _reply(pipe, history: list[ChatMessage], sampling: dict, out=sys.stdout) -> str:
+    """Stream one reply to the terminal; Ctrl-C ends the reply, not the conversation."""
+    parts: list[str] = []
+    try:
+        for delta in pipe.chat(history, stream=True, **sampling):
+            parts.append(delta)
+            out.write(delta)
+            out.flush()
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+    out.write("\n")
+    out.flush()
+    return "".join(parts)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .pipeline import Pipeline
+
+    pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+    sampling = _sampling(args)
+    system = [ChatMessage("system", args.system)] if args.system else []
+    if args.prompt is not None:
+        _reply(pipe, system + [ChatMessage("user", args.prompt)], sampling)
+        return 0
+    print(f"chatglm: {pipe.path.name} ({pipe.format}, {pipe.config.arch}, {args.device}). "
+          "Type a message; 'clear' starts over, 'stop' or Ctrl-D ends.")
+    history = list(system)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        if not line:
+            continue
+        if line.lower() in EXIT_WORDS:
+            return 0
+        if line.lower() == "clear":
+            history = list(system)
+            continue
+        history.append(ChatMessage("user", line))
+        answer = _reply(pipe, history, sampling)
+        history.append(ChatMessage("assistant", answer))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatglm", description="Run ChatGLM-family and llama-family models locally.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="chat in the terminal")
+    chat.add_argument("-m", "--model", default="default", help="HF folder or GGUF file (default: SmolLM2-135M-Instruct)")
+    mode = chat.add_mutually_exclusive_group()
+    mode.add_argument("-p", "--prompt", help="answer this one prompt and exit")
+    mode.add_argument("-i", "--interactive", action="store_true", help="chat until 'stop' or EOF (the default)")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=None)
+    chat.add_argument("--max-length", type=int, default=2048, help="prompt + reply tokens at most (default 2048)")
+    chat.add_argument("--temp", type=float, default=0.8, help="sampling temperature; 0 means greedy")
+    chat.add_argument("--top-p", type=float, default=0.8)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--repeat-penalty", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--threads", type=int, default=None)
+    chat.add_argument("--device", default="cpu", help="cpu or cuda")
+    chat.add_argument("--dtype", default="auto", help="auto, f32, bf16 or f16")
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ChatGLMError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

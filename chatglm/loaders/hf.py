@@ -1,0 +1,108 @@
+"""Hugging Face folders: config.json and safetensors or PyTorch .bin weights, single or sharded.
+
+Safetensors shards are opened lazily and read one tensor at a time; .bin files load with
+`weights_only=True` (never arbitrary pickles) and mmap, so no full extra copy is made.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import read_json
+from ..errors import ModelFileError
+from ..models import family_for_hf
+from .names import plan
+
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The shards that hold the weights, from the index when there is one."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelFileError(index, "has no 'weight_map' object")
+            files = sorted({folder / str(f) for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise ModelFileError(f, f"shard listed in {index_name} is missing")
+            return files
+    for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "pytorch_model*.bin"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found
+    raise ModelFileError(folder, "no weights found (expected model.safetensors, shards with an index, or pytorch_model*.bin)")
+
+
+def tensor_source(files: list[Path]) -> tuple[dict[str, Path], Callable[[str], torch.Tensor]]:
+    """Name -> file, and a reader that loads one tensor by name."""
+    where: dict[str, Path] = {}
+    handles: dict[Path, object] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(str(f), framework="pt")
+                names = list(handle.keys())
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise ModelFileError(f, f"not a valid safetensors file ({e})") from None
+        else:
+            try:
+                handle = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # truncated zip, pickle with forbidden globals, not a torch file
+                raise ModelFileError(f, f"not a loadable PyTorch weights file ({e})") from None
+            if not isinstance(handle, dict):
+                raise ModelFileError(f, "does not hold a dict of tensors")
+            names = list(handle)
+        handles[f] = handle
+        for name in names:
+            where[name] = f
+
+    def get(name: str) -> torch.Tensor:
+        f = where[name]
+        handle = handles[f]
+        try:
+            t = handle.get_tensor(name) if f.suffix == ".safetensors" else handle[name]
+        except Exception as e:
+            raise ModelFileError(f, f"tensor {name!r} cannot be read ({e})") from None
+        if not isinstance(t, torch.Tensor):
+            raise ModelFileError(f, f"entry {name!r} is not a tensor")
+        return t
+
+    return where, get
+
+
+def open_hf(folder: Path):
+    from . import Checkpoint
+
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelFileError(folder, "config.json is missing (expected a Hugging Face model folder)")
+    raw = read_json(cfg_path)
+    family = family_for_hf(raw, cfg_path)
+    try:
+        config = family.config_from_hf(raw, cfg_path)
+    except ValueError as e:
+        if isinstance(e, ModelFileError):
+            raise
+        raise ModelFileError(cfg_path, str(e)) from None
+    where, get = tensor_source(weight_files(folder))
+    layout = plan(where, family.HF_NAMES)
+    stored = _DTYPE_NAMES.get(str(raw.get("torch_dtype") or raw.get("dtype") or ""), None)
+    if stored is None:
+        embed = layout.get("embed")
+        stored = get(embed[0]).dtype if embed else torch.float32
+    transforms = getattr(family, "hf_transforms", lambda _: {})(config)
+
+    def tokenizer():
+        from ..tokenizers import load_tokenizer
+
+        return load_tokenizer(folder, family=config.family)
+
+    return Checkpoint(folder, config, layout, family.HF_NAMES, get, stored, tokenizer, transforms, "hf")
+

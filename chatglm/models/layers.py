@@ -1,0 +1,197 @@
+"""The decoder every family shares: norms, rotary, attention over a static KV cache, SwiGLU.
+
+Families differ in names, configs and a few switches (rotary style and span, biases, ALiBi), not in
+the block itself, so one `Decoder` serves them and each model file only maps its checkpoint onto it.
+Weights arrive in their stored form (float tensors or `QTensor` blocks) and go through
+`chatglm.kernels` so each format runs on its fastest exact kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ModelFileError
+from ..kernels import make_embedding, make_linear, tied_head
+from ..quant import QTensor
+
+Weight = Union[torch.Tensor, QTensor]
+
+
+class KVCache:
+    """Keys and values for `slots` sequences of up to `max_len` tokens, allocated once.
+
+    Layout [layer][slot, position, kv_head, head_dim]: a decode step writes one row per sequence
+    and a batched step can mix sequences at different positions.
+    """
+
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots = slots
+        self.max_len = max_len
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 like the reference code, returned in x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_table(cfg: ModelConfig, device: torch.device | str) -> torch.Tensor:
+    """cos and sin for every position: [max_position, rope_dim/2, 2] in float32."""
+    half = cfg.rope_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, dtype=torch.float32) * 2 / cfg.rope_dim))
+    factors = cfg.extra.get("rope_factors")
+    if factors is not None:
+        inv_freq = inv_freq / factors.float()
+    angles = torch.outer(torch.arange(cfg.max_position, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
+
+
+def apply_rope(x: torch.Tensor, cs: torch.Tensor, rope_dim: int, interleaved: bool) -> torch.Tensor:
+    """Rotate the first rope_dim dims of each head. x [B,T,H,D], cs [B,T,rope_dim/2,2]."""
+    rot, rest = x[..., :rope_dim].float(), x[..., rope_dim:]
+    cos, sin = cs[..., 0].unsqueeze(2), cs[..., 1].unsqueeze(2)
+    if interleaved:
+        x0, x1 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    else:
+        x0, x1 = rot[..., : rope_dim // 2], rot[..., rope_dim // 2 :]
+        out = torch.cat([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return torch.cat([out.to(x.dtype), rest], dim=-1)
+
+
+class Block(nn.Module):
+    """Pre-norm attention + SwiGLU MLP with residuals around each."""
+
+    def __init__(self, cfg: ModelConfig, w: Mapping[str, Weight], dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_norm = nn.Parameter(_float(w["attn_norm"], dtype, device), requires_grad=False)
+        self.ffn_norm = nn.Parameter(_float(w["ffn_norm"], dtype, device), requires_grad=False)
+        self.qkv = make_linear(w["qkv"], w.get("qkv_bias"), dtype, device)
+        self.o = make_linear(w["o"], w.get("o_bias"), dtype, device)
+        self.gate_up = make_linear(w["gate_up"], None, dtype, device)
+        self.down = make_linear(w["down"], None, dtype, device)
+
+    def forward(self, x: torch.Tensor, cs: torch.Tensor, layer: int, cache: KVCache, slots: torch.Tensor,
+                pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+        qkv = self.qkv(rms_norm(x, self.attn_norm, cfg.norm_eps))
+        q = qkv[..., :nq].view(B, T, cfg.num_heads, hd)
+        k = qkv[..., nq : nq + nkv].view(B, T, cfg.num_kv_heads, hd)
+        v = qkv[..., nq + nkv :].view(B, T, cfg.num_kv_heads, hd)
+        q = apply_rope(q, cs, cfg.rope_dim, cfg.rope_interleaved)
+        k = apply_rope(k, cs, cfg.rope_dim, cfg.rope_interleaved)
+        cache.k[layer, slots[:, None], pos] = k
+        cache.v[layer, slots[:, None], pos] = v
+        span = mask.shape[-1]
+        keys = cache.k[layer, slots, :span].transpose(1, 2)
+        values = cache.v[layer, slots, :span].transpose(1, 2)
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+        x = x + self.o(att.transpose(1, 2).reshape(B, T, nq))
+        gate, up = self.gate_up(rms_norm(x, self.ffn_norm, cfg.norm_eps)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class Decoder(nn.Module):
+    """Embedding, blocks, final norm and head over canonical weight names.
+
+    Canonical names: embed, norm, head (absent when tied), and per layer `layers.{i}.` + attn_norm,
+    qkv, qkv_bias, o, o_bias, ffn_norm, gate_up (gate rows first), down.
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: Mapping[str, Weight], dtype: torch.dtype,
+                 device: torch.device | str = "cpu", source: object = "model",
+                 name_of: Callable[[str], str] = str):
+        super().__init__()
+        check_shapes(cfg, weights, source, name_of)
+        self.config = cfg
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.embed = make_embedding(weights["embed"], dtype, device)
+        self.layers = nn.ModuleList(
+            Block(cfg, _layer(weights, i), dtype, device) for i in range(cfg.num_layers)
+        )
+        self.norm = nn.Parameter(_float(weights["norm"], dtype, device), requires_grad=False)
+        self.head = tied_head(self.embed) if "head" not in weights else make_linear(weights["head"], None, dtype, device)
+        self.register_buffer("rope", rope_table(cfg, device), persistent=False)
+
+    def new_cache(self, slots: int, max_len: int) -> KVCache:
+        return KVCache(self.config, slots, max_len, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits for ids [B,T] at positions pos [B,T] of the sequences in cache `slots` [B].
+
+        Each token attends to its own sequence's cache up to its position (causal); the cache
+        rows before pos must already hold that sequence's earlier tokens.
+        """
+        span = int(pos.max()) + 1
+        mask = (torch.arange(span, device=pos.device) <= pos[..., None]).unsqueeze(1)  # [B,1,T,span]
+        cs = self.rope[pos]
+        x = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cs, i, cache, slots, pos, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(rms_norm(x, self.norm, self.config.norm_eps)).float()
+
+    def logits(self, ids: list[int]) -> "numpy.ndarray":  # noqa: F821 - numpy imported lazily by callers
+        """Full-prefill logits [len(ids), vocab] as float32 numpy (tests and perplexity)."""
+        t = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        cache = self.new_cache(1, t.shape[1])
+        pos = torch.arange(t.shape[1], device=self.device)[None]
+        slots = torch.zeros(1, dtype=torch.long, device=self.device)
+        return self.forward(t, pos, cache, slots)[0].cpu().numpy()
+
+
+def _float(t: Weight, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    if isinstance(t, QTensor):
+        t = t.dequantize(torch.float32)
+    return t.to(device=device, dtype=dtype)
+
+
+def _layer(weights: Mapping[str, Weight], i: int) -> dict[str, Weight]:
+    prefix = f"layers.{i}."
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """What every canonical tensor must measure for this config."""
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed": (cfg.vocab_size, h), "norm": (h,), "head": (cfg.vocab_size, h)}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attn_norm": (h,), p + "ffn_norm": (h,),
+            p + "qkv": (q + 2 * kv, h), p + "qkv_bias": (q + 2 * kv,),
+            p + "o": (h, q), p + "o_bias": (h,),
+            p + "gate_up": (2 * cfg.ffn_size, h), p + "down": (h, cfg.ffn_size),
+        })
+    return shapes
+
+
+def check_shapes(cfg: ModelConfig, weights: Mapping[str, Weight], source: object,
+                 name_of: Callable[[str], str] = str) -> None:
+    """Name the first missing or mis-shaped tensor (by its name in the file), with the expected shape."""
+    required = {"qkv_bias": cfg.qkv_bias, "o_bias": cfg.o_bias, "head": not cfg.tie_embeddings}
+    for name, shape in expected_shapes(cfg).items():
+        shown = name_of(name)
+        if name not in weights:
+            if required.get(name.rsplit(".", 1)[-1], True):
+                raise ModelFileError(source, f"tensor {shown!r} is missing (expected shape {list(shape)})")
+            continue
+        found = tuple(weights[name].shape)
+        if found != shape:
+            raise ModelFileError(source, f"tensor {shown!r} has shape {list(found)}, expected {list(shape)}")

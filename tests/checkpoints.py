@@ -1,0 +1,133 @@
+"""Tiny random checkpoints the tests build for themselves: HF folders in every naming, GGUF files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def tiny_glm(layers: int = 3, heads: int = 8, kv_heads: int = 2, head_dim: int = 8, vocab: int = 96,
+             seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random transformers GlmForCausalLM (the live reference for ChatGLM2/3 and GLM-4)."""
+    from transformers import GlmConfig, GlmForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GlmConfig(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=72, num_hidden_layers=layers,
+                    num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                    max_position_embeddings=128, rms_norm_eps=1e-5, pad_token_id=0, eos_token_id=[1],
+                    attention_bias=True)
+    model = GlmForCausalLM(cfg).eval()
+    _randomize(model)
+    return model.to(dtype)
+
+
+def tiny_llama(layers: int = 3, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, vocab: int = 96,
+               tie: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32, bias: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=96,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                      rope_theta=10000.0, attention_bias=bias, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    _randomize(model)
+    if tie:
+        model.tie_weights()
+    return model.to(dtype)
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Default init leaves norms at 1 and biases at 0; draw everything so each weight matters."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+
+
+def thudm_state_dict(glm) -> dict[str, torch.Tensor]:
+    """The same weights under THUDM's modeling_chatglm.py names (fused query_key_value)."""
+    sd = glm.state_dict()
+    out = {
+        "transformer.embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
+        "transformer.encoder.final_layernorm.weight": sd["model.norm.weight"],
+        "transformer.output_layer.weight": sd["lm_head.weight"],
+    }
+    for i in range(glm.config.num_hidden_layers):
+        src, dst = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
+        a = src + "self_attn."
+        out[dst + "input_layernorm.weight"] = sd[src + "input_layernorm.weight"]
+        out[dst + "self_attention.query_key_value.weight"] = torch.cat([sd[a + p + "_proj.weight"] for p in "qkv"])
+        out[dst + "self_attention.query_key_value.bias"] = torch.cat([sd[a + p + "_proj.bias"] for p in "qkv"])
+        out[dst + "self_attention.dense.weight"] = sd[a + "o_proj.weight"]
+        out[dst + "post_attention_layernorm.weight"] = sd[src + "post_attention_layernorm.weight"]
+        out[dst + "mlp.dense_h_to_4h.weight"] = sd[src + "mlp.gate_up_proj.weight"]
+        out[dst + "mlp.dense_4h_to_h.weight"] = sd[src + "mlp.down_proj.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def thudm_config(glm, **extra) -> dict:
+    c = glm.config
+    cfg = {
+        "model_type": "chatglm", "architectures": ["ChatGLMModel"], "_name_or_path": "THUDM/chatglm3-6b",
+        "num_layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
+        "multi_query_attention": True, "multi_query_group_num": c.num_key_value_heads, "kv_channels": c.head_dim,
+        "ffn_hidden_size": c.intermediate_size, "padded_vocab_size": c.vocab_size, "layernorm_epsilon": c.rms_norm_eps,
+        "add_qkv_bias": True, "add_bias_linear": False, "rmsnorm": True, "seq_length": 128, "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def write_folder(folder: Path, config: dict, state: dict[str, torch.Tensor], fmt: str = "safetensors",
+                 shards: int = 1) -> Path:
+    """An HF folder: config.json plus one file or `shards` files with an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    names = list(state)
+    groups = [names[i::shards] for i in range(shards)]
+    ext = "safetensors" if fmt == "safetensors" else "bin"
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    weight_map = {}
+    for k, group in enumerate(groups):
+        fname = f"{stem}.{ext}" if shards == 1 else f"{stem}-{k + 1:05d}-of-{shards:05d}.{ext}"
+        part = {n: state[n].contiguous() for n in group}
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(part, str(folder / fname))
+        else:
+            torch.save(part, folder / fname)
+        weight_map.update({n: fname for n in group})
+    if shards > 1:
+        (folder / f"{stem}.{ext}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def read_oracle(name: str, sizes: list[tuple[int, ...]]):
+    """Split an oracle file into its weights (in README order) and its three (ids, hidden) steps."""
+    raw = (SHARED / "oracles" / name).read_bytes()
+    offset, weights = 0, []
+    for shape in sizes:
+        n = int(np.prod(shape))
+        weights.append(torch.from_numpy(np.frombuffer(raw, np.float32, n, offset).reshape(shape).copy()))
+        offset += 4 * n
+    steps = []
+    for count in (3, 1, 1):
+        ids = np.frombuffer(raw, np.int32, count, offset).tolist()
+        offset += 4 * count
+        hidden = np.frombuffer(raw, np.float32, count * 32, offset).reshape(count, 32)
+        offset += 4 * count * 32
+        steps.append((ids, torch.from_numpy(hidden.copy())))
+    assert offset == len(raw), f"{name}: {len(raw) - offset} bytes left over; layout misread"
+    return weights, steps
+
+
+def permute_for_gguf(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's converter reorders q/k rows of each head from halves to interleaved pairs."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

@@ -1,0 +1,35 @@
+"""Shared fixtures: the reference data beside the checkout and the real default model."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"reference data folder {SHARED} is absent (it sits beside the checkout)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    from chatglm.default_model import default_model_path
+
+    try:
+        return default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (it is a test extra: make install)")
+    import llama_cpp
+
+    return llama_cpp

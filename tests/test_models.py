@@ -1,0 +1,229 @@
+"""Logits against the official modeling code (oracle files) and transformers' GlmModel / LlamaModel."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from chatglm import load_model
+from chatglm.errors import ModelFileError
+
+from checkpoints import (permute_for_gguf, read_oracle, thudm_config, thudm_state_dict, tiny_glm, tiny_llama,
+                         write_folder)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def steps_logits(model, ids_steps):
+    """Run the oracle's three steps through the KV cache: prefill 3, then one token twice."""
+    cache = model.new_cache(1, sum(len(ids) for ids in ids_steps))
+    slots = torch.zeros(1, dtype=torch.long)
+    out, start = [], 0
+    for ids in ids_steps:
+        t = torch.tensor([ids])
+        pos = torch.arange(start, start + len(ids))[None]
+        out.append(model(t, pos, cache, slots)[0].numpy())
+        start += len(ids)
+    return np.concatenate(out)
+
+
+GLM3_SIZES = [(5, 32), (32,), (48, 32), (48,), (32, 32), (32,), (96, 32), (32, 48), (32,)]
+GLM3_NAMES = ["transformer.embedding.word_embeddings.weight", "transformer.encoder.layers.0.input_layernorm.weight",
+              "transformer.encoder.layers.0.self_attention.query_key_value.weight",
+              "transformer.encoder.layers.0.self_attention.query_key_value.bias",
+              "transformer.encoder.layers.0.self_attention.dense.weight",
+              "transformer.encoder.layers.0.post_attention_layernorm.weight",
+              "transformer.encoder.layers.0.mlp.dense_h_to_4h.weight",
+              "transformer.encoder.layers.0.mlp.dense_4h_to_h.weight", "transformer.encoder.final_layernorm.weight"]
+
+
+def test_glm3_matches_official_code(shared_dir, tmp_path):
+    weights, steps = read_oracle("glm3_model.data", GLM3_SIZES)
+    state = dict(zip(GLM3_NAMES, weights))
+    head = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    state["transformer.output_layer.weight"] = head
+    cfg = {"model_type": "chatglm", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 8,
+           "multi_query_attention": True, "multi_query_group_num": 2, "kv_channels": 4, "ffn_hidden_size": 48,
+           "padded_vocab_size": 5, "layernorm_epsilon": 1e-5, "add_qkv_bias": True, "seq_length": 16,
+           "torch_dtype": "float32"}
+    model = load_model(write_folder(tmp_path / "glm3", cfg, state), dtype="f32")
+    expected = torch.cat([h for _, h in steps]) @ head.T
+    assert rel_err(model.logits([0, 1, 2, 3, 4]), expected) < 1e-4
+    assert rel_err(steps_logits(model, [ids for ids, _ in steps]), expected) < 1e-4
+
+
+BAICHUAN_SIZES = [(5, 32), (32,), (96, 32), (32, 32), (32,), (96, 32), (32, 96), (96, 32), (32,)]
+BAICHUAN_NAMES = ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+                  "model.layers.0.self_attn.W_pack.weight", "model.layers.0.self_attn.o_proj.weight",
+                  "model.layers.0.post_attention_layernorm.weight", "model.layers.0.mlp.gate_proj.weight",
+                  "model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"]
+
+
+def test_baichuan_matches_official_code(shared_dir, tmp_path):
+    weights, steps = read_oracle("baichuan7b_model.data", BAICHUAN_SIZES)
+    state = dict(zip(BAICHUAN_NAMES, weights))
+    head = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
+    state["lm_head.weight"] = head
+    cfg = {"model_type": "baichuan", "architectures": ["BaichuanForCausalLM"], "hidden_size": 32,
+           "intermediate_size": 96, "num_attention_heads": 8, "num_hidden_layers": 1, "rms_norm_eps": 1e-6,
+           "vocab_size": 5, "max_position_embeddings": 16, "torch_dtype": "float32"}
+    model = load_model(write_folder(tmp_path / "baichuan", cfg, state, fmt="bin"), dtype="f32")
+    expected = torch.cat([h for _, h in steps]) @ head.T
+    assert rel_err(model.logits([0, 1, 2, 3, 4]), expected) < 1e-4
+    assert rel_err(steps_logits(model, [ids for ids, _ in steps]), expected) < 1e-4
+
+
+IDS = [3, 17, 42, 5, 88, 61, 7, 7, 30, 2, 95, 14]
+
+
+def reference_logits(model, ids=IDS) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("fmt,shards", [("safetensors", 1), ("safetensors", 3), ("bin", 2)])
+def test_glm_transformers_folder(tmp_path, fmt, shards):
+    glm = tiny_glm()
+    glm.save_pretrained(tmp_path / "tf")
+    ours = load_model(tmp_path / "tf", dtype="f32")
+    assert ours.config.num_kv_heads == 2 and ours.config.rope_dim == 4
+    assert rel_err(ours.logits(IDS), reference_logits(glm)) < 1e-4
+    thudm = write_folder(tmp_path / "thudm", thudm_config(glm), thudm_state_dict(glm), fmt=fmt, shards=shards)
+    assert rel_err(load_model(thudm, dtype="f32").logits(IDS), reference_logits(glm)) < 1e-4
+
+
+def test_glm_bf16(tmp_path):
+    glm = tiny_glm(dtype=torch.bfloat16)
+    glm.save_pretrained(tmp_path / "tf")
+    ours = load_model(tmp_path / "tf")
+    assert ours.dtype == torch.bfloat16
+    assert rel_err(ours.logits(IDS), reference_logits(glm)) < 5e-2
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_transformers_folder(tmp_path, tie):
+    llama = tiny_llama(tie=tie)
+    llama.save_pretrained(tmp_path / "tf")
+    ours = load_model(tmp_path / "tf", dtype="f32")
+    assert ours.config.tie_embeddings == tie
+    assert rel_err(ours.logits(IDS), reference_logits(llama)) < 1e-4
+
+
+def test_llama_bf16_and_decode_consistency(tmp_path):
+    llama = tiny_llama(dtype=torch.bfloat16, layers=2)
+    llama.save_pretrained(tmp_path / "tf")
+    ours = load_model(tmp_path / "tf")
+    assert rel_err(ours.logits(IDS), reference_logits(llama)) < 5e-2
+    f32 = load_model(tmp_path / "tf", dtype="f32")
+    full = f32.logits(IDS)
+    stepped = steps_logits(f32, [IDS[:4]] + [[i] for i in IDS[4:]])
+    assert rel_err(stepped, full) < 1e-5
+
+
+def test_internlm_biases(tmp_path):
+    llama = tiny_llama(bias=True)
+    sd = llama.state_dict()
+    cfg = json.loads(llama.config.to_json_string())
+    cfg.update(model_type="internlm", bias=True)
+    with torch.no_grad():  # InternLM also biases o_proj; give the reference one and keep it
+        llama.model.layers[0].self_attn.o_proj.bias = torch.nn.Parameter(torch.rand(llama.config.hidden_size))
+        for layer in llama.model.layers[1:]:
+            layer.self_attn.o_proj.bias = torch.nn.Parameter(torch.zeros(llama.config.hidden_size))
+        sd = llama.state_dict()
+    write_folder(tmp_path / "internlm", cfg, sd)
+    ours = load_model(tmp_path / "internlm", dtype="f32")
+    assert ours.config.o_bias
+    assert rel_err(ours.logits(IDS), reference_logits(llama)) < 1e-4
+
+
+def write_llama_gguf(path, llama, qtype=None):
+    """A llama GGUF with llama.cpp's names and q/k permutation; 2-D weights optionally quantized."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    c = llama.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    sd = {k: v.float() for k, v in llama.state_dict().items()}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(c.num_hidden_layers):
+        for hf, gg in parts.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    for hf, gg in names.items():
+        t = sd[hf]
+        if ".attn_q." in gg:
+            t = permute_for_gguf(t, c.num_attention_heads)
+        elif ".attn_k." in gg:
+            t = permute_for_gguf(t, c.num_key_value_heads)
+        arr = t.numpy()
+        if qtype is not None and arr.ndim == 2:
+            w.add_tensor(gg, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gg, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_llama_gguf_float_matches_transformers(tmp_path):
+    llama = tiny_llama()
+    ours = load_model(write_llama_gguf(tmp_path / "tiny.gguf", llama))
+    assert ours.config.rope_interleaved
+    assert rel_err(ours.logits(IDS), reference_logits(llama)) < 1e-4
+
+
+@pytest.mark.parametrize("qname", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"])
+def test_llama_gguf_quantized_matches_dequantized_reference(tmp_path, qname):
+    """A quantized file computes what the dequantized weights compute (float32 activations)."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[qname]
+    llama = tiny_llama(head_dim=32, heads=2, kv_heads=1)
+    path = write_llama_gguf(tmp_path / "q.gguf", llama, qtype)
+    reader = gguf.GGUFReader(path)
+    deq = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()) for t in reader.tensors}
+    c = llama.config
+    with torch.no_grad():  # put the dequantized values back into the reference (undoing the permutation)
+        sd = llama.state_dict()
+        inverse = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}
+        for name, t in deq.items():
+            if t.dim() != 2:
+                continue
+            for key, heads in inverse.items():
+                if f".{key}." in name:
+                    t = t.reshape(heads, t.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(t.shape)
+            hf = _hf_name(name)
+            sd[hf].copy_(t.reshape(sd[hf].shape))
+    ours = load_model(path)
+    assert rel_err(ours.logits(IDS), reference_logits(llama)) < 1e-4
+
+
+def _hf_name(gguf_name: str) -> str:
+    table = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    parts = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    stem = gguf_name.rsplit(".", 1)[0]
+    if stem in table:
+        return table[stem] + ".weight"
+    _, i, part = stem.split(".")
+    return f"model.layers.{i}.{parts[part]}.weight"
