@@ -227,3 +227,54 @@ def _hf_name(gguf_name: str) -> str:
         return table[stem] + ".weight"
     _, i, part = stem.split(".")
     return f"model.layers.{i}.{parts[part]}.weight"
+
+
+def write_glm_gguf(path, glm):
+    """A llama.cpp-style `chatglm` GGUF (fused attn_qkv with bias, fused ffn_up) from a tiny GLM."""
+    import gguf
+
+    c = glm.config
+    w = gguf.GGUFWriter(str(path), "chatglm")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(c.head_dim // 2)
+    names = {"transformer.embedding.word_embeddings.weight": "token_embd.weight",
+             "transformer.encoder.final_layernorm.weight": "output_norm.weight",
+             "transformer.output_layer.weight": "output.weight"}
+    parts = {"input_layernorm.weight": "attn_norm.weight", "self_attention.query_key_value.weight": "attn_qkv.weight",
+             "self_attention.query_key_value.bias": "attn_qkv.bias", "self_attention.dense.weight": "attn_output.weight",
+             "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.dense_h_to_4h.weight": "ffn_up.weight",
+             "mlp.dense_4h_to_h.weight": "ffn_down.weight"}
+    for name, t in thudm_state_dict(glm).items():
+        if name not in names:
+            _, _, _, i, rest = name.split(".", 4)
+            names[name] = f"blk.{i}.{parts[rest]}"
+        w.add_tensor(names[name], t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_chatglm_gguf_matches_transformers(tmp_path):
+    glm = tiny_glm()
+    ours = load_model(write_glm_gguf(tmp_path / "glm.gguf", glm))
+    assert ours.config.arch == "chatglm2" and ours.config.num_kv_heads == 2
+    assert rel_err(ours.logits(IDS), reference_logits(glm)) < 1e-4
+
+
+def test_rope_ratio_of_chatglm3_32k(tmp_path):
+    """ChatGLM3-6B-32k and GLM-4 scale the rotary base by rope_ratio; transformers names it rope_theta."""
+    glm = tiny_glm()
+    glm.config.rope_parameters["rope_theta"] = 500000.0
+    glm.model.rotary_emb.__init__(glm.config)
+    thudm = write_folder(tmp_path, thudm_config(glm, rope_ratio=50, original_rope=True), thudm_state_dict(glm))
+    ours = load_model(thudm, dtype="f32")
+    assert ours.config.rope_theta == 500000.0
+    assert rel_err(ours.logits(IDS), reference_logits(glm)) < 1e-4

@@ -31,8 +31,10 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # empty, not zeros: the OS commits pages only as positions are written, and rows past a
+        # sequence's position are never read (the attention span stops at it)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.slots = slots
         self.max_len = max_len
 
