@@ -5,7 +5,10 @@ stops early simply by not asking for the next token.
 """
 from __future__ import annotations
 
+import collections
 import logging
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -132,3 +135,202 @@ def generate(model, prompt: Sequence[int], params: SamplingParams, stop_ids: fro
         position = len(history) - 1
         logits = model(torch.tensor([[token]], device=device), torch.tensor([[position]], device=device),
                        cache, slots, last_only=True)[0, -1]
+
+
+class QueueFullError(ChatGLMError):
+    """Every slot is busy and the waiting line is at its limit; the caller should retry later."""
+
+
+@dataclass
+class Request:
+    """One sequence in the batch engine. Tokens arrive on `tokens`; None marks the end."""
+
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    vocab_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens: "queue.Queue[int | None]" = queue.Queue()
+        self.cancelled = threading.Event()
+        self.finish_reason: str | None = None   # "stop", "length" or "cancelled"
+        self.error: BaseException | None = None
+        self.generated: list[int] = []
+        self.sampler = Sampler(self.params, self.vocab_limit)
+
+    def cancel(self) -> None:
+        """Free the slot at the next step (a client went away)."""
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            token = self.tokens.get()
+            if token is None:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield token
+
+
+@dataclass
+class _Slot:
+    cached: list[int]                  # the tokens whose keys and values this slot's cache rows hold
+    request: Request | None = None
+    budget: int = 0
+
+
+class BatchEngine:
+    """Continuous batching: requests join and leave between decode steps; all running sequences
+    decode in one batched forward. A finished or cancelled sequence frees its slot at once, and a
+    new request takes the free slot whose cached tokens share the longest prefix with its prompt,
+    so the next turn of a conversation only prefills what is new.
+    """
+
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int | None = None):
+        self.model = model
+        self.context = min(context or model.config.max_position, model.config.max_position)
+        self.cache = model.new_cache(max_batch, self.context)
+        self.slots = [_Slot([]) for _ in range(max_batch)]
+        self.max_queue = max_queue
+        self.waiting: "collections.deque[Request]" = collections.deque()
+        self.lock = threading.Condition()
+        self.closed = False
+        self.stats = {"requests": 0, "tokens": 0, "batch_size": 0, "prefill_tokens": 0, "reused_tokens": 0}
+        self.thread = threading.Thread(target=self._run, name="chatglm-batch", daemon=True)
+        self.thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int] = frozenset(),
+               vocab_limit: int | None = None) -> Request:
+        """Queue a request; raises QueueFullError when the line is full, ContextLengthError when too long."""
+        params.validate()
+        budget(len(prompt), params, self.context)
+        request = Request(list(prompt), params, frozenset(stop_ids), vocab_limit)
+        with self.lock:
+            if self.closed:
+                raise ChatGLMError("the engine is shut down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(request)
+            self.stats["requests"] += 1
+            self.lock.notify()
+        return request
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self.lock.notify()
+        self.thread.join(timeout=10)
+
+    # --- the worker thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while not self.closed and not self.waiting and not any(s.request for s in self.slots):
+                    self.lock.wait()
+                if self.closed:
+                    break
+                admitted = self._admit()
+            try:
+                for index in admitted:
+                    self._prefill(index)
+                self._decode()
+            except Exception as e:  # a failure ends the requests in flight, never the engine
+                log.exception("batch step failed")
+                for slot in self.slots:
+                    if slot.request:
+                        slot.request.error = e
+                        self._finish(slot, "error")
+        for slot in self.slots:
+            if slot.request:
+                self._finish(slot, "cancelled")
+        for request in self.waiting:
+            request.finish_reason = "cancelled"
+            request.tokens.put(None)
+
+    def _admit(self) -> list[int]:
+        """Give waiting requests free slots, preferring the slot that holds most of their prompt."""
+        admitted = []
+        while self.waiting:
+            free = [i for i, s in enumerate(self.slots) if s.request is None and i not in admitted]
+            if not free:
+                break
+            request = self.waiting.popleft()
+            if request.cancelled.is_set():
+                request.finish_reason = "cancelled"
+                request.tokens.put(None)
+                continue
+            best = max(free, key=lambda i: _common_prefix(self.slots[i].cached, request.prompt))
+            slot = self.slots[best]
+            slot.request = request
+            slot.budget = budget(len(request.prompt), request.params, self.context)
+            admitted.append(best)
+        return admitted
+
+    def _prefill(self, index: int) -> None:
+        slot = self.slots[index]
+        request = slot.request
+        prompt = request.prompt
+        reuse = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # at least one token to run
+        device = self.model.device
+        ids = torch.tensor([prompt[reuse:]], dtype=torch.long, device=device)
+        pos = torch.arange(reuse, len(prompt), device=device)[None]
+        logits = self.model(ids, pos, self.cache, torch.tensor([index], device=device), last_only=True)[0, -1]
+        slot.cached = list(prompt)
+        self.stats["prefill_tokens"] += len(prompt) - reuse
+        self.stats["reused_tokens"] += reuse
+        self._accept(slot, logits)
+
+    def _decode(self) -> None:
+        running = [i for i, s in enumerate(self.slots) if s.request is not None]
+        for i in running:
+            if self.slots[i].request.cancelled.is_set():
+                self._finish(self.slots[i], "cancelled")
+        running = [i for i in running if self.slots[i].request is not None]
+        if not running:
+            return
+        self.stats["batch_size"] = len(running)
+        device = self.model.device
+        last = [self.slots[i].cached[-1] for i in running]
+        pos = [len(self.slots[i].cached) - 1 for i in running]
+        logits = self.model(torch.tensor(last, device=device)[:, None], torch.tensor(pos, device=device)[:, None],
+                            self.cache, torch.tensor(running, device=device))[:, -1]
+        for row, i in enumerate(running):
+            self._accept(self.slots[i], logits[row])
+
+    def _accept(self, slot: _Slot, logits: torch.Tensor) -> None:
+        """Sample the next token of a slot's request from its logits, emit it or finish."""
+        request = slot.request
+        token = request.sampler(logits, request.prompt + request.generated)
+        if token in request.stop_ids:
+            self._finish(slot, "stop")
+            return
+        request.generated.append(token)
+        slot.cached.append(token)  # its keys and values are written by the next decode step
+        self.stats["tokens"] += 1
+        request.tokens.put(token)
+        if len(request.generated) >= slot.budget:
+            self._finish(slot, "length")
+
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        request = slot.request
+        request.finish_reason = reason
+        request.tokens.put(None)
+        slot.request = None
+        if slot.cached and reason != "error":
+            # the last sampled token was never run through the model: its cache row is not written
+            slot.cached = slot.cached[:-1] if request.generated and reason != "stop" else slot.cached
+        else:
+            slot.cached = []
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
