@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -36,6 +36,25 @@ class StopStrings:
         return out
 
 
+def detokenize(tokens: Iterable[int], tokenizer, stop: Sequence[str] = ()) -> Iterator[str]:
+    """Text deltas for a stream of token ids: whole characters only, cut at the first stop string."""
+    from .tokenizers import StreamDecoder
+
+    decoder = StreamDecoder(tokenizer)
+    cutter = StopStrings(stop)
+    for token in tokens:
+        text = cutter.feed(decoder.put(token))
+        if text:
+            yield text
+        if cutter.stopped:
+            return
+    text = cutter.feed(decoder.flush())
+    if not cutter.stopped:
+        text += cutter.flush()
+    if text:
+        yield text
+
+
 class Pipeline:
     """Load once, then chat or complete; 'default' names the bundled SmolLM2 model."""
 
@@ -52,21 +71,8 @@ class Pipeline:
         self.stop_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.config.eos_token_ids)
 
     def _stream(self, prompt: list[int], params: SamplingParams, stop: Sequence[str]) -> Iterator[str]:
-        from .tokenizers import StreamDecoder
-
-        decoder = StreamDecoder(self.tokenizer)
-        cutter = StopStrings(stop)
-        for token in generate(self.model, prompt, params, self.stop_ids, self.tokenizer.vocab_size):
-            text = cutter.feed(decoder.put(token))
-            if text:
-                yield text
-            if cutter.stopped:
-                return
-        text = cutter.feed(decoder.flush())
-        if not cutter.stopped:
-            text += cutter.flush()
-        if text:
-            yield text
+        tokens = generate(self.model, prompt, params, self.stop_ids, self.tokenizer.vocab_size)
+        return detokenize(tokens, self.tokenizer, stop)
 
     def chat(self, messages: Sequence[MessageLike], *, stream: bool = False, stop: Sequence[str] = (),
              **sampling) -> ChatMessage | Iterator[str]:
