@@ -275,6 +275,8 @@ class BatchEngine:
         request = slot.request
         prompt = request.prompt
         reuse = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # at least one token to run
+        if not self.model.prefix_reusable:
+            reuse = 0
         device = self.model.device
         ids = torch.tensor([prompt[reuse:]], dtype=torch.long, device=device)
         pos = torch.arange(reuse, len(prompt), device=device)[None]

@@ -278,3 +278,28 @@ def test_rope_ratio_of_chatglm3_32k(tmp_path):
     ours = load_model(thudm, dtype="f32")
     assert ours.config.rope_theta == 500000.0
     assert rel_err(ours.logits(IDS), reference_logits(glm)) < 1e-4
+
+
+GLM_SIZES = [(5, 32), (32,), (32,), (96, 32), (96,), (32, 32), (32,), (32,), (32,), (128, 32), (128,), (32, 128), (32,),
+             (32,), (32,)]
+GLM_NAMES = ["transformer.word_embeddings.weight"] + [
+    "transformer.layers.0." + n for n in (
+        "input_layernorm.weight", "input_layernorm.bias", "attention.query_key_value.weight",
+        "attention.query_key_value.bias", "attention.dense.weight", "attention.dense.bias",
+        "post_attention_layernorm.weight", "post_attention_layernorm.bias", "mlp.dense_h_to_4h.weight",
+        "mlp.dense_h_to_4h.bias", "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias")
+] + ["transformer.final_layernorm.weight", "transformer.final_layernorm.bias"]
+
+
+def test_chatglm6b_matches_official_code(shared_dir, tmp_path):
+    """GLM v1: 2D positions, two-way context up to <sop>, alpha residuals, tied head; prefill and decode."""
+    weights, steps = read_oracle("glm_model.data", GLM_SIZES)
+    state = dict(zip(GLM_NAMES, weights))
+    cfg = {"model_type": "chatglm", "position_encoding_2d": True, "num_layers": 1, "hidden_size": 32,
+           "num_attention_heads": 8, "inner_hidden_size": 128, "vocab_size": 5, "layernorm_epsilon": 1e-5,
+           "max_sequence_length": 16, "gmask_token_id": 1, "mask_token_id": 99, "bos_token_id": 2,
+           "eos_token_id": 4, "torch_dtype": "float32"}
+    model = load_model(write_folder(tmp_path / "glm", cfg, state), dtype="f32")
+    expected = torch.cat([h for _, h in steps]) @ weights[0].T
+    assert rel_err(model.logits([0, 1, 2, 3, 4]), expected) < 1e-4
+    assert rel_err(steps_logits(model, [ids for ids, _ in steps]), expected) < 1e-4

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ class Checkpoint:
     """A model file opened but not yet loaded: its config, where each tensor comes from, its tokenizer."""
 
     path: Path
+    family: ModuleType                     # the model file under chatglm/models that reads it
     config: ModelConfig
     layout: dict[str, list[str]]
     table: dict[str, str]                  # the family's naming table the layout came from
@@ -86,7 +88,8 @@ def build_model(ckpt: Checkpoint, dtype: str = "auto", device: str = "cpu") -> D
     factors = weights.pop("rope_factors", None)
     if factors is not None:
         ckpt.config.extra["rope_factors"] = factors if isinstance(factors, torch.Tensor) else factors.dequantize()
-    return Decoder(ckpt.config, weights, compute_dtype(ckpt, dtype, device), device, ckpt.path, namer(ckpt.layout, ckpt.table))
+    decoder = getattr(ckpt.family, "DECODER", Decoder)
+    return decoder(ckpt.config, weights, compute_dtype(ckpt, dtype, device), device, ckpt.path, namer(ckpt.layout, ckpt.table))
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> Decoder:

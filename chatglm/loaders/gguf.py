@@ -78,5 +78,5 @@ def open_gguf(path: Path):
 
         return tokenizer_from_gguf(reader, path)
 
-    return Checkpoint(path, config, layout, family.GGUF_NAMES, lambda name: to_weight(tensors[name], path), torch.float32,
+    return Checkpoint(path, family, config, layout, family.GGUF_NAMES, lambda name: to_weight(tensors[name], path), torch.float32,
                       tokenizer, {}, "gguf")

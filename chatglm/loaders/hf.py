@@ -104,5 +104,5 @@ def open_hf(folder: Path):
 
         return load_tokenizer(folder, family=config.family)
 
-    return Checkpoint(folder, config, layout, family.HF_NAMES, get, stored, tokenizer, transforms, "hf")
+    return Checkpoint(folder, family, config, layout, family.HF_NAMES, get, stored, tokenizer, transforms, "hf")
 

@@ -5,9 +5,9 @@ from types import ModuleType
 from typing import Any, Mapping
 
 from ..errors import ModelFileError
-from . import glm2, llama
+from . import glm, glm2, llama
 
-FAMILIES: dict[str, ModuleType] = {m.ARCH: m for m in (glm2, llama)}
+FAMILIES: dict[str, ModuleType] = {m.ARCH: m for m in (glm, glm2, llama)}
 
 
 def family_for_hf(cfg: Mapping[str, Any], source: object) -> ModuleType:
@@ -15,7 +15,7 @@ def family_for_hf(cfg: Mapping[str, Any], source: object) -> ModuleType:
         if module.accepts_hf(cfg):
             return module
     kind = cfg.get("model_type") or cfg.get("architectures")
-    raise ModelFileError(source, f"unknown architecture {kind!r}; supported: ChatGLM2/3, GLM-4, CodeGeeX2, "
+    raise ModelFileError(source, f"unknown architecture {kind!r}; supported: ChatGLM-6B, ChatGLM2/3, GLM-4, CodeGeeX2, "
                                  "LLaMA, Baichuan-7B/Baichuan2-7B, InternLM")
 
 

@@ -37,6 +37,7 @@ class KVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.slots = slots
         self.max_len = max_len
+        self.meta: dict[int, dict] = {}  # per-slot state a family keeps between steps (GLM's <sop> place)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -70,6 +71,19 @@ def apply_rope(x: torch.Tensor, cs: torch.Tensor, rope_dim: int, interleaved: bo
     return torch.cat([out.to(x.dtype), rest], dim=-1)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int, slots: torch.Tensor,
+           rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Write k, v [B,T,Hkv,D] into the cache rows, attend q [B,T,H,D] over the span; returns [B,T,H*D]."""
+    B, T, H, D = q.shape
+    cache.k[layer, slots[:, None], rows] = k
+    cache.v[layer, slots[:, None], rows] = v
+    span = mask.shape[-1]
+    keys = cache.k[layer, slots, :span].transpose(1, 2)
+    values = cache.v[layer, slots, :span].transpose(1, 2)
+    att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+    return att.transpose(1, 2).reshape(B, T, H * D)
+
+
 class Block(nn.Module):
     """Pre-norm attention + SwiGLU MLP with residuals around each."""
 
@@ -84,7 +98,7 @@ class Block(nn.Module):
         self.down = make_linear(w["down"], None, dtype, device)
 
     def forward(self, x: torch.Tensor, cs: torch.Tensor, layer: int, cache: KVCache, slots: torch.Tensor,
-                pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
@@ -94,13 +108,8 @@ class Block(nn.Module):
         v = qkv[..., nq + nkv :].view(B, T, cfg.num_kv_heads, hd)
         q = apply_rope(q, cs, cfg.rope_dim, cfg.rope_interleaved)
         k = apply_rope(k, cs, cfg.rope_dim, cfg.rope_interleaved)
-        cache.k[layer, slots[:, None], pos] = k
-        cache.v[layer, slots[:, None], pos] = v
-        span = mask.shape[-1]
-        keys = cache.k[layer, slots, :span].transpose(1, 2)
-        values = cache.v[layer, slots, :span].transpose(1, 2)
-        att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
-        x = x + self.o(att.transpose(1, 2).reshape(B, T, nq))
+        att = attend(q, k, v, cache, layer, slots, rows, mask)
+        x = x + self.o(att)
         gate, up = self.gate_up(rms_norm(x, self.ffn_norm, cfg.norm_eps)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
@@ -112,17 +121,19 @@ class Decoder(nn.Module):
     qkv, qkv_bias, o, o_bias, ffn_norm, gate_up (gate rows first), down.
     """
 
+    block_class: type[nn.Module] = Block
+
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, Weight], dtype: torch.dtype,
                  device: torch.device | str = "cpu", source: object = "model",
                  name_of: Callable[[str], str] = str):
         super().__init__()
-        check_shapes(cfg, weights, source, name_of)
+        check_shapes(self.expected_shapes(cfg), weights, source, self.required(cfg), name_of)
         self.config = cfg
         self.dtype = dtype
         self.device = torch.device(device)
         self.embed = make_embedding(weights["embed"], dtype, device)
         self.layers = nn.ModuleList(
-            Block(cfg, _layer(weights, i), dtype, device) for i in range(cfg.num_layers)
+            self.block_class(cfg, _layer(weights, i), dtype, device) for i in range(cfg.num_layers)
         )
         self.norm = nn.Parameter(_float(weights["norm"], dtype, device), requires_grad=False)
         self.head = tied_head(self.embed) if "head" not in weights else make_linear(weights["head"], None, dtype, device)
@@ -131,23 +142,42 @@ class Decoder(nn.Module):
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache(self.config, slots, max_len, self.dtype, self.device)
 
+    # The hooks a family with other positions or norms overrides (see glm.py).
+    @staticmethod
+    def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        return decoder_shapes(cfg)
+
+    prefix_reusable = True  # a cached prefix stays valid when later tokens change (causal attention)
+
+    @staticmethod
+    def required(cfg: ModelConfig) -> dict[str, bool]:
+        """Which optional tensors (by last name part) this config needs."""
+        return {"qkv_bias": cfg.qkv_bias, "o_bias": cfg.o_bias, "head": not cfg.tie_embeddings}
+
+    def attention_inputs(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, slots: torch.Tensor):
+        """Rotary table rows, cache rows to write and the attention mask [B,1,T,span] (causal)."""
+        span = int(pos.max()) + 1
+        mask = (torch.arange(span, device=pos.device) <= pos[..., None]).unsqueeze(1)
+        return self.rope[pos], pos, mask
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.norm, self.config.norm_eps)
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, slots: torch.Tensor,
                 last_only: bool = False) -> torch.Tensor:
         """Logits for ids [B,T] at positions pos [B,T] of the sequences in cache `slots` [B].
 
-        Each token attends to its own sequence's cache up to its position (causal); the cache
-        rows before pos must already hold that sequence's earlier tokens.
+        Each token attends to its own sequence's cache up to its position; the cache rows before
+        pos must already hold that sequence's earlier tokens.
         """
-        span = int(pos.max()) + 1
-        mask = (torch.arange(span, device=pos.device) <= pos[..., None]).unsqueeze(1)  # [B,1,T,span]
-        cs = self.rope[pos]
+        cs, rows, mask = self.attention_inputs(ids, pos, cache, slots)
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cs, i, cache, slots, pos, mask)
+            x = layer(x, cs, i, cache, slots, rows, mask)
         if last_only:
             x = x[:, -1:]
-        return self.head(rms_norm(x, self.norm, self.config.norm_eps)).float()
+        return self.head(self.final_norm(x)).float()
 
     def logits(self, ids: list[int]) -> "numpy.ndarray":  # noqa: F821 - numpy imported lazily by callers
         """Full-prefill logits [len(ids), vocab] as float32 numpy (tests and perplexity)."""
@@ -169,7 +199,7 @@ def _layer(weights: Mapping[str, Weight], i: int) -> dict[str, Weight]:
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def decoder_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """What every canonical tensor must measure for this config."""
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes: dict[str, tuple[int, ...]] = {"embed": (cfg.vocab_size, h), "norm": (h,), "head": (cfg.vocab_size, h)}
@@ -184,11 +214,10 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_shapes(cfg: ModelConfig, weights: Mapping[str, Weight], source: object,
-                 name_of: Callable[[str], str] = str) -> None:
+def check_shapes(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, Weight], source: object,
+                 required: Mapping[str, bool], name_of: Callable[[str], str] = str) -> None:
     """Name the first missing or mis-shaped tensor (by its name in the file), with the expected shape."""
-    required = {"qkv_bias": cfg.qkv_bias, "o_bias": cfg.o_bias, "head": not cfg.tie_embeddings}
-    for name, shape in expected_shapes(cfg).items():
+    for name, shape in expected.items():
         shown = name_of(name)
         if name not in weights:
             if required.get(name.rsplit(".", 1)[-1], True):
