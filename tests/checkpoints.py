@@ -108,10 +108,10 @@ def write_folder(folder: Path, config: dict, state: dict[str, torch.Tensor], fmt
     return folder
 
 
-def read_oracle(name: str, sizes: list[tuple[int, ...]]):
+def read_oracle(name: str, sizes: list[tuple[int, ...]], skip: int = 0):
     """Split an oracle file into its weights (in README order) and its three (ids, hidden) steps."""
     raw = (SHARED / "oracles" / name).read_bytes()
-    offset, weights = 0, []
+    offset, weights = skip, []
     for shape in sizes:
         n = int(np.prod(shape))
         weights.append(torch.from_numpy(np.frombuffer(raw, np.float32, n, offset).reshape(shape).copy()))

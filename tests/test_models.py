@@ -10,7 +10,7 @@ import torch
 from chatglm import load_model
 from chatglm.errors import ModelFileError
 
-from checkpoints import (permute_for_gguf, read_oracle, thudm_config, thudm_state_dict, tiny_glm, tiny_llama,
+from checkpoints import (SHARED, permute_for_gguf, read_oracle, thudm_config, thudm_state_dict, tiny_glm, tiny_llama,
                          write_folder)
 
 
@@ -42,19 +42,59 @@ GLM3_NAMES = ["transformer.embedding.word_embeddings.weight", "transformer.encod
               "transformer.encoder.layers.0.mlp.dense_4h_to_h.weight", "transformer.encoder.final_layernorm.weight"]
 
 
-def test_glm3_matches_official_code(shared_dir, tmp_path):
-    weights, steps = read_oracle("glm3_model.data", GLM3_SIZES)
-    state = dict(zip(GLM3_NAMES, weights))
+GLM3_CONFIG = {"model_type": "chatglm", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 8,
+               "multi_query_attention": True, "multi_query_group_num": 2, "kv_channels": 4, "ffn_hidden_size": 48,
+               "padded_vocab_size": 5, "layernorm_epsilon": 1e-5, "add_qkv_bias": True, "seq_length": 16,
+               "torch_dtype": "float32"}
+
+
+def check_glm3_oracle(tmp_path, name, skip=0, extra_state=None, extra_config=None, tol=1e-4):
+    weights, steps = read_oracle(name, GLM3_SIZES, skip)
+    state = dict(zip(GLM3_NAMES, weights), **(extra_state or {}))
     head = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
     state["transformer.output_layer.weight"] = head
-    cfg = {"model_type": "chatglm", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 8,
-           "multi_query_attention": True, "multi_query_group_num": 2, "kv_channels": 4, "ffn_hidden_size": 48,
-           "padded_vocab_size": 5, "layernorm_epsilon": 1e-5, "add_qkv_bias": True, "seq_length": 16,
-           "torch_dtype": "float32"}
-    model = load_model(write_folder(tmp_path / "glm3", cfg, state), dtype="f32")
+    model = load_model(write_folder(tmp_path / "glm3", dict(GLM3_CONFIG, **(extra_config or {})), state), dtype="f32")
     expected = torch.cat([h for _, h in steps]) @ head.T
-    assert rel_err(model.logits([0, 1, 2, 3, 4]), expected) < 1e-4
-    assert rel_err(steps_logits(model, [ids for ids, _ in steps]), expected) < 1e-4
+    assert rel_err(model.logits([0, 1, 2, 3, 4]), expected) < tol
+    assert rel_err(steps_logits(model, [ids for ids, _ in steps]), expected) < tol
+    return model
+
+
+def test_glm3_matches_official_code(shared_dir, tmp_path):
+    check_glm3_oracle(tmp_path, "glm3_model.data")
+
+
+def ptuning_prefix() -> torch.Tensor:
+    """The oracle's prefix [layers*2, kv_heads, pre_seq_len, head_dim] as the HF prefix_encoder embedding."""
+    raw = np.frombuffer((SHARED / "oracles" / "glm3_ptuning_v2_model.data").read_bytes()[:160], np.float16)
+    prefix = torch.from_numpy(raw.astype(np.float32).reshape(2, 2, 5, 4))
+    return prefix.permute(2, 0, 1, 3).reshape(5, 2 * 2 * 4)
+
+
+def test_glm3_ptuning_v2_matches_official_code(shared_dir, tmp_path):
+    embedding = {"transformer.prefix_encoder.embedding.weight": ptuning_prefix()}
+    model = check_glm3_oracle(tmp_path, "glm3_ptuning_v2_model.data", skip=160, extra_state=embedding,
+                              extra_config={"pre_seq_len": 5, "prefix_projection": False}, tol=5e-3)
+    assert model.prefix_len == 5
+
+
+def test_ptuning_prefix_projection_applies_the_mlp(shared_dir, tmp_path):
+    """With prefix_projection the embedding goes through Linear-Tanh-Linear before it becomes keys/values."""
+    g = torch.Generator().manual_seed(5)
+    emb, w0, b0, w2 = torch.randn(5, 32, generator=g), torch.randn(24, 32, generator=g), torch.randn(24, generator=g), \
+        torch.randn(16, 24, generator=g) * 0.3
+    b2 = torch.randn(16, generator=g)
+    projected = torch.tanh(emb @ w0.T + b0) @ w2.T + b2
+    mlp = {"transformer.prefix_encoder.embedding.weight": emb, "transformer.prefix_encoder.trans.0.weight": w0,
+           "transformer.prefix_encoder.trans.0.bias": b0, "transformer.prefix_encoder.trans.2.weight": w2,
+           "transformer.prefix_encoder.trans.2.bias": b2}
+    weights, _ = read_oracle("glm3_model.data", GLM3_SIZES)
+    base = dict(zip(GLM3_NAMES, weights), **{"transformer.output_layer.weight": torch.eye(5, 32)})
+    with_mlp = load_model(write_folder(tmp_path / "a", dict(GLM3_CONFIG, prefix_projection=True), dict(base, **mlp)))
+    plain = load_model(write_folder(tmp_path / "b", GLM3_CONFIG,
+                                    dict(base, **{"transformer.prefix_encoder.embedding.weight": projected})))
+    assert with_mlp.prefix_len == 5
+    assert rel_err(with_mlp.logits([0, 1, 2, 3]), plain.logits([0, 1, 2, 3])) < 1e-5
 
 
 BAICHUAN_SIZES = [(5, 32), (32,), (96, 32), (32, 32), (32,), (96, 32), (32, 96), (96, 32), (32,)]

@@ -56,7 +56,7 @@ def namer(layout: Mapping[str, list[str]], table: Mapping[str, str]) -> Callable
         number = layer.rpartition(".")[2]
         guesses = []
         for pattern, target in table.items():
-            if target.partition("#")[0].format(number) == canon:
+            if target.count("{}") <= 1 and target.partition("#")[0].format(number) == canon:
                 guesses.append(pattern.replace("(\\d+)", number).replace("\\", ""))
         preferred = [g for g in guesses if g.split(".")[0] in present]
         return " or ".join(preferred or guesses[:1]) or canon

@@ -26,6 +26,8 @@ HF_NAMES = {
     "transformer.final_layernorm.weight": "norm",
     "transformer.final_layernorm.bias": "norm_bias",
     "lm_head.weight": "head",
+    "transformer.prefix_encoder.embedding.weight": "prefix_embedding",
+    "transformer.prefix_encoder.trans.(\\d+).(weight|bias)": "prefix_mlp.{}.{}",
     _L + "input_layernorm.weight": "layers.{}.attn_norm",
     _L + "input_layernorm.bias": "layers.{}.attn_norm_bias",
     _L + "attention.query_key_value.weight": "layers.{}.qkv",
@@ -156,10 +158,7 @@ class GLMDecoder(Decoder):
         generated = pos >= ctx
         position = torch.where(generated, torch.tensor(mask_pos, device=pos.device)[:, None], pos)
         block = torch.where(generated, pos - ctx + 1, torch.zeros_like(pos))
-        span = int(pos.max()) + 1
-        keys = torch.arange(span, device=pos.device)
-        mask = (keys <= pos[..., None]) | (keys < both_ways[..., None])
-        return (self.rope[position], self.rope[block]), pos, mask.unsqueeze(1)
+        return (self.rope[position], self.rope[block]), pos + self.prefix_len, self.causal_mask(pos, both_ways)
 
 
 DECODER = GLMDecoder

@@ -22,6 +22,8 @@ HF_NAMES = {
     "transformer.embedding.word_embeddings.weight": "embed",
     "transformer.encoder.final_layernorm.weight": "norm",
     "transformer.output_layer.weight": "head",
+    "transformer.prefix_encoder.embedding.weight": "prefix_embedding",  # P-Tuning v2
+    "transformer.prefix_encoder.trans.(\\d+).(weight|bias)": "prefix_mlp.{}.{}",
     _THUDM + "input_layernorm.weight": "layers.{}.attn_norm",
     _THUDM + "self_attention.query_key_value.weight": "layers.{}.qkv",
     _THUDM + "self_attention.query_key_value.bias": "layers.{}.qkv_bias",

@@ -29,12 +29,15 @@ class KVCache:
     and a batched step can mix sequences at different positions.
     """
 
-    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
-        # empty, not zeros: the OS commits pages only as positions are written, and rows past a
-        # sequence's position are never read (the attention span stops at it)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # One sequence never reads a row it has not written, so its cache can stay uninitialised
+        # (the OS commits pages as they are written). A batch's span reaches past shorter
+        # sequences' positions: masked rows still meet the values (0 x NaN = NaN), so zero them.
+        alloc = torch.empty if slots == 1 else torch.zeros
+        self.k = alloc(shape, dtype=dtype, device=device)
+        self.v = alloc(shape, dtype=dtype, device=device)
         self.slots = slots
         self.max_len = max_len
         self.meta: dict[int, dict] = {}  # per-slot state a family keeps between steps (GLM's <sop> place)
@@ -138,9 +141,30 @@ class Decoder(nn.Module):
         self.norm = nn.Parameter(_float(weights["norm"], dtype, device), requires_grad=False)
         self.head = tied_head(self.embed) if "head" not in weights else make_linear(weights["head"], None, dtype, device)
         self.register_buffer("rope", rope_table(cfg, device), persistent=False)
+        prefix = prefix_kv(cfg, weights, source)
+        self.prefix = None if prefix is None else prefix.to(device=device, dtype=dtype)
+
+    @property
+    def prefix_len(self) -> int:
+        """P-Tuning v2 virtual tokens held in cache rows 0..prefix_len-1 of every slot."""
+        return 0 if self.prefix is None else self.prefix.shape[2]
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
-        return KVCache(self.config, slots, max_len, self.dtype, self.device)
+        """A cache for `slots` sequences of `max_len` tokens each (plus the P-Tuning prefix rows)."""
+        cache = KVCache(self.config, slots, max_len + self.prefix_len, self.dtype, self.device)
+        if self.prefix is not None:
+            cache.k[:, :, : self.prefix_len] = self.prefix[:, 0, None]
+            cache.v[:, :, : self.prefix_len] = self.prefix[:, 1, None]
+        return cache
+
+    def causal_mask(self, pos: torch.Tensor, both_ways: torch.Tensor | None = None) -> torch.Tensor:
+        """[B,1,T,span] keys each token sees: the prefix rows, its own past, and (GLM) a two-way context."""
+        P = self.prefix_len
+        keys = torch.arange(int(pos.max()) + 1 + P, device=pos.device) - P
+        mask = (keys < 0) | (keys <= pos[..., None])
+        if both_ways is not None:
+            mask |= keys < both_ways[..., None]
+        return mask.unsqueeze(1)
 
     # The hooks a family with other positions or norms overrides (see glm.py).
     @staticmethod
@@ -156,9 +180,7 @@ class Decoder(nn.Module):
 
     def attention_inputs(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, slots: torch.Tensor):
         """Rotary table rows, cache rows to write and the attention mask [B,1,T,span] (causal)."""
-        span = int(pos.max()) + 1
-        mask = (torch.arange(span, device=pos.device) <= pos[..., None]).unsqueeze(1)
-        return self.rope[pos], pos, mask
+        return self.rope[pos], pos + self.prefix_len, self.causal_mask(pos)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.norm, self.config.norm_eps)
@@ -186,6 +208,29 @@ class Decoder(nn.Module):
         pos = torch.arange(t.shape[1], device=self.device)[None]
         slots = torch.zeros(1, dtype=torch.long, device=self.device)
         return self.forward(t, pos, cache, slots)[0].cpu().numpy()
+
+
+def prefix_kv(cfg: ModelConfig, weights: dict[str, Weight], source: object) -> torch.Tensor | None:
+    """P-Tuning v2: the prefix encoder's output as keys and values, [layers, 2, pre_seq_len, kv_heads, head_dim].
+
+    The official get_prompt views each virtual token's vector as [layers*2, kv_heads, head_dim],
+    rows 2l and 2l+1 being layer l's key and value; with prefix_projection a two-layer tanh MLP
+    maps the embedding to that vector first. Nothing else is applied (no rotary, no norm).
+    """
+    emb = weights.pop("prefix_embedding", None)
+    mlp = [weights.pop(f"prefix_mlp.{n}", None) for n in ("0.weight", "0.bias", "2.weight", "2.bias")]
+    if emb is None:
+        return None
+    x = _float(emb, torch.float32, "cpu")
+    if all(t is not None for t in mlp):
+        w0, b0, w2, b2 = (_float(t, torch.float32, "cpu") for t in mlp)
+        x = F.linear(torch.tanh(F.linear(x, w0, b0)), w2, b2)
+    per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
+    if x.dim() != 2 or x.shape[1] != per_token:
+        raise ModelFileError(source, f"P-Tuning prefix has shape {list(x.shape)}, expected [pre_seq_len, {per_token}] "
+                                     f"(num_layers*2*kv_heads*head_dim)")
+    x = x.view(x.shape[0], cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim)
+    return x.permute(1, 2, 0, 3, 4).contiguous()
 
 
 def _float(t: Weight, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
