@@ -343,3 +343,78 @@ def test_chatglm6b_matches_official_code(shared_dir, tmp_path):
     expected = torch.cat([h for _, h in steps]) @ weights[0].T
     assert rel_err(model.logits([0, 1, 2, 3, 4]), expected) < 1e-4
     assert rel_err(steps_logits(model, [ids for ids, _ in steps]), expected) < 1e-4
+
+
+def alibi_reference(state: dict, ids: list[int], heads: int, eps: float) -> torch.Tensor:
+    """Baichuan-13B written from the ALiBi paper: scores q.k/sqrt(d) + slope_h * key position, causal."""
+    def rms(x, w):
+        return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    def slopes(n):  # 2^(-8(h+1)/n) for powers of two; otherwise that set for 2^floor(log2 n) + every other of 2x
+        p = 2 ** int(np.floor(np.log2(n)))
+        s = [2 ** (-8 * (h + 1) / p) for h in range(p)]
+        return s + [2 ** (-8 * (h + 1) / (2 * p)) for h in range(2 * p)][0::2][: n - p]
+
+    x = state["model.embed_tokens.weight"][ids]
+    T, hidden = x.shape
+    d = hidden // heads
+    bias = torch.tensor(slopes(heads))[:, None, None] * torch.arange(T)[None, None, :].float()
+    causal = torch.ones(T, T).tril().bool()
+    layers = len({k.split(".")[2] for k in state if k.startswith("model.layers.")})
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        h = rms(x, state[p + "input_layernorm.weight"])
+        q, k, v = (h @ state[p + "self_attn.W_pack.weight"].T).view(T, 3, heads, d).unbind(1)
+        scores = torch.einsum("thd,shd->hts", q, k) / d ** 0.5 + bias
+        att = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+        x = x + torch.einsum("hts,shd->thd", att, v).reshape(T, hidden) @ state[p + "self_attn.o_proj.weight"].T
+        h = rms(x, state[p + "post_attention_layernorm.weight"])
+        g, u = h @ state[p + "mlp.gate_proj.weight"].T, h @ state[p + "mlp.up_proj.weight"].T
+        x = x + (torch.nn.functional.silu(g) * u) @ state[p + "mlp.down_proj.weight"].T
+    return rms(x, state["model.norm.weight"]) @ state["lm_head.weight"].T
+
+
+def baichuan_state(vocab: int, hidden: int, layers: int, ffn: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * shape[-1] ** -0.5  # noqa: E731
+    state = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g), "lm_head.weight": r(vocab, hidden),
+             "model.norm.weight": torch.rand(hidden, generator=g) + 0.5}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        state.update({p + "input_layernorm.weight": torch.rand(hidden, generator=g) + 0.5,
+                      p + "post_attention_layernorm.weight": torch.rand(hidden, generator=g) + 0.5,
+                      p + "self_attn.W_pack.weight": r(3 * hidden, hidden), p + "self_attn.o_proj.weight": r(hidden, hidden),
+                      p + "mlp.gate_proj.weight": r(ffn, hidden), p + "mlp.up_proj.weight": r(ffn, hidden),
+                      p + "mlp.down_proj.weight": r(hidden, ffn)})
+    return state
+
+
+@pytest.mark.parametrize("heads", [6, 8])
+def test_baichuan13b_alibi_matches_the_paper(tmp_path, heads):
+    state = baichuan_state(vocab=96, hidden=heads * 8, layers=2, ffn=64, seed=heads)
+    cfg = {"model_type": "baichuan", "hidden_size": heads * 8, "intermediate_size": 64, "num_attention_heads": heads,
+           "num_hidden_layers": 2, "rms_norm_eps": 1e-6, "vocab_size": 96, "model_max_length": 64,
+           "torch_dtype": "float32"}
+    model = load_model(write_folder(tmp_path, cfg, state), dtype="f32")
+    expected = alibi_reference(state, IDS, heads, 1e-6)
+    assert rel_err(model.logits(IDS), expected) < 1e-4
+    assert rel_err(steps_logits(model, [IDS[:5]] + [[i] for i in IDS[5:]]), expected) < 1e-4
+
+
+def test_baichuan2_normalises_head_rows(tmp_path):
+    """Baichuan2 (its 125696-token vocabulary) divides each lm_head row by its norm; Baichuan-7B does not."""
+    state = baichuan_state(vocab=125696, hidden=16, layers=1, ffn=32, seed=3)
+    cfg = {"model_type": "baichuan", "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+           "num_hidden_layers": 1, "rms_norm_eps": 1e-6, "vocab_size": 125696, "max_position_embeddings": 64}
+    model = load_model(write_folder(tmp_path, cfg, state), dtype="f32")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=125696, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                       num_hidden_layers=1, rms_norm_eps=1e-6, max_position_embeddings=64)).eval()
+    sd = {k.replace("W_pack", "q_proj"): v for k, v in state.items()}
+    W = state["model.layers.0.self_attn.W_pack.weight"]
+    sd.update({"model.layers.0.self_attn.q_proj.weight": W[:16], "model.layers.0.self_attn.k_proj.weight": W[16:32],
+               "model.layers.0.self_attn.v_proj.weight": W[32:],
+               "lm_head.weight": torch.nn.functional.normalize(state["lm_head.weight"], dim=-1)})
+    ref.load_state_dict(sd)
+    assert rel_err(model.logits(IDS), reference_logits(ref)) < 1e-4

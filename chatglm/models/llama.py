@@ -12,6 +12,7 @@ import torch
 
 from ..config import ModelConfig, as_ids, need
 from ..errors import ModelFileError
+from .layers import Decoder, KVCache
 
 ARCH = "llama"
 GGUF_ARCHS = ("llama",)
@@ -76,8 +77,6 @@ def config_from_hf(cfg: Mapping[str, Any], source: object) -> ModelConfig:
     kind = cfg["model_type"]
     heads = need(cfg, source, "num_attention_heads")
     hidden = need(cfg, source, "hidden_size")
-    if kind == "baichuan" and "max_position_embeddings" not in cfg:
-        raise ModelFileError(source, "Baichuan-13B (ALiBi attention) is not supported yet; Baichuan-7B and Baichuan2-7B are")
     if cfg.get("mlp_bias"):
         raise ModelFileError(source, "config mlp_bias=true is not supported")
     rope = cfg.get("rope_parameters") or {}
@@ -104,7 +103,9 @@ def config_from_hf(cfg: Mapping[str, Any], source: object) -> ModelConfig:
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=as_ids(cfg.get("eos_token_id")),
-        extra={"norm_head": kind == "baichuan" and vocab == BAICHUAN2_VOCAB},
+        # Baichuan-13B and Baichuan2-13B have no rotary: ALiBi, told apart by their missing max_position_embeddings
+        extra={"norm_head": kind == "baichuan" and vocab == BAICHUAN2_VOCAB,
+               "alibi": kind == "baichuan" and "max_position_embeddings" not in cfg},
     )
 
 
@@ -133,3 +134,34 @@ def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[st
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=as_ids(meta.get("tokenizer.ggml.eos_token_id")),
     )
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """Per-head slopes 2^(-8(h+1)/n); for n not a power of two, the power-of-two set below n plus
+    every other slope of the set for twice that power (the ALiBi paper's rule, as Baichuan-13B uses)."""
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    base = 1 << (heads.bit_length() - 1)
+    slopes = power_of_two(base) + power_of_two(2 * base)[0::2][: heads - base]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class LlamaDecoder(Decoder):
+    """The shared decoder; for Baichuan-13B, ALiBi biases instead of rotary."""
+
+    def __init__(self, cfg: ModelConfig, *args, **kwargs):
+        super().__init__(cfg, *args, **kwargs)
+        self.slopes = alibi_slopes(cfg.num_heads).to(self.device) if cfg.extra.get("alibi") else None
+
+    def attention_inputs(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, slots: torch.Tensor):
+        if self.slopes is None:
+            return super().attention_inputs(ids, pos, cache, slots)
+        mask = self.causal_mask(pos)  # [B,1,T,span]
+        keys = torch.arange(mask.shape[-1], device=pos.device, dtype=torch.float32)
+        bias = self.slopes[None, :, None, None] * keys  # a per-row constant shift of j-i: softmax ignores it
+        bias = bias.masked_fill(~mask, float("-inf")).to(self.dtype)
+        return None, pos + self.prefix_len, bias
+
+
+DECODER = LlamaDecoder
