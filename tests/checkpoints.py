@@ -16,7 +16,7 @@ def tiny_glm(layers: int = 3, heads: int = 8, kv_heads: int = 2, head_dim: int =
     from transformers import GlmConfig, GlmForCausalLM
 
     torch.manual_seed(seed)
-    cfg = GlmConfig(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=72, num_hidden_layers=layers,
+    cfg = GlmConfig(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=96, num_hidden_layers=layers,
                     num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                     max_position_embeddings=128, rms_norm_eps=1e-5, pad_token_id=0, eos_token_id=[1],
                     attention_bias=True)

@@ -35,7 +35,7 @@ def test_missing_tensor(tmp_path, glm):
     state = thudm_state_dict(glm)
     del state["transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"]
     write_folder(tmp_path, thudm_config(glm), state)
-    with pytest.raises(ModelFileError, match=r"dense_4h_to_h.weight' is missing \(expected shape \[64, 72\]\)"):
+    with pytest.raises(ModelFileError, match=r"dense_4h_to_h.weight' is missing \(expected shape \[64, 96\]\)"):
         load_model(tmp_path)
 
 

@@ -56,11 +56,16 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         from .gguf import open_gguf
 
         return open_gguf(p)
+    if magic == b"ggml":
+        from .ggml import open_ggml
+
+        return open_ggml(p)
     if p.name == "config.json":
         from .hf import open_hf
 
         return open_hf(p.parent)
-    raise ModelFileError(p, f"not a model file: starts with {magic!r}; expected a GGUF file or a Hugging Face folder")
+    raise ModelFileError(p, f"not a model file: starts with {magic!r}; expected a GGUF file, a chatglm.cpp GGML "
+                            "file or a Hugging Face folder")
 
 
 def compute_dtype(ckpt: Checkpoint, dtype: str, device: str) -> torch.dtype:
@@ -69,7 +74,7 @@ def compute_dtype(ckpt: Checkpoint, dtype: str, device: str) -> torch.dtype:
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(sorted(set(DTYPES)))}")
         return DTYPES[dtype]
-    if ckpt.format == "gguf":
+    if ckpt.format in ("gguf", "ggml"):
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return ckpt.stored_dtype
 
