@@ -418,3 +418,47 @@ def test_baichuan2_normalises_head_rows(tmp_path):
                "lm_head.weight": torch.nn.functional.normalize(state["lm_head.weight"], dim=-1)})
     ref.load_state_dict(sd)
     assert rel_err(model.logits(IDS), reference_logits(ref)) < 1e-4
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_thudm_quantized_folder(tmp_path, bits):
+    """THUDM int8/int4 folders (`weight` + per-row `weight_scale`, int4 packed high nibble first) load exactly."""
+    glm = tiny_glm()
+    state = thudm_state_dict(glm)
+    qmax = 127 if bits == 8 else 7
+    with torch.no_grad():
+        for name in list(state):
+            if name.startswith("transformer.encoder.layers.") and name.endswith(".weight") and state[name].dim() == 2:
+                w = state[name]
+                scale = (w.abs().amax(dim=1) / qmax).half()
+                q = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax - 1, qmax).to(torch.int8)
+                state[name + "_scale"] = scale
+                if bits == 4:
+                    packed = ((q[:, 0::2].to(torch.int16) << 4) | (q[:, 1::2].to(torch.int16) & 0xF)).to(torch.uint8)
+                    state[name] = packed.view(torch.int8)
+                else:
+                    state[name] = q
+                glm_name = _glm_name(name, glm)  # the reference holds the dequantized values
+                deq = q.float() * scale.float()[:, None]
+                _assign(glm, glm_name, deq)
+    write_folder(tmp_path, thudm_config(glm, quantization_bit=bits), state)
+    ours = load_model(tmp_path, dtype="f32")
+    assert rel_err(ours.logits(IDS), reference_logits(glm)) < 1e-4
+
+
+def _glm_name(thudm: str, glm) -> list[str]:
+    i = thudm.split(".")[3]
+    part = thudm.split(".", 4)[4]
+    return {"self_attention.query_key_value.weight": [f"model.layers.{i}.self_attn.{p}_proj.weight" for p in "qkv"],
+            "self_attention.dense.weight": [f"model.layers.{i}.self_attn.o_proj.weight"],
+            "mlp.dense_h_to_4h.weight": [f"model.layers.{i}.mlp.gate_up_proj.weight"],
+            "mlp.dense_4h_to_h.weight": [f"model.layers.{i}.mlp.down_proj.weight"]}[part]
+
+
+def _assign(glm, names: list[str], value: torch.Tensor) -> None:
+    sd = glm.state_dict()
+    start = 0
+    for n in names:
+        rows = sd[n].shape[0]
+        sd[n].copy_(value[start : start + rows])
+        start += rows

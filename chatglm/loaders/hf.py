@@ -10,9 +10,12 @@ from typing import Callable
 
 import torch
 
+from gguf import GGMLQuantizationType as QType
+
 from ..config import read_json
 from ..errors import ModelFileError
 from ..models import family_for_hf
+from ..quant import QTensor
 from .names import plan
 
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -77,6 +80,51 @@ def tensor_source(files: list[Path]) -> tuple[dict[str, Path], Callable[[str], t
     return where, get
 
 
+def thudm_blocks(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> QTensor:
+    """THUDM's int8 / int4 weights (one f16 scale per output row) as ggml blocks, losslessly.
+
+    int8 rows become q8_0 blocks whose scale is the row's; int4 bytes hold two signed values, the
+    high nibble first, and become q4_0 blocks (stored value + 8, same scale).
+    """
+    rows = weight.shape[0]
+    if bits == 4:
+        high = weight.to(torch.int16).bitwise_right_shift(4)                   # arithmetic: signed high nibble
+        low = (weight.to(torch.int16).bitwise_left_shift(12)).bitwise_right_shift(12)  # signed low nibble
+        values = torch.stack([high, low], dim=-1).reshape(rows, -1)
+    else:
+        values = weight.to(torch.int16)
+    cols = values.shape[1]
+    blocks = values.reshape(rows, cols // 32, 32)
+    d = scale.to(torch.float16).reshape(rows, 1, 1).expand(rows, cols // 32, 1).contiguous().view(torch.uint8)
+    if bits == 8:
+        body, qtype = blocks.to(torch.int8).view(torch.uint8), QType.Q8_0
+    else:
+        u = (blocks + 8).to(torch.uint8)
+        body, qtype = u[..., :16] | (u[..., 16:] << 4), QType.Q4_0
+    raw = torch.cat([d.reshape(rows, cols // 32, 2), body], dim=-1).reshape(rows, -1)
+    return QTensor(raw.contiguous(), qtype, (rows, cols))
+
+
+def thudm_quantized(get: Callable[[str], torch.Tensor], where: dict[str, Path], bits: int,
+                    folder: Path) -> Callable[[str], torch.Tensor | QTensor]:
+    """A tensor reader that turns each quantized weight and its `_scale` into ggml blocks."""
+    def read(name: str) -> torch.Tensor | QTensor:
+        t = get(name)
+        if t.dtype != torch.int8:
+            return t
+        scale_name = name + "_scale"
+        if scale_name not in where:
+            raise ModelFileError(folder, f"quantized tensor {name!r} has no {scale_name!r}")
+        scale = get(scale_name)
+        cols = t.shape[1] * (2 if bits == 4 else 1)
+        if scale.shape != (t.shape[0],) or cols % 32:
+            raise ModelFileError(folder, f"tensor {name!r} {list(t.shape)} with scale {list(scale.shape)} is not a "
+                                         f"{bits}-bit row-quantized weight (expected scale [{t.shape[0]}], columns % 32 == 0)")
+        return thudm_blocks(t, scale, bits)
+
+    return read
+
+
 def open_hf(folder: Path):
     from . import Checkpoint
 
@@ -98,6 +146,11 @@ def open_hf(folder: Path):
         embed = layout.get("embed")
         stored = get(embed[0]).dtype if embed else torch.float32
     transforms = getattr(family, "hf_transforms", lambda _: {})(config)
+    bits = raw.get("quantization_bit")
+    if bits:
+        if bits not in (4, 8):
+            raise ModelFileError(cfg_path, f"quantization_bit {bits} is not supported; expected 4 or 8")
+        get = thudm_quantized(get, where, bits, folder)
 
     def tokenizer():
         from ..tokenizers import load_tokenizer
