@@ -59,10 +59,10 @@ class Pipeline:
     """Load once, then chat or complete; 'default' names the bundled SmolLM2 model."""
 
     def __init__(self, path: str | Path = "default", dtype: str = "auto", device: str = "cpu",
-                 threads: int | None = None):
+                 threads: int | None = None, lora: str | Path | None = None):
         if threads:
             torch.set_num_threads(threads)
-        checkpoint = open_checkpoint(path)
+        checkpoint = open_checkpoint(path, lora)
         self.path = checkpoint.path
         self.format = checkpoint.format
         self.model = build_model(checkpoint, dtype, device)

@@ -44,8 +44,18 @@ def resolve_path(path: str | Path) -> Path:
     return p
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    p = resolve_path(path)
+def open_checkpoint(path: str | Path, lora: str | Path | None = None) -> Checkpoint:
+    """Open a model file or folder; with `lora`, a PEFT adapter folder merged into it as it loads."""
+    ckpt = _open(resolve_path(path))
+    if lora is not None:
+        from .lora import merged, read_adapter
+
+        names = {n for parts in ckpt.layout.values() for n in parts}
+        ckpt.get = merged(ckpt.get, read_adapter(Path(lora)), names, ckpt.path)
+    return ckpt
+
+
+def _open(p: Path) -> Checkpoint:
     if p.is_dir():
         from .hf import open_hf
 
@@ -97,6 +107,6 @@ def build_model(ckpt: Checkpoint, dtype: str = "auto", device: str = "cpu") -> D
     return decoder(ckpt.config, weights, compute_dtype(ckpt, dtype, device), device, ckpt.path, namer(ckpt.layout, ckpt.table))
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> Decoder:
-    """A ready model with `.config` and `.logits(ids)`, from a folder, a GGUF file or 'default'."""
-    return build_model(open_checkpoint(path), dtype, device)
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", lora: str | Path | None = None) -> Decoder:
+    """A ready model with `.config` and `.logits(ids)`, from a folder, a GGUF or GGML file or 'default'."""
+    return build_model(open_checkpoint(path, lora), dtype, device)
