@@ -37,13 +37,26 @@ class StopStrings:
 
 
 def detokenize(tokens: Iterable[int], tokenizer, stop: Sequence[str] = ()) -> Iterator[str]:
-    """Text deltas for a stream of token ids: whole characters only, cut at the first stop string."""
+    """Text deltas for a stream of token ids: whole characters only, cut at the first stop string.
+
+    ChatGLM3 and GLM-4 begin each reply with a metadata line (empty for a plain answer) and a
+    space: the whitespace before the first visible character is dropped, as their chat() does.
+    """
     from .tokenizers import StreamDecoder
 
     decoder = StreamDecoder(tokenizer)
     cutter = StopStrings(stop)
+    leading = tokenizer.family in ("chatglm3", "glm4")
+
+    def emit(text: str) -> str:
+        nonlocal leading
+        if leading:
+            text = text.lstrip()
+            leading = not text
+        return text
+
     for token in tokens:
-        text = cutter.feed(decoder.put(token))
+        text = emit(cutter.feed(decoder.put(token)))
         if text:
             yield text
         if cutter.stopped:
@@ -51,6 +64,7 @@ def detokenize(tokens: Iterable[int], tokenizer, stop: Sequence[str] = ()) -> It
     text = cutter.feed(decoder.flush())
     if not cutter.stopped:
         text += cutter.flush()
+    text = emit(text)
     if text:
         yield text
 
