@@ -63,7 +63,7 @@ END_OF_TURN_NAMES = frozenset({
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
     "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "</s>", "<eos>", "<|end_of_text|>", "<end_of_utterance>",
     "<｜end▁of▁sentence｜>", "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "<|fim_repo|>",
-    "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>",
+    "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>", "<eoa>",
 })
 # Control tokens whose names say "end of turn" count too, whatever the list above misses.
 _EOT_LIKE = re.compile(r"eot|end_of_turn|end_of_message|im_end", re.IGNORECASE)
@@ -74,6 +74,24 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+# Chat formats of llama-family models whose folders carry no template (chatglm.cpp's rules): Baichuan puts
+# its user / assistant token before each message and drops system messages; InternLM writes
+# "<|User|>:…<eoh>\n<|Bot|>:…<eoa>\n" after <s>, encoded as one text.
+BUILTIN_TEMPLATES = {
+    "baichuan": (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<reserved_106>' + m['content'] }}"
+        "{% elif m['role'] == 'assistant' %}{{ '<reserved_107>' + m['content'] }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<reserved_107>' }}{% endif %}"
+    ),
+    "internlm": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ '<|User|>:' + m['content'] + '<eoh>\n<|Bot|>:' }}"
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] + '<eoa>\n' }}{% endif %}{% endfor %}"
+    ),
+}
+# role tokens that must stay single ids between separately encoded contents
+BUILTIN_ROLE_TOKENS = {"baichuan": ("<reserved_106>", "<reserved_107>"), "internlm": ()}
 
 
 def stop_ids(family: str, specials: Mapping[str, int]) -> frozenset[int]:

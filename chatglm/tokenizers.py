@@ -541,10 +541,13 @@ class SentencePieceTemplate(TemplateTokenizer):
     """A llama-family folder with only a SentencePiece tokenizer.model (Baichuan, InternLM)."""
 
     def __init__(self, path: Path, sp: spm.SentencePieceProcessor, config: Mapping[str, Any],
-                 generation: Mapping[str, Any]):
+                 generation: Mapping[str, Any], model_type: str | None = None):
         self.path, self._sp = path, sp
         n = self.vocab_size = sp.get_piece_size()
         specials = {sp.id_to_piece(i): i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
+        for name in chat_format.BUILTIN_ROLE_TOKENS.get(model_type or "", ()):
+            if sp.piece_to_id(name) != sp.unk_id():
+                specials[name] = sp.piece_to_id(name)
         for id, token in (config.get("added_tokens_decoder") or {}).items():
             if str(id).isdigit() and int(id) < n and _token_content(token):
                 specials[_token_content(token)] = int(id)
@@ -555,7 +558,7 @@ class SentencePieceTemplate(TemplateTokenizer):
             self._prefix = [self.bos_id]
         if config.get("add_eos_token", False) and self.eos_id is not None:
             self._suffix = [self.eos_id]
-        self.chat_template = _chat_template(path.parent, config)
+        self.chat_template = _chat_template(path.parent, config) or chat_format.BUILTIN_TEMPLATES.get(model_type or "")
         self._set_stop_ids(_as_ids(generation.get("eos_token_id")), specials, {sp.id_to_piece(i): i for i in range(n)})
 
     def _encode_text(self, text: str) -> list[int]:
@@ -656,7 +659,7 @@ def _load_file(path: Path, family: str | None, info: _Folder) -> Tokenizer:
         return TiktokenGLM4(path, read_tiktoken_ranks(path))
     sp = _load_sentencepiece(path)
     if family == "llama" or (family is None and info.glm is False):
-        return SentencePieceTemplate(path, sp, info.tokenizer_config, info.generation)
+        return SentencePieceTemplate(path, sp, info.tokenizer_config, info.generation, info.config.get("model_type"))
     if family == "glm4":
         raise ModelFileError(path, "is a SentencePiece model; GLM-4 needs its tiktoken ranks file (tokenizer.model)")
     return _sentencepiece_glm(path, sp, family or _guess_sp_family(sp, info.hints))
