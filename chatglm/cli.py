@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--threads", type=int, default=None)
     chat.add_argument("--device", default="cpu", help="cpu or cuda")
-    chat.add_argument("--dtype", default="auto", help="auto, f32, bf16 or f16")
+    chat.add_argument("--dtype", default="auto",
+                      help="auto, f32, bf16, f16, or q4_0 q4_1 q5_0 q5_1 q8_0 to quantize a Hugging Face folder as it loads")
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="serve the OpenAI, ChatGLM and GLM APIs over HTTP")
@@ -116,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="auto", help="auto, f32, bf16 or f16")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=cmd_serve)
+
+    from .bench import add_parser as add_bench_parser
+    from .convert import add_parser as add_convert_parser
+
+    add_convert_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

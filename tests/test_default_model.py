@@ -86,7 +86,9 @@ def float32_reference(path: Path):
     return model
 
 
-def test_greedy_text_matches_exact_float32(ours, default_gguf, llama):
+def test_greedy_text_matches_exact_float32(default_gguf, llama):
+    """With float32 activations our arithmetic is exact up to summation order, so greedy text must match."""
+    ours = load_model(default_gguf, dtype="f32")
     prompt = llama.tokenize(b"<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
                             add_bos=False, special=True)
     reference = float32_reference(default_gguf)

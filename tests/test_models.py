@@ -253,8 +253,11 @@ def test_llama_gguf_quantized_matches_dequantized_reference(tmp_path, qname):
                     t = t.reshape(heads, t.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(t.shape)
             hf = _hf_name(name)
             sd[hf].copy_(t.reshape(sd[hf].shape))
-    ours = load_model(path)
-    assert rel_err(ours.logits(IDS), reference_logits(llama)) < 1e-4
+    exact = load_model(path, dtype="f32")  # float32 activations: exact up to summation order
+    assert rel_err(exact.logits(IDS), reference_logits(llama)) < 1e-4
+    fast = load_model(path)  # the default: bfloat16 activations on the packed kernels
+    assert fast.dtype == torch.bfloat16
+    assert rel_err(fast.logits(IDS), reference_logits(llama)) < 5e-2
 
 
 def _hf_name(gguf_name: str) -> str:

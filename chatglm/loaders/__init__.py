@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import ModuleType
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -14,6 +14,13 @@ from ..errors import ModelFileError
 from ..models.layers import Decoder, Weight
 from .names import assemble, namer
 
+
+def matrix_dtype(tensors: Iterable[Weight]) -> torch.dtype | None:
+    """The float dtype of a file's 2-D weights, or None when any of them is stored as ggml blocks."""
+    dtypes = {t.dtype if isinstance(t, torch.Tensor) else None for t in tensors if len(t.shape) == 2}
+    return None if None in dtypes or not dtypes else max(dtypes, key=lambda d: d.itemsize)
+
+QUANTIZED_ACTIVATIONS = torch.bfloat16  # what the packed int4 kernels are fast for, on the CPU as on GPUs
 DTYPES = {"f32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "f16": torch.float16, "float16": torch.float16}
 
@@ -28,7 +35,7 @@ class Checkpoint:
     layout: dict[str, list[str]]
     table: dict[str, str]                  # the family's naming table the layout came from
     get: Callable[[str], Weight]
-    stored_dtype: torch.dtype              # the dtype of its float weights
+    stored_dtype: torch.dtype | None       # the dtype of its float matrices; None when they are ggml blocks
     load_tokenizer: Callable[[], Any]
     transforms: dict[str, Callable[[Weight], Weight]] = field(default_factory=dict)
     format: str = "hf"
@@ -79,14 +86,13 @@ def _open(p: Path) -> Checkpoint:
 
 
 def compute_dtype(ckpt: Checkpoint, dtype: str, device: str) -> torch.dtype:
-    """The activations' dtype: the stored float dtype, or float32 for quantized files on the CPU."""
+    """The activations' dtype: the stored float dtype, or bfloat16 for weights in ggml blocks."""
     if dtype != "auto":
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(sorted(set(DTYPES)))}")
+            raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(sorted(set(DTYPES)))}, "
+                             "q4_0, q4_1, q5_0, q5_1, q8_0")
         return DTYPES[dtype]
-    if ckpt.format in ("gguf", "ggml"):
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return ckpt.stored_dtype
+    return ckpt.stored_dtype or QUANTIZED_ACTIVATIONS
 
 
 def check_device(device: str) -> str:
@@ -98,13 +104,21 @@ def check_device(device: str) -> str:
 
 
 def build_model(ckpt: Checkpoint, dtype: str = "auto", device: str = "cpu") -> Decoder:
+    """The decoder for a checkpoint; a ggml type as dtype quantizes a float checkpoint as it loads."""
+    from ..convert import RUNTIME_QTYPES, quantized_weights  # convert imports this package
+
     device = check_device(device)
-    weights = assemble(ckpt.layout, ckpt.get, ckpt.path, ckpt.transforms)
+    if dtype in RUNTIME_QTYPES:
+        weights = quantized_weights(ckpt, dtype)
+        act = QUANTIZED_ACTIVATIONS
+    else:
+        weights = assemble(ckpt.layout, ckpt.get, ckpt.path, ckpt.transforms)
+        act = compute_dtype(ckpt, dtype, device)
     factors = weights.pop("rope_factors", None)
     if factors is not None:
         ckpt.config.extra["rope_factors"] = factors if isinstance(factors, torch.Tensor) else factors.dequantize()
     decoder = getattr(ckpt.family, "DECODER", Decoder)
-    return decoder(ckpt.config, weights, compute_dtype(ckpt, dtype, device), device, ckpt.path, namer(ckpt.layout, ckpt.table))
+    return decoder(ckpt.config, weights, act, device, ckpt.path, namer(ckpt.layout, ckpt.table))
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", lora: str | Path | None = None) -> Decoder:

@@ -133,7 +133,7 @@ def _read_config(r: _Reader, family: str, version: int) -> dict[str, Any]:
 
 def open_ggml(path: Path):
     from ..models import family_for_hf
-    from . import Checkpoint
+    from . import Checkpoint, matrix_dtype
     from .names import plan
 
     parsed = read_ggml(path)
@@ -149,8 +149,7 @@ def open_ggml(path: Path):
 
         return tokenizer_from_bytes(parsed.tokenizer, parsed.family, path)
 
-    stored = torch.float16 if any(isinstance(t, torch.Tensor) and t.dtype == torch.float16 and t.dim() == 2
-                                  for t in tensors.values()) else torch.float32
+    stored = matrix_dtype(tensors.values())
     return Checkpoint(path, family, config, plan(tensors, family.HF_NAMES), family.HF_NAMES, tensors.__getitem__,
                       stored, tokenizer, {}, "ggml")
 

@@ -55,7 +55,7 @@ def to_weight(t: Any, path: Path) -> torch.Tensor | QTensor:
 
 
 def open_gguf(path: Path):
-    from . import Checkpoint
+    from . import Checkpoint, matrix_dtype
 
     reader = read_gguf(path)
     meta = metadata(reader)
@@ -78,5 +78,6 @@ def open_gguf(path: Path):
 
         return tokenizer_from_gguf(reader, path)
 
-    return Checkpoint(path, family, config, layout, family.GGUF_NAMES, lambda name: to_weight(tensors[name], path), torch.float32,
+    stored = matrix_dtype(to_weight(t, path) for t in tensors.values())
+    return Checkpoint(path, family, config, layout, family.GGUF_NAMES, lambda name: to_weight(tensors[name], path), stored,
                       tokenizer, {}, "gguf")

@@ -1,0 +1,183 @@
+"""Writing model files tensor by tensor: names from the models' own tables read backwards, and GGUF
+files as llama.cpp reads them (its architecture metadata, its tensor names, its q/k row order).
+
+A family's GGUF_NAMES (or HF_NAMES) table maps file names to canonical ones; read backwards it
+names each canonical tensor in that file's scheme. Where the table has only the parts of a fused
+tensor (llama.cpp's llama keeps q, k, v and gate, up apart) the tensor is written as its parts.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, LlamaFileType
+from gguf import GGMLQuantizationType as QType
+
+from ..config import ModelConfig
+from ..errors import ModelFileError
+from ..models.layers import Decoder
+from ..quant import QTensor
+from .names import Weight, assemble
+
+
+@dataclass
+class OutTensor:
+    """One tensor of the file being written: its name, torch-order shape, ggml type and how to read it."""
+
+    name: str
+    shape: tuple[int, ...]
+    load: Callable[[], Weight]
+    qtype: QType = QType.F32
+
+    @property
+    def nbytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        return int(np.prod(self.shape)) // block * size
+
+
+# rows of each part of a fused canonical tensor, in row order
+SPLITS: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
+    "qkv": lambda c: (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim),
+    "gate_up": lambda c: (c.ffn_size, c.ffn_size),
+}
+SPLITS["qkv_bias"] = SPLITS["qkv"]
+# heads of the parts whose rows rotate: q and k
+ROTATED: dict[tuple[str, int], Callable[[ModelConfig], int]] = {
+    (kind, part): heads for kind in ("qkv", "qkv_bias")
+    for part, heads in ((0, lambda c: c.num_heads), (1, lambda c: c.num_kv_heads))
+}
+
+
+def reverse(table: Mapping[str, str]) -> list[tuple[re.Pattern[str], str, int | None]]:
+    """(regex over canonical names, the file's name template, part index or None); the first pattern wins."""
+    out, seen = [], set()
+    for pattern, target in table.items():
+        canon, _, part = target.partition("#")
+        template = pattern.replace("(\\d+)", "{}")
+        if (canon, part) in seen or re.search(r"[()\\|]", template):
+            continue
+        seen.add((canon, part))
+        regex = re.compile(re.escape(canon).replace(r"\{\}", r"(\d+)"))
+        out.append((regex, template, int(part) if part else None))
+    return out
+
+
+def names_for(rules: list[tuple[re.Pattern[str], str, int | None]], canon: str) -> tuple[str | None, dict[int, str]]:
+    """The file's name for a canonical tensor as a whole, and its names for the parts."""
+    whole, parts = None, {}
+    for regex, template, part in rules:
+        m = regex.fullmatch(canon)
+        if m:
+            name = template.format(*m.groups())
+            if part is None:
+                whole = whole or name
+            else:
+                parts.setdefault(part, name)
+    return whole, parts
+
+
+def take_rows(w: Weight, rows: slice | torch.Tensor) -> Weight:
+    """Rows of a float tensor or of ggml blocks (a row of blocks is a row of bytes)."""
+    if isinstance(w, QTensor):
+        raw = w.raw[rows]
+        return QTensor(raw, w.qtype, (raw.shape[0], w.shape[1]))
+    return w[rows]
+
+
+def halves_to_pairs(w: Weight, heads: int) -> Weight:
+    """llama.cpp's row order for q and k: each head's two rotary halves interleaved, so rotating
+    adjacent pairs equals the Hugging Face rotation of halves."""
+    rows = w.shape[0]
+    order = torch.arange(rows).view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+    return take_rows(w, order)
+
+
+def _canonical(ckpt: Any, canon: str) -> Weight:
+    return assemble({canon: ckpt.layout[canon]}, ckpt.get, ckpt.path, ckpt.transforms)[canon]
+
+
+def _part(read: Callable[[], Weight], rows: slice | None, heads: int | None) -> Weight:
+    w = read()
+    w = w if rows is None else take_rows(w, rows)
+    return w if heads is None else halves_to_pairs(w, heads)
+
+
+def file_tensors(ckpt: Any, table: Mapping[str, str], skip: Callable[[str], bool] = lambda _: False,
+                 pairs: bool = False) -> Iterator[OutTensor]:
+    """The checkpoint's tensors under `table`'s names, each read only when written.
+
+    A fused tensor whose target has parts is split by rows (read part by part when the source holds
+    the same parts); with `pairs`, q and k rows go from halves to llama.cpp's interleaved pairs.
+    """
+    rules = reverse(table)
+    cfg = ckpt.config
+    expected = getattr(ckpt.family, "DECODER", Decoder).expected_shapes(cfg)
+    for canon, names in ckpt.layout.items():
+        if skip(canon):
+            continue
+        whole, parts = names_for(rules, canon)
+        read = partial(_canonical, ckpt, canon)
+        shape = expected.get(canon) or tuple(read().shape)
+        kind = canon.rsplit(".", 1)[-1]
+        if whole is None and kind not in SPLITS:
+            raise ModelFileError(ckpt.path, f"tensor {canon!r} has no name in the output format")
+        if whole is not None:
+            yield OutTensor(whole, shape, read)
+            continue
+        start, direct = 0, len(names) == len(parts)  # direct: the source keeps these parts apart, read each alone
+        for k, rows in enumerate(SPLITS[kind](cfg)):
+            heads = ROTATED[kind, k](cfg) if pairs and (kind, k) in ROTATED else None
+            source = partial(ckpt.get, names[k]) if direct else read
+            span = None if direct else slice(start, start + rows)
+            yield OutTensor(parts[k], (rows, *shape[1:]), partial(_part, source, span, heads))
+            start += rows
+
+
+# ----- GGUF -----
+
+ARCH_KEYS: tuple[tuple[str, Callable[[ModelConfig], Any]], ...] = (
+    ("add_context_length", lambda c: c.max_position),
+    ("add_embedding_length", lambda c: c.hidden_size),
+    ("add_feed_forward_length", lambda c: c.ffn_size),
+    ("add_block_count", lambda c: c.num_layers),
+    ("add_head_count", lambda c: c.num_heads),
+    ("add_head_count_kv", lambda c: c.num_kv_heads),
+    ("add_key_length", lambda c: c.head_dim),
+    ("add_value_length", lambda c: c.head_dim),
+    ("add_layer_norm_rms_eps", lambda c: c.norm_eps),
+    ("add_rope_freq_base", lambda c: c.rope_theta),
+    ("add_rope_dimension_count", lambda c: c.rope_dim),  # ChatGLM: half of each head
+    ("add_vocab_size", lambda c: c.vocab_size),
+)
+FILE_TYPES = {q: LlamaFileType.ALL_F32 if q == QType.F32 else LlamaFileType[f"MOSTLY_{q.name}"]
+              for q in (QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0)}
+
+
+def write_gguf(path: Path, arch: str, cfg: ModelConfig, name: str, file_type: QType,
+               add_vocab: Callable[[gguf.GGUFWriter], None], tensors: list[OutTensor],
+               encode: Callable[[OutTensor], np.ndarray],
+               progress: Callable[[list[OutTensor]], Iterable[OutTensor]] = iter) -> None:
+    """Header, metadata and tensor table first, then each tensor's data as it is encoded."""
+    w = gguf.GGUFWriter(None, arch)
+    try:
+        w.add_name(name)
+        w.add_file_type(FILE_TYPES[file_type])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for method, value in ARCH_KEYS:
+            getattr(w, method)(value(cfg))
+        add_vocab(w)
+        for t in tensors:
+            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        w.write_header_to_file(Path(path))
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in progress(tensors):
+            w.write_tensor_data(encode(t))
+    finally:
+        w.close()
