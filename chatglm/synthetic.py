@@ -1,0 +1,98 @@
+"""Random-weight GGUF files of real model shapes, so speed can be measured without the real weights.
+
+The blocks are random bytes with a fixed small scale (no quantization pass: a 6B file is written
+in seconds), in llama.cpp's own `chatglm` / `llama` layouts, with the default model's vocabulary
+padded to the shape's size so llama.cpp loads the same file for a side-by-side run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+from gguf import TokenType
+
+from .config import ModelConfig
+from .default_model import default_model_path
+from .loaders.gguf_writer import OutTensor, write_gguf
+from .loaders.vocab_writer import Vocab
+from .quant import qtype_of
+
+SHAPES = {
+    "chatglm3-6b": dict(arch="chatglm", hidden_size=4096, num_layers=28, num_heads=32, num_kv_heads=2, head_dim=128,
+                        ffn_size=13696, vocab_size=65024),
+    "glm4-9b": dict(arch="chatglm", hidden_size=4096, num_layers=40, num_heads=32, num_kv_heads=2, head_dim=128,
+                    ffn_size=13696, vocab_size=151552),
+    "chatglm-tiny": dict(arch="chatglm", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
+                         ffn_size=512, vocab_size=49152),  # for tests
+    "llama-7b": dict(arch="llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
+                     ffn_size=11008, vocab_size=49152),
+}
+SCALES = {QType.Q4_0: 0.004, QType.Q4_1: 0.004, QType.Q5_0: 0.002, QType.Q5_1: 0.002, QType.Q8_0: 0.0002}
+
+
+def _tensors(shape: dict, cfg: ModelConfig, qtype: QType) -> list[OutTensor]:
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    out = [OutTensor("token_embd.weight", (cfg.vocab_size, h), None, qtype), OutTensor("output_norm.weight", (h,), None),
+           OutTensor("output.weight", (cfg.vocab_size, h), None, qtype)]
+    for i in range(cfg.num_layers):
+        b = f"blk.{i}."
+        out += [OutTensor(b + "attn_norm.weight", (h,), None), OutTensor(b + "ffn_norm.weight", (h,), None),
+                OutTensor(b + "attn_output.weight", (h, q), None, qtype),
+                OutTensor(b + "ffn_down.weight", (h, cfg.ffn_size), None, qtype)]
+        if shape["arch"] == "chatglm":
+            out += [OutTensor(b + "attn_qkv.weight", (q + 2 * kv, h), None, qtype),
+                    OutTensor(b + "attn_qkv.bias", (q + 2 * kv,), None),
+                    OutTensor(b + "ffn_up.weight", (2 * cfg.ffn_size, h), None, qtype)]
+        else:
+            out += [OutTensor(b + f"attn_{p}.weight", (n, h), None, qtype) for p, n in (("q", q), ("k", kv), ("v", kv))]
+            out += [OutTensor(b + f"ffn_{p}.weight", (cfg.ffn_size, h), None, qtype) for p in ("gate", "up")]
+    return out
+
+
+def _random_data(t: OutTensor, rng: np.random.Generator) -> np.ndarray:
+    """Random codes with one fixed scale per block; norms are ones, biases small."""
+    if len(t.shape) == 1:
+        return (np.ones(t.shape) if t.name.endswith("norm.weight") else rng.normal(0, 0.02, t.shape)).astype(np.float32)
+    if t.qtype in (QType.F32, QType.F16):
+        return rng.normal(0, 0.02, t.shape).astype(np.float32 if t.qtype == QType.F32 else np.float16)
+    block, size = gguf.GGML_QUANT_SIZES[t.qtype]
+    blocks = rng.integers(0, 256, (t.shape[0], t.shape[1] // block, size), dtype=np.uint8)
+    blocks[..., 0:2] = np.frombuffer(np.float16(SCALES[t.qtype]).tobytes(), np.uint8)
+    if t.qtype in (QType.Q4_1, QType.Q5_1):  # the block minimum: centre the values on zero
+        blocks[..., 2:4] = np.frombuffer(np.float16(-8 * SCALES[t.qtype]).tobytes(), np.uint8)
+    return blocks.reshape(t.shape[0], -1)
+
+
+def _default_vocab() -> Vocab:
+    reader = gguf.GGUFReader(default_model_path(), "r")
+    f = {k: v.contents() for k, v in reader.fields.items() if k.startswith("tokenizer.ggml.")}
+    return Vocab(model=f["tokenizer.ggml.model"], tokens=f["tokenizer.ggml.tokens"],
+                 types=[TokenType(t) for t in f["tokenizer.ggml.token_type"]], merges=f.get("tokenizer.ggml.merges"),
+                 pre=f.get("tokenizer.ggml.pre"), ids={"bos": f.get("tokenizer.ggml.bos_token_id"),
+                                                      "eos": f.get("tokenizer.ggml.eos_token_id")})
+
+
+def synthetic_gguf(name: str, qtype: str, folder: Path) -> Path:
+    """The file for shape `name` and type `qtype`, written once into `folder` and reused after."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown synthetic shape {name!r}; expected one of {', '.join(SHAPES)}")
+    q = qtype_of(qtype)
+    path = Path(folder) / f"synthetic-{name}-{q.name.lower()}.gguf"
+    if path.is_file():
+        return path
+    shape = SHAPES[name]
+    cfg = ModelConfig(arch=shape["arch"], family="gguf", norm_eps=1e-5, max_position=8192,
+                      rope_dim=shape["head_dim"] // 2 if shape["arch"] == "chatglm" else 0,
+                      **{k: v for k, v in shape.items() if k != "arch"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vocab, rng = _default_vocab(), np.random.default_rng(0)
+    partial = path.with_suffix(".part")
+    try:
+        write_gguf(partial, shape["arch"], cfg, f"synthetic {name}", q, lambda w: vocab.write(w, cfg.vocab_size),
+                   _tensors(shape, cfg, q), lambda t: _random_data(t, rng))
+        partial.rename(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
