@@ -1,0 +1,142 @@
+"""ggml block formats: weights kept as the file's bytes, decoded exactly as ggml decodes them.
+
+Quantizing goes through `gguf.quants` (bit-exact with ggml). Decoding the legacy 32-value blocks
+(q4_0 q4_1 q5_0 q5_1 q8_0) is done in torch because it runs on every call of the CPU kernels;
+every such block reads as integer codes times a scale plus an optional offset, so one
+`Affine` form serves dequantization, embedding lookups and repacking for the matmul kernels.
+Other ggml types (k-quants, i-quants) decode through `gguf.quants`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QType
+from gguf import quants as ggml_quants
+
+__all__ = ["QType", "QTensor", "Affine", "quantize", "dequantize", "qtype_of", "affine", "FLOAT_TYPES"]
+
+NAMES: dict[str, QType] = {q.name.lower(): q for q in
+                           (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.F16, QType.BF16, QType.F32)}
+FLOAT_TYPES: dict[QType, torch.dtype] = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
+
+
+def qtype_of(name: str | QType) -> QType:
+    """The ggml type for a user-facing name such as "q4_0" (any case)."""
+    if isinstance(name, QType):
+        return name
+    try:
+        return NAMES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown quantization type {name!r}; expected one of {', '.join(NAMES)}") from None
+
+
+def quantize(weights: np.ndarray, qtype: QType | str) -> np.ndarray:
+    """ggml's bytes for `weights` [..., cols]: uint8 [..., bytes_per_row], through gguf.quants."""
+    out = ggml_quants.quantize(np.ascontiguousarray(weights, dtype=np.float32), qtype_of(qtype))
+    return out.view(np.uint8)
+
+
+def dequantize(raw: np.ndarray, qtype: QType | str, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 values of ggml bytes, shaped `shape` (the reference decoder, gguf.quants)."""
+    return ggml_quants.dequantize(np.ascontiguousarray(raw).view(np.uint8), qtype_of(qtype)).reshape(shape)
+
+
+class Affine(NamedTuple):
+    """Blocks of 32 values as w = codes * scale + offset, the form every legacy ggml block takes."""
+
+    codes: torch.Tensor          # int8 [rows, groups, 32]
+    scale: torch.Tensor          # float16 [rows, groups, 1] (the file's value)
+    offset: torch.Tensor | None  # float16 [rows, groups, 1], or None where the format has no offset
+
+    def values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[rows, groups, 32]; computed in float32 (codes*scale is exact, one rounding for the offset, as ggml)."""
+        w = self.codes.float() * self.scale.float()
+        if self.offset is not None:
+            w += self.offset.float()
+        return w.to(dtype)
+
+
+def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    return blocks[..., at:at + 2].view(torch.float16)
+
+
+def _nibbles(qs: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """16 bytes -> 32 codes (uint8); ggml keeps the block's first 16 values in the low nibbles."""
+    out = torch.empty(*qs.shape[:-1], 32, dtype=torch.uint8, device=qs.device) if out is None else out
+    torch.bitwise_and(qs, 15, out=out[..., :16])
+    torch.bitwise_right_shift(qs, 4, out=out[..., 16:])
+    return out
+
+
+_BIT = torch.arange(8, dtype=torch.uint8)
+
+
+def _five_bits(qs: torch.Tensor, qh: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Nibbles plus a fifth bit from 4 bytes qh (a little-endian uint32: bit i belongs to value i)."""
+    high = (((qh.unsqueeze(-1) >> _BIT.to(qh.device)) & 1) << 4).flatten(-2)
+    return _nibbles(qs, out).bitwise_or_(high)
+
+
+def _q4_0(b: torch.Tensor, out: torch.Tensor | None) -> Affine:
+    return Affine(_nibbles(b[..., 2:], out).view(torch.int8).sub_(8), _f16(b, 0), None)
+
+
+def _q4_1(b: torch.Tensor, out: torch.Tensor | None) -> Affine:
+    return Affine(_nibbles(b[..., 4:], out).view(torch.int8), _f16(b, 0), _f16(b, 2))
+
+
+def _q5_0(b: torch.Tensor, out: torch.Tensor | None) -> Affine:
+    return Affine(_five_bits(b[..., 6:], b[..., 2:6], out).view(torch.int8).sub_(16), _f16(b, 0), None)
+
+
+def _q5_1(b: torch.Tensor, out: torch.Tensor | None) -> Affine:
+    return Affine(_five_bits(b[..., 8:], b[..., 4:8], out).view(torch.int8), _f16(b, 0), _f16(b, 2))
+
+
+def _q8_0(b: torch.Tensor, out: torch.Tensor | None) -> Affine:
+    return Affine(b[..., 2:].view(torch.int8), _f16(b, 0), None)
+
+
+DECODERS: dict[QType, Callable[[torch.Tensor, torch.Tensor | None], Affine]] = {
+    QType.Q4_0: _q4_0, QType.Q4_1: _q4_1, QType.Q5_0: _q5_0, QType.Q5_1: _q5_1, QType.Q8_0: _q8_0,
+}
+
+
+def affine(raw: torch.Tensor, qtype: QType, out: torch.Tensor | None = None) -> Affine:
+    """Decode a legacy block type's bytes [rows, bytes_per_row] into codes, scales and offsets.
+
+    `out` (uint8 [rows, groups, 32]) receives unpacked codes, so hot loops allocate nothing;
+    q8_0's codes are a view of `raw` and leave it untouched.
+    """
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    return DECODERS[qtype](raw.reshape(raw.shape[0], -1, type_size), out)
+
+
+@dataclass
+class QTensor:
+    """A weight stored as ggml blocks: raw bytes as they are in the file (often an mmap view)."""
+
+    raw: torch.Tensor        # uint8 [rows, bytes_per_row]
+    qtype: QType
+    shape: tuple[int, int]   # (rows, cols) in torch layout: (out_features, in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[rows, cols] with ggml's exact float32 values, then cast to `dtype`."""
+        return _decode(self.raw, self.qtype, self.shape[1]).to(dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[*ids.shape, cols]: decode only the rows asked for (an embedding lookup)."""
+        picked = self.raw.index_select(0, ids.reshape(-1).to(self.raw.device))
+        return _decode(picked, self.qtype, self.shape[1]).to(dtype).reshape(*ids.shape, self.shape[1])
+
+
+def _decode(raw: torch.Tensor, qtype: QType, cols: int) -> torch.Tensor:
+    if qtype in FLOAT_TYPES:
+        return raw.contiguous().view(FLOAT_TYPES[qtype]).float().reshape(-1, cols)
+    if qtype in DECODERS:
+        return affine(raw, qtype).values().reshape(-1, cols)
+    return torch.from_numpy(dequantize(raw.cpu().numpy(), qtype, (raw.shape[0], cols))).to(raw.device)
