@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from .errors import ChatGLMError
 from .messages import ChatMessage
@@ -18,11 +18,11 @@ def _sampling(args: argparse.Namespace) -> dict:
                 do_sample=args.temp > 0)
 
 
-def _reply(pipe, history: list[ChatMessage], sampling: dict, out=sys.stdout) -> str:
+def _reply(deltas: Iterator[str], out=sys.stdout) -> str:
     """Stream one reply to the terminal; Ctrl-C ends the reply, not the conversation."""
     parts: list[str] = []
     try:
-        for delta in pipe.chat(history, stream=True, **sampling):
+        for delta in deltas:
             parts.append(delta)
             out.write(delta)
             out.flush()
@@ -39,31 +39,44 @@ def cmd_chat(args: argparse.Namespace) -> int:
     pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
     sampling = _sampling(args)
     system = [ChatMessage("system", args.system)] if args.system else []
-    if args.prompt is not None:
-        _reply(pipe, system + [ChatMessage("user", args.prompt)], sampling)
+    if args.mode == "generate":  # plain completion (CodeGeeX2, base models): each input is continued on its own
+        complete = lambda text: _reply(pipe.generate(text, stream=True, **sampling))  # noqa: E731
+        if args.prompt is not None:
+            complete(args.prompt)
+            return 0
+        for line in _lines(f"chatglm: {pipe.path.name} completes each line; 'stop' or Ctrl-D ends."):
+            complete(line)
         return 0
-    print(f"chatglm: {pipe.path.name} ({pipe.format}, {pipe.config.arch}, {args.device}). "
-          "Type a message; 'clear' starts over, 'stop' or Ctrl-D ends.")
+    if args.prompt is not None:
+        _reply(pipe.chat(system + [ChatMessage("user", args.prompt)], stream=True, **sampling))
+        return 0
     history = list(system)
+    for line in _lines(f"chatglm: {pipe.path.name} ({pipe.format}, {pipe.config.arch}, {args.device}). "
+                       "Type a message; 'clear' starts over, 'stop' or Ctrl-D ends."):
+        if line.lower() == "clear":
+            history = list(system)
+            continue
+        history.append(ChatMessage("user", line))
+        history.append(ChatMessage("assistant", _reply(pipe.chat(history, stream=True, **sampling))))
+    return 0
+
+
+def _lines(banner: str) -> Iterator[str]:
+    """The user's non-empty input lines until 'stop'/'exit' or EOF; Ctrl-C at the prompt is ignored."""
+    print(banner)
     while True:
         try:
             line = input("> ").strip()
         except EOFError:
             print()
-            return 0
+            return
         except KeyboardInterrupt:
             print()
             continue
-        if not line:
-            continue
         if line.lower() in EXIT_WORDS:
-            return 0
-        if line.lower() == "clear":
-            history = list(system)
-            continue
-        history.append(ChatMessage("user", line))
-        answer = _reply(pipe, history, sampling)
-        history.append(ChatMessage("assistant", answer))
+            return
+        if line:
+            yield line
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -88,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("-p", "--prompt", help="answer this one prompt and exit")
     mode.add_argument("-i", "--interactive", action="store_true", help="chat until 'stop' or EOF (the default)")
     chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--mode", choices=["chat", "generate"], default="chat",
+                      help="generate: continue the text as it is, no chat format (CodeGeeX2: '# language: Python\\n...')")
     chat.add_argument("--max-new-tokens", type=int, default=None)
     chat.add_argument("--max-length", type=int, default=2048, help="prompt + reply tokens at most (default 2048)")
     chat.add_argument("--temp", type=float, default=0.8, help="sampling temperature; 0 means greedy")

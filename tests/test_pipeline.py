@@ -100,3 +100,28 @@ def test_chatglm3_folder_pipeline(chatglm3_folder):
     tokens = list(generate(pipe.model, ids, SamplingParams(do_sample=False, max_new_tokens=6), pipe.stop_ids,
                            pipe.tokenizer.vocab_size))
     assert reply.content == pipe.tokenizer.decode(tokens).lstrip()
+
+
+def test_cli_generate_mode_continues_text(pipe):
+    expected = pipe.generate("The capital of France is", do_sample=False, max_new_tokens=8)
+    proc = subprocess.run([sys.executable, "-m", "chatglm", "chat", "--mode", "generate", "-p",
+                           "The capital of France is", "--temp", "0", "--max-new-tokens", "8"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip("\n") == expected.rstrip("\n")
+
+
+def test_codegeex2_generate_prompt(shared_dir, tmp_path):
+    """CodeGeeX2 completes code after [gMASK] <sop>, its tokenizer adding no dummy prefix."""
+    glm = tiny_glm(layers=1, vocab=65024)
+    cfg = thudm_config(glm, _name_or_path="THUDM/codegeex2-6b")
+    folder = write_folder(tmp_path, cfg, thudm_state_dict(glm))
+    shutil.copy(shared_dir / "tokenizers" / "codegeex2-6b" / "tokenizer.model", folder / "tokenizer.model")
+    pipe = Pipeline(folder, dtype="f32")
+    assert pipe.config.family == "codegeex2" and pipe.tokenizer.family == "codegeex2"
+    prompt = "# language: Python\n# write a bubble sort function\n"
+    ids = pipe.tokenizer.encode(prompt, add_special_tokens=True)
+    assert ids[:3] == [64790, 64792, 31010]  # [gMASK] <sop> '#', not '▁#'
+    tokens = list(generate(pipe.model, ids, SamplingParams(do_sample=False, max_new_tokens=5), pipe.stop_ids,
+                           pipe.tokenizer.vocab_size))
+    assert pipe.generate(prompt, do_sample=False, max_new_tokens=5) == pipe.tokenizer.decode(tokens)
