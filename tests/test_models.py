@@ -181,13 +181,12 @@ def test_internlm_biases(tmp_path):
     assert rel_err(ours.logits(IDS), reference_logits(llama)) < 1e-4
 
 
-def write_llama_gguf(path, llama, qtype=None):
+def write_llama_gguf(path, llama, qtype=None, arch="llama"):
     """A llama GGUF with llama.cpp's names and q/k permutation; 2-D weights optionally quantized."""
     import gguf
-    from gguf import GGMLQuantizationType as Q
 
     c = llama.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -224,10 +223,12 @@ def write_llama_gguf(path, llama, qtype=None):
     return path
 
 
-def test_llama_gguf_float_matches_transformers(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "baichuan"])
+def test_llama_gguf_float_matches_transformers(tmp_path, arch):
+    """llama.cpp's llama and Baichuan(-7B) files share tensor names and the q/k permutation."""
     llama = tiny_llama()
-    ours = load_model(write_llama_gguf(tmp_path / "tiny.gguf", llama))
-    assert ours.config.rope_interleaved
+    ours = load_model(write_llama_gguf(tmp_path / "tiny.gguf", llama, arch=arch))
+    assert ours.config.rope_interleaved and not ours.config.extra["alibi"]
     assert rel_err(ours.logits(IDS), reference_logits(llama)) < 1e-4
 
 
@@ -465,3 +466,37 @@ def _assign(glm, names: list[str], value: torch.Tensor) -> None:
         rows = sd[n].shape[0]
         sd[n].copy_(value[start : start + rows])
         start += rows
+
+
+def test_baichuan13b_gguf_uses_alibi(tmp_path):
+    """llama.cpp's `baichuan` files of 40 layers are Baichuan-13B: ALiBi, no rotary."""
+    import gguf
+
+    heads, hidden, layers = 4, 32, 40
+    state = baichuan_state(vocab=96, hidden=hidden, layers=layers, ffn=64, seed=9)
+    w = gguf.GGUFWriter(str(tmp_path / "b13.gguf"), "baichuan")
+    for method, value in (("add_block_count", layers), ("add_context_length", 64), ("add_embedding_length", hidden),
+                          ("add_feed_forward_length", 64), ("add_head_count", heads), ("add_head_count_kv", heads),
+                          ("add_layer_norm_rms_eps", 1e-6)):
+        getattr(w, method)(value)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, t in state.items():
+        if "W_pack" in name:
+            i = name.split(".")[2]
+            for part, rows in zip("qkv", t.split(hidden)):
+                w.add_tensor(f"blk.{i}.attn_{part}.weight", rows.contiguous().numpy())
+            continue
+        if name not in names:
+            _, _, i, rest = name.split(".", 3)
+            names[name] = f"blk.{i}.{parts[rest.rsplit('.', 1)[0]]}.weight"
+        w.add_tensor(names[name], t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = load_model(tmp_path / "b13.gguf", dtype="f32")
+    assert ours.config.extra["alibi"]
+    assert rel_err(ours.logits(IDS), alibi_reference(state, IDS, heads, 1e-6)) < 1e-4

@@ -15,7 +15,7 @@ from ..errors import ModelFileError
 from .layers import Decoder, KVCache
 
 ARCH = "llama"
-GGUF_ARCHS = ("llama",)
+GGUF_ARCHS = ("llama", "baichuan")  # llama.cpp writes Baichuan with llama's tensor names
 HF_MODEL_TYPES = ("llama", "baichuan", "internlm", "mistral")
 BAICHUAN2_VOCAB = 125696  # Baichuan2's vocabulary; only Baichuan2 uses the NormHead
 
@@ -110,29 +110,37 @@ def config_from_hf(cfg: Mapping[str, Any], source: object) -> ModelConfig:
 
 
 def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
-    hidden = need(meta, source, "llama.embedding_length")
-    heads = need(meta, source, "llama.attention.head_count")
-    head_dim = need(meta, source, "llama.attention.key_length", default=hidden // heads)
+    arch = meta["general.architecture"]
+
+    def key(name: str, **default: Any) -> Any:
+        return need(meta, source, f"{arch}.{name}", **default)
+
+    hidden = key("embedding_length")
+    heads = key("attention.head_count")
+    head_dim = key("attention.key_length", default=hidden // heads)
+    layers = key("block_count")
     return ModelConfig(
         arch=ARCH,
         family="gguf",
         vocab_size=shapes["token_embd.weight"][0] if "token_embd.weight" in shapes else 0,
         hidden_size=hidden,
-        num_layers=need(meta, source, "llama.block_count"),
+        num_layers=layers,
         num_heads=heads,
-        num_kv_heads=need(meta, source, "llama.attention.head_count_kv", default=heads),
+        num_kv_heads=key("attention.head_count_kv", default=heads),
         head_dim=head_dim,
-        ffn_size=need(meta, source, "llama.feed_forward_length"),
-        norm_eps=need(meta, source, "llama.attention.layer_norm_rms_epsilon", default=1e-5),
-        rope_theta=float(need(meta, source, "llama.rope.freq_base", default=10000.0)),
-        rope_dim=need(meta, source, "llama.rope.dimension_count", default=head_dim),
+        ffn_size=key("feed_forward_length"),
+        norm_eps=key("attention.layer_norm_rms_epsilon", default=1e-5),
+        rope_theta=float(key("rope.freq_base", default=10000.0)),
+        rope_dim=key("rope.dimension_count", default=head_dim),
         rope_interleaved=True,
         qkv_bias="blk.0.attn_q.bias" in shapes,
         o_bias="blk.0.attn_output.bias" in shapes,
-        max_position=need(meta, source, "llama.context_length", default=4096),
+        max_position=key("context_length", default=4096),
         tie_embeddings="output.weight" not in shapes,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=as_ids(meta.get("tokenizer.ggml.eos_token_id")),
+        # llama.cpp takes a 40-layer Baichuan for the 13B model, which uses ALiBi instead of rotary
+        extra={"alibi": arch == "baichuan" and layers == 40},
     )
 
 
