@@ -223,9 +223,9 @@ def write_llama_gguf(path, llama, qtype=None, arch="llama"):
     return path
 
 
-@pytest.mark.parametrize("arch", ["llama", "baichuan"])
+@pytest.mark.parametrize("arch", ["llama", "baichuan", "internlm2"])
 def test_llama_gguf_float_matches_transformers(tmp_path, arch):
-    """llama.cpp's llama and Baichuan(-7B) files share tensor names and the q/k permutation."""
+    """llama.cpp's llama, Baichuan(-7B) and InternLM2 files share tensor names and the q/k permutation."""
     llama = tiny_llama()
     ours = load_model(write_llama_gguf(tmp_path / "tiny.gguf", llama, arch=arch))
     assert ours.config.rope_interleaved and not ours.config.extra["alibi"]

@@ -15,7 +15,7 @@ from ..errors import ModelFileError
 from .layers import Decoder, KVCache
 
 ARCH = "llama"
-GGUF_ARCHS = ("llama", "baichuan")  # llama.cpp writes Baichuan with llama's tensor names
+GGUF_ARCHS = ("llama", "baichuan", "internlm2")  # llama.cpp writes these with llama's tensor names
 HF_MODEL_TYPES = ("llama", "baichuan", "internlm", "mistral")
 BAICHUAN2_VOCAB = 125696  # Baichuan2's vocabulary; only Baichuan2 uses the NormHead
 
