@@ -24,7 +24,8 @@ def model(default_gguf):
 
 def test_seed_004_chat_session(model, caplog):
     tokenizer = AutoTokenizer.from_pretrained("default", trust_remote_code=True)
-    response, history = model.chat(tokenizer, "What is the capital of France?", history=[], do_sample=False)
+    response, history = model.chat(tokenizer, "What is the capital of France?", history=[], do_sample=False,
+                                   max_length=256)
     assert "Paris" in response and history == [("What is the capital of France?", response)]
     response2, history = model.chat(tokenizer, "And of Italy?", history=history, do_sample=False, max_length=512)
     assert response2 and len(history) == 2 and history[1][1] == response2

@@ -30,8 +30,9 @@ from ..quant import DECODERS, Affine, QTensor, QType, affine
 
 GROUP = 32          # values per ggml block, and the kernel's group size
 BLOCK_ROWS = 64     # the int4 kernel packs output rows in blocks of 64 (rows j and j+32 share a byte)
-KERNEL_ROWS = 64    # activation rows up to which the int4 kernel beats unpacking for a GEMM: a batch of 16-32
-                    # decoding sequences runs 4x the tokens/s of one on it (SmolLM2, 2 threads), unpacked 1.5x
+KERNEL_ROWS = 8     # activation rows up to which the int4 kernel beats unpacking for a GEMM (its time grows per row)
+BATCH_ROWS = 64     # ... and for a batch of one-token decode steps: 16 sequences then decode at 4x the tokens/s of
+                    # one (SmolLM2, 2 threads); prompts keep the unpacked GEMM, whose rounding greedy replies were tested on
 CHUNK = 1 << 21     # weights dequantized at a time: 8 MB of float32 (measured best: fewer calls, still cached)
 NIBBLE_BIAS = {QType.Q4_0: 8, QType.Q4_1: 0}  # code + bias = the stored nibble; other types need two planes
 HIGH = 16           # what the high nibble plane is worth against the low one
@@ -148,7 +149,7 @@ def _nibble_bytes(nibbles: torch.Tensor) -> torch.Tensor:
 class Int4Linear(nn.Module):
     """bf16 activations on torch's int4 kernel, ggml blocks repacked into its layout (see `_planes`).
 
-    Up to KERNEL_ROWS activation rows (decode) use the kernel; longer inputs (prefill) unpack
+    Up to KERNEL_ROWS activation rows (BATCH_ROWS for [batch, 1, in] decode steps) use the kernel; prompts unpack
     chunks of weight rows to bf16 for a GEMM, since the kernel's time grows with every row.
     """
 
@@ -167,7 +168,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= KERNEL_ROWS:
+        if x2.shape[0] <= (BATCH_ROWS if x.dim() == 3 and x.shape[1] == 1 else KERNEL_ROWS):
             spread = (x2.reshape(len(x2), -1, 1, GROUP) * self.spread[:, None]).view(len(x2), -1)  # once per plane
             y = torch._weight_int4pack_mm_for_cpu(spread, self.packed.view(-1, self.packed.shape[1] // 2),
                                                   GROUP * self.planes, self.scales)
