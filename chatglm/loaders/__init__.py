@@ -1,17 +1,21 @@
 """From a path to a model: detect the file kind, read its config and tensors, build the decoder."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import math
+
 import torch
+from gguf import GGMLQuantizationType as QType
 
 from ..config import ModelConfig
 from ..default_model import DEFAULT_NAME, default_model_path
 from ..errors import ModelFileError
 from ..models.layers import Decoder, Weight
+from ..quant import QTensor
 from .names import assemble, namer
 
 
@@ -54,6 +58,7 @@ def resolve_path(path: str | Path) -> Path:
 def open_checkpoint(path: str | Path, lora: str | Path | None = None) -> Checkpoint:
     """Open a model file or folder; with `lora`, a PEFT adapter folder merged into it as it loads."""
     ckpt = _open(resolve_path(path))
+    check_config(ckpt.config, ckpt.path)
     if lora is not None:
         from .lora import merged, read_adapter
 
@@ -85,6 +90,60 @@ def _open(p: Path) -> Checkpoint:
                             "file or a Hugging Face folder")
 
 
+MAX_POSITION = 1 << 24  # rotary tables are built for the whole context: a larger claim is a damaged file
+
+
+def check_config(config: ModelConfig, path: Path) -> None:
+    """Refuse values the model code would only trip over later (a hang building rotary tables for 2**32
+    positions, a division by a string, NaN epsilon giving NaN logits) with one error naming the file."""
+    def bad(name: str, value: object, expected: str) -> ModelFileError:
+        return ModelFileError(path, f"config {name} is {value!r}; expected {expected}")
+
+    if not isinstance(config.max_position, int) or not 0 < config.max_position <= MAX_POSITION:
+        raise bad("max_position (context length)", config.max_position, f"an integer in 1..{MAX_POSITION}")
+    for name in ("norm_eps", "rope_theta"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise bad(name, value, "a positive finite number")
+    if config.norm_eps >= 1:
+        raise bad("norm_eps", config.norm_eps, "a small positive number")
+
+
+# ggml block types whose blocks hold f16 scales, and their byte offsets in a block: a NaN/inf scale
+# would decode to a whole block of NaN, so it is refused as the tensor is read.
+_SCALE_OFFSETS: dict[QType, tuple[int, ...]] = {
+    QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2), QType.Q8_0: (0,),
+    QType.Q2_K: (80, 82), QType.Q3_K: (108,), QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,),
+}
+
+
+def all_finite(w: Weight) -> bool:
+    """Whether a float tensor's values, or a block tensor's f16 scales, are all finite (no decoding)."""
+    if isinstance(w, torch.Tensor):
+        return not w.is_floating_point() or bool(torch.isfinite(w).all())
+    offsets = _SCALE_OFFSETS.get(w.qtype)
+    if offsets is None:
+        return True
+    from gguf import GGML_QUANT_SIZES
+
+    blocks = w.raw.reshape(-1, GGML_QUANT_SIZES[w.qtype][1])
+    scales = torch.stack([blocks[:, o : o + 2] for o in offsets], 1).contiguous().view(torch.float16)
+    return bool(torch.isfinite(scales).all())
+
+
+def finite_checked(get: Callable[[str], Weight], path: Path) -> Callable[[str], Weight]:
+    """A tensor reader that refuses NaN/inf weights or block scales: they would load silently and give
+    NaN logits for every prompt touching them."""
+    def read(name: str) -> Weight:
+        w = get(name)
+        if not all_finite(w):
+            kind = "block scales" if isinstance(w, QTensor) else "values"
+            raise ModelFileError(path, f"tensor {name!r} has NaN or infinite {kind}; the file is damaged")
+        return w
+
+    return read
+
+
 def compute_dtype(ckpt: Checkpoint, dtype: str, device: str) -> torch.dtype:
     """The activations' dtype: the stored float dtype, or bfloat16 for weights in ggml blocks."""
     if dtype != "auto":
@@ -108,6 +167,7 @@ def build_model(ckpt: Checkpoint, dtype: str = "auto", device: str = "cpu") -> D
     from ..convert import RUNTIME_QTYPES, quantized_weights  # convert imports this package
 
     device = check_device(device)
+    ckpt = replace(ckpt, get=finite_checked(ckpt.get, ckpt.path))
     if dtype in RUNTIME_QTYPES:
         weights = quantized_weights(ckpt, dtype)
         act = QUANTIZED_ACTIVATIONS

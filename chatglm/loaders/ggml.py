@@ -86,6 +86,8 @@ def read_ggml(path: Path) -> GGMLFile:
             raise ModelFileError(path, f"tensor {name!r} has type {code} and shape {list(shape)}; "
                                        f"expected a type among {[t.name for t in TYPES]} and positive sizes")
         qtype = QType(code)
+        if qtype not in (QType.F32, QType.F16) and ndim != 2:
+            raise ModelFileError(path, f"tensor {name!r} is a {ndim}-D {qtype.name} tensor; blocks must be 2-D")
         block, block_bytes = GGML_QUANT_SIZES[qtype]
         if shape[-1] % block:
             raise ModelFileError(path, f"tensor {name!r} has {shape[-1]} columns, not a multiple of {qtype.name}'s {block}")
@@ -120,6 +122,10 @@ def _read_config(r: _Reader, family: str, version: int) -> dict[str, Any]:
         kv, eps, theta, virtual = (values[11] if family != "chatglm" else heads), 1e-5, 10000.0, 0
     else:
         raise ModelFileError(r.path, f"config version {version} is not supported; expected 1 or 2")
+    sizes = {"vocab": vocab, "hidden": hidden, "heads": heads, "kv_heads": kv, "layers": layers, "ffn": ffn}
+    for what, value in sizes.items():  # a 0 here would divide by zero below; negatives make no model
+        if value <= 0:
+            raise ModelFileError(r.path, f"config record: {what} is {value}; expected a positive size")
     if family == "chatglm":
         return {"model_type": "chatglm", "position_encoding_2d": True, "vocab_size": vocab, "hidden_size": hidden,
                 "num_attention_heads": heads, "num_layers": layers, "inner_hidden_size": ffn,
@@ -140,8 +146,10 @@ def open_ggml(path: Path):
     family = family_for_hf(parsed.config, path)
     try:
         config = family.config_from_hf(parsed.config, path)
-    except ValueError as e:
-        raise e if isinstance(e, ModelFileError) else ModelFileError(path, str(e)) from None
+    except ModelFileError:
+        raise
+    except (ValueError, TypeError, ArithmeticError) as e:
+        raise ModelFileError(path, f"bad config record ({type(e).__name__}: {e})") from None
     tensors = parsed.tensors
 
     def tokenizer():

@@ -135,10 +135,10 @@ def open_hf(folder: Path):
     family = family_for_hf(raw, cfg_path)
     try:
         config = family.config_from_hf(raw, cfg_path)
-    except ValueError as e:
-        if isinstance(e, ModelFileError):
-            raise
-        raise ModelFileError(cfg_path, str(e)) from None
+    except ModelFileError:
+        raise
+    except (ValueError, TypeError, ArithmeticError) as e:  # a string or 0 where a size belongs
+        raise ModelFileError(cfg_path, f"bad config value ({type(e).__name__}: {e})") from None
     where, get = tensor_source(weight_files(folder))
     layout = plan(where, family.HF_NAMES)
     stored = _DTYPE_NAMES.get(str(raw.get("torch_dtype") or raw.get("dtype") or ""), None)
