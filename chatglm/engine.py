@@ -235,8 +235,8 @@ class BatchEngine:
                     break
                 admitted = self._admit()
             try:
-                for index in admitted:
-                    self._prefill(index)
+                if admitted:
+                    self._prefill(admitted)
                 self._decode()
             except Exception as e:  # a failure ends the requests in flight, never the engine
                 log.exception("batch step failed")
@@ -270,21 +270,33 @@ class BatchEngine:
             admitted.append(best)
         return admitted
 
-    def _prefill(self, index: int) -> None:
-        slot = self.slots[index]
-        request = slot.request
-        prompt = request.prompt
-        reuse = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # at least one token to run
-        if not self.model.prefix_reusable:
-            reuse = 0
+    def _prefill(self, indices: list[int]) -> None:
+        """Run the new prompts of the admitted slots together, right-padded to one length.
+
+        Each row starts after the prefix its slot already holds. Padding columns take positions
+        past their prompt (clamped to the cache): what they write there is overwritten by that
+        sequence's own decode steps before any query reads it, and real tokens never look ahead.
+        """
         device = self.model.device
-        ids = torch.tensor([prompt[reuse:]], dtype=torch.long, device=device)
-        pos = torch.arange(reuse, len(prompt), device=device)[None]
-        logits = self.model(ids, pos, self.cache, torch.tensor([index], device=device), last_only=True)[0, -1]
-        slot.cached = list(prompt)
-        self.stats["prefill_tokens"] += len(prompt) - reuse
-        self.stats["reused_tokens"] += reuse
-        self._accept(slot, logits)
+        starts = []
+        for index in indices:
+            slot = self.slots[index]
+            reuse = min(_common_prefix(slot.cached, slot.request.prompt), len(slot.request.prompt) - 1)
+            starts.append(reuse if self.model.prefix_reusable else 0)  # at least one token runs
+        lengths = [len(self.slots[i].request.prompt) - start for i, start in zip(indices, starts)]
+        width = max(lengths)
+        ids = torch.zeros(len(indices), width, dtype=torch.long)
+        for row, (index, start, n) in enumerate(zip(indices, starts, lengths)):
+            ids[row, :n] = torch.tensor(self.slots[index].request.prompt[start:])
+        pos = (torch.tensor(starts)[:, None] + torch.arange(width)).clamp(max=self.context - 1)
+        logits = self.model(ids.to(device), pos.to(device), self.cache, torch.tensor(indices, device=device),
+                            take=torch.tensor(lengths, device=device) - 1)[:, 0]
+        for row, (index, start) in enumerate(zip(indices, starts)):
+            slot = self.slots[index]
+            slot.cached = list(slot.request.prompt)
+            self.stats["prefill_tokens"] += lengths[row]
+            self.stats["reused_tokens"] += start
+            self._accept(slot, logits[row])
 
     def _decode(self) -> None:
         running = [i for i, s in enumerate(self.slots) if s.request is not None]

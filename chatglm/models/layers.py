@@ -188,17 +188,20 @@ class Decoder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, take: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ids [B,T] at positions pos [B,T] of the sequences in cache `slots` [B].
 
         Each token attends to its own sequence's cache up to its position; the cache rows before
-        pos must already hold that sequence's earlier tokens.
+        pos must already hold that sequence's earlier tokens. last_only keeps the last column,
+        take [B] one column per row (a batch of prompts padded to one length): [B, 1, vocab].
         """
         cs, rows, mask = self.attention_inputs(ids, pos, cache, slots)
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, cs, i, cache, slots, rows, mask)
-        if last_only:
+        if take is not None:
+            x = x[torch.arange(len(x), device=x.device), take][:, None]
+        elif last_only:
             x = x[:, -1:]
         return self.head(self.final_norm(x)).float()
 
