@@ -39,9 +39,9 @@ def internlm_state(state: dict, hidden: int, layers: int) -> dict:
 
 @pytest.mark.parametrize("kind", ["baichuan", "internlm"])
 def test_llama_family_folder_to_gguf(tmp_path, sp_model, llama_cpp, kind):
-    state = baichuan_state(vocab=80, hidden=32, layers=2, ffn=64, seed=1)
+    state = baichuan_state(vocab=96, hidden=32, layers=2, ffn=64, seed=1)
     cfg = {"model_type": kind, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
-           "num_hidden_layers": 2, "rms_norm_eps": 1e-6, "vocab_size": 80, "max_position_embeddings": 64}
+           "num_hidden_layers": 2, "rms_norm_eps": 1e-6, "vocab_size": 96, "max_position_embeddings": 64}
     if kind == "internlm":
         state, cfg = internlm_state(state, 32, 2), dict(cfg, bias=True)
     folder = write_folder(tmp_path / kind, cfg, state)
