@@ -181,11 +181,10 @@ def test_internlm_biases(tmp_path):
     assert rel_err(ours.logits(IDS), reference_logits(llama)) < 1e-4
 
 
-def write_llama_gguf(path, llama, qtype=None, arch="llama"):
-    """A llama GGUF with llama.cpp's names and q/k permutation; 2-D weights optionally quantized."""
+def gguf_with_shape(path, arch: str, c, rope_dims: int):
+    """A GGUFWriter holding a transformers config's sizes under `arch`'s keys."""
     import gguf
 
-    c = llama.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -195,7 +194,16 @@ def write_llama_gguf(path, llama, qtype=None, arch="llama"):
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_dimension_count(rope_dims)
+    return w
+
+
+def write_llama_gguf(path, llama, qtype=None, arch="llama"):
+    """A llama GGUF with llama.cpp's names and q/k permutation; 2-D weights optionally quantized."""
+    import gguf
+
+    c = llama.config
+    w = gguf_with_shape(path, arch, c, c.hidden_size // c.num_attention_heads)
     sd = {k: v.float() for k, v in llama.state_dict().items()}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
@@ -275,18 +283,8 @@ def _hf_name(gguf_name: str) -> str:
 
 def write_glm_gguf(path, glm):
     """A llama.cpp-style `chatglm` GGUF (fused attn_qkv with bias, fused ffn_up) from a tiny GLM."""
-    import gguf
-
     c = glm.config
-    w = gguf.GGUFWriter(str(path), "chatglm")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(c.head_dim // 2)
+    w = gguf_with_shape(path, "chatglm", c, c.head_dim // 2)
     names = {"transformer.embedding.word_embeddings.weight": "token_embd.weight",
              "transformer.encoder.final_layernorm.weight": "output_norm.weight",
              "transformer.output_layer.weight": "output.weight"}
