@@ -498,3 +498,71 @@ def test_baichuan13b_gguf_uses_alibi(tmp_path):
     ours = load_model(tmp_path / "b13.gguf", dtype="f32")
     assert ours.config.extra["alibi"]
     assert rel_err(ours.logits(IDS), alibi_reference(state, IDS, heads, 1e-6)) < 1e-4
+
+
+def glm_reference(w: dict, ids: list[int], prefix: torch.Tensor | None, ctx: int, gmask_pos: int) -> torch.Tensor:
+    """ChatGLM-6B written from the rules in shared/oracles/README.md, with an optional P-Tuning v2
+    prefix [2 (key, value), pre_seq_len, heads, head_dim] that every real token sees, unrotated."""
+    import math
+
+    import torch.nn.functional as F
+
+    def ln(x, name):
+        return F.layer_norm(x, x.shape[-1:], w[name + ".weight"], w[name + ".bias"], 1e-5)
+
+    def rotate(x, positions):  # halves rotation, base 10000, over x's last dim
+        half = x.shape[-1] // 2
+        inv = 1.0 / 10000 ** (torch.arange(0, half, dtype=torch.float32) * 2 / x.shape[-1])
+        ang = positions[:, None].float() * inv
+        cos, sin = ang.cos()[:, None], ang.sin()[:, None]
+        return torch.cat([x[..., :half] * cos - x[..., half:] * sin, x[..., half:] * cos + x[..., :half] * sin], -1)
+
+    T, H = len(ids), 8
+    pos = torch.tensor([i if i < ctx else gmask_pos for i in range(T)])
+    block = torch.tensor([0 if i < ctx else i - ctx + 1 for i in range(T)])
+    x = w["transformer.word_embeddings.weight"][ids]
+    h = ln(x, "transformer.layers.0.input_layernorm")
+    qkv = (h @ w["transformer.layers.0.attention.query_key_value.weight"].T
+           + w["transformer.layers.0.attention.query_key_value.bias"]).view(T, H, 12)
+    q, k, v = qkv.split(4, dim=-1)
+    q = torch.cat([rotate(q[..., :2], pos), rotate(q[..., 2:], block)], -1)
+    k = torch.cat([rotate(k[..., :2], pos), rotate(k[..., 2:], block)], -1)
+    P = 0 if prefix is None else prefix.shape[1]
+    if prefix is not None:
+        k, v = torch.cat([prefix[0], k]), torch.cat([prefix[1], v])
+    scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(4)
+    i, j = torch.arange(T)[:, None], torch.arange(P + T)[None] - P
+    visible = (j < 0) | (j <= i) | (j < ctx)
+    att = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
+    out = torch.einsum("hts,shd->thd", att, v).reshape(T, 32)
+    out = out @ w["transformer.layers.0.attention.dense.weight"].T + w["transformer.layers.0.attention.dense.bias"]
+    x = h * math.sqrt(56) + out
+    h = ln(x, "transformer.layers.0.post_attention_layernorm")
+    mlp = F.gelu(h @ w["transformer.layers.0.mlp.dense_h_to_4h.weight"].T + w["transformer.layers.0.mlp.dense_h_to_4h.bias"],
+                 approximate="tanh")
+    x = h * math.sqrt(56) + mlp @ w["transformer.layers.0.mlp.dense_4h_to_h.weight"].T \
+        + w["transformer.layers.0.mlp.dense_4h_to_h.bias"]
+    return ln(x, "transformer.final_layernorm") @ w["transformer.word_embeddings.weight"].T
+
+
+def test_chatglm6b_ptuning_v2(shared_dir, tmp_path):
+    """ChatGLM-6B's P-Tuning v2: the prefix rows hold every head's keys/values; positions and the
+    two-way context are as without a prefix. The reference without a prefix is checked first against
+    the official vectors, so it speaks for the official code."""
+    weights, steps = read_oracle("glm_model.data", GLM_SIZES)
+    state = dict(zip(GLM_NAMES, weights))
+    plain = glm_reference(state, [0, 1, 2, 3, 4], None, ctx=2, gmask_pos=1)
+    assert rel_err(plain, torch.cat([h for _, h in steps]) @ weights[0].T) < 1e-4
+    g = torch.Generator().manual_seed(6)
+    embedding = torch.randn(3, 1 * 2 * 8 * 4, generator=g)  # pre_seq_len 3, layers*2*heads*head_dim
+    prefix = embedding.view(3, 2, 8, 4).permute(1, 0, 2, 3)  # [key/value, pre, heads, head_dim]
+    cfg = {"model_type": "chatglm", "position_encoding_2d": True, "num_layers": 1, "hidden_size": 32,
+           "num_attention_heads": 8, "inner_hidden_size": 128, "vocab_size": 5, "layernorm_epsilon": 1e-5,
+           "max_sequence_length": 16, "gmask_token_id": 1, "mask_token_id": 99, "bos_token_id": 2,
+           "eos_token_id": 4, "pre_seq_len": 3, "prefix_projection": False, "torch_dtype": "float32"}
+    state["transformer.prefix_encoder.embedding.weight"] = embedding
+    model = load_model(write_folder(tmp_path, cfg, state), dtype="f32")
+    expected = glm_reference(state, [0, 1, 2, 3, 4], prefix, ctx=2, gmask_pos=1)
+    assert rel_err(model.logits([0, 1, 2, 3, 4]), expected) < 1e-4
+    assert rel_err(steps_logits(model, [[0, 1, 2], [3], [4]]), expected) < 1e-4
+    assert rel_err(expected, plain) > 1e-3  # the prefix mattered
