@@ -42,14 +42,16 @@ class ScriptedModel:
                 return self.script[k] if k < len(self.script) else self.end
         return self.end
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache, slots: torch.Tensor, last_only: bool = False):
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache, slots: torch.Tensor, last_only: bool = False,
+                 take: torch.Tensor | None = None):
         rows, width = ids.shape
-        logits = torch.full((rows, 1 if last_only else width, self.vocab_size), -1e4)
+        logits = torch.full((rows, 1 if last_only or take is not None else width, self.vocab_size), -1e4)
         for b in range(rows):
             seen = self.seen[int(slots[b])]
-            for t in range(width):
+            last = width - 1 if take is None else int(take[b])  # padding columns past `take` are not the sequence
+            for t in range(last + 1):
                 seen[int(pos[b, t])] = int(ids[b, t])
-            logits[b, -1, self._next(seen, int(pos[b, -1]))] = 10.0
+            logits[b, -1, self._next(seen, int(pos[b, last]))] = 10.0
         return logits
 
     def prompt(self, slot: int = 0) -> list[int]:
