@@ -1,10 +1,10 @@
 """ggml block formats: weights kept as the file's bytes, decoded exactly as ggml decodes them.
 
-Quantizing goes through `gguf.quants` (bit-exact with ggml). Decoding the legacy 32-value blocks
-(q4_0 q4_1 q5_0 q5_1 q8_0) is done in torch because it runs on every call of the CPU kernels;
-every such block reads as integer codes times a scale plus an optional offset, so one
-`Affine` form serves dequantization, embedding lookups and repacking for the matmul kernels.
-Other ggml types (k-quants, i-quants) decode through `gguf.quants`.
+Quantizing goes through `gguf.quants` (bit-exact with ggml). The legacy 32-value blocks
+(q4_0 q4_1 q5_0 q5_1 q8_0) are decoded in torch into an `Affine` form, integer codes times a
+scale plus an optional offset, because the kernels repack codes and scales rather than floats;
+the same form yields ggml's exact float values. Other ggml types (k-quants, i-quants) decode
+through `gguf.quants`.
 """
 from __future__ import annotations
 
@@ -52,68 +52,63 @@ class Affine(NamedTuple):
     scale: torch.Tensor          # float16 [rows, groups, 1] (the file's value)
     offset: torch.Tensor | None  # float16 [rows, groups, 1], or None where the format has no offset
 
-    def values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[rows, groups, 32]; computed in float32 (codes*scale is exact, one rounding for the offset, as ggml)."""
+    def values(self) -> torch.Tensor:
+        """float32 [rows, groups, 32] as ggml computes them: codes*scale is exact, then one rounding for the offset."""
         w = self.codes.float() * self.scale.float()
         if self.offset is not None:
             w += self.offset.float()
-        return w.to(dtype)
+        return w
 
 
 def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
     return blocks[..., at:at + 2].view(torch.float16)
 
 
-def _nibbles(qs: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     """16 bytes -> 32 codes (uint8); ggml keeps the block's first 16 values in the low nibbles."""
-    out = torch.empty(*qs.shape[:-1], 32, dtype=torch.uint8, device=qs.device) if out is None else out
-    torch.bitwise_and(qs, 15, out=out[..., :16])
-    torch.bitwise_right_shift(qs, 4, out=out[..., 16:])
-    return out
+    return torch.cat([qs & 15, qs >> 4], dim=-1)
 
 
 _BIT = torch.arange(8, dtype=torch.uint8)
 
 
-def _five_bits(qs: torch.Tensor, qh: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def _five_bits(qs: torch.Tensor, qh: torch.Tensor) -> torch.Tensor:
     """Nibbles plus a fifth bit from 4 bytes qh (a little-endian uint32: bit i belongs to value i)."""
-    high = (((qh.unsqueeze(-1) >> _BIT.to(qh.device)) & 1) << 4).flatten(-2)
-    return _nibbles(qs, out).bitwise_or_(high)
+    return _nibbles(qs) | (((qh.unsqueeze(-1) >> _BIT.to(qh.device)) & 1) << 4).flatten(-2)
 
 
-def _q4_0(b: torch.Tensor, out: torch.Tensor | None) -> Affine:
-    return Affine(_nibbles(b[..., 2:], out).view(torch.int8).sub_(8), _f16(b, 0), None)
+def _q4_0(b: torch.Tensor) -> Affine:
+    return Affine(_nibbles(b[..., 2:]).view(torch.int8) - 8, _f16(b, 0), None)
 
 
-def _q4_1(b: torch.Tensor, out: torch.Tensor | None) -> Affine:
-    return Affine(_nibbles(b[..., 4:], out).view(torch.int8), _f16(b, 0), _f16(b, 2))
+def _q4_1(b: torch.Tensor) -> Affine:
+    return Affine(_nibbles(b[..., 4:]).view(torch.int8), _f16(b, 0), _f16(b, 2))
 
 
-def _q5_0(b: torch.Tensor, out: torch.Tensor | None) -> Affine:
-    return Affine(_five_bits(b[..., 6:], b[..., 2:6], out).view(torch.int8).sub_(16), _f16(b, 0), None)
+def _q5_0(b: torch.Tensor) -> Affine:
+    return Affine(_five_bits(b[..., 6:], b[..., 2:6]).view(torch.int8) - 16, _f16(b, 0), None)
 
 
-def _q5_1(b: torch.Tensor, out: torch.Tensor | None) -> Affine:
-    return Affine(_five_bits(b[..., 8:], b[..., 4:8], out).view(torch.int8), _f16(b, 0), _f16(b, 2))
+def _q5_1(b: torch.Tensor) -> Affine:
+    return Affine(_five_bits(b[..., 8:], b[..., 4:8]).view(torch.int8), _f16(b, 0), _f16(b, 2))
 
 
-def _q8_0(b: torch.Tensor, out: torch.Tensor | None) -> Affine:
+def _q8_0(b: torch.Tensor) -> Affine:
     return Affine(b[..., 2:].view(torch.int8), _f16(b, 0), None)
 
 
-DECODERS: dict[QType, Callable[[torch.Tensor, torch.Tensor | None], Affine]] = {
+DECODERS: dict[QType, Callable[[torch.Tensor], Affine]] = {
     QType.Q4_0: _q4_0, QType.Q4_1: _q4_1, QType.Q5_0: _q5_0, QType.Q5_1: _q5_1, QType.Q8_0: _q8_0,
 }
 
 
-def affine(raw: torch.Tensor, qtype: QType, out: torch.Tensor | None = None) -> Affine:
+def affine(raw: torch.Tensor, qtype: QType) -> Affine:
     """Decode a legacy block type's bytes [rows, bytes_per_row] into codes, scales and offsets.
 
-    `out` (uint8 [rows, groups, 32]) receives unpacked codes, so hot loops allocate nothing;
-    q8_0's codes are a view of `raw` and leave it untouched.
+    q8_0's codes and every scale are views of `raw`; 4- and 5-bit codes are unpacked to a byte each.
     """
     _, type_size = GGML_QUANT_SIZES[qtype]
-    return DECODERS[qtype](raw.reshape(raw.shape[0], -1, type_size), out)
+    return DECODERS[qtype](raw.reshape(raw.shape[0], -1, type_size))
 
 
 @dataclass

@@ -13,8 +13,9 @@ from test_quant import q6_k, qtensor
 QUANTS = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 STORED = QUANTS + ["f16", "bf16", "f32"]
 SHAPES = [(64, 96), (130, 256)]
-# decode [B,1,K], one row [K], and prefill [B,T,K] long enough to leave the int4 kernel's range
-INPUTS = [(3, 1), (1,), (2, cpu.KERNEL_ROWS + 3)]
+# decode steps [B,1,K] (a batch beyond KERNEL_ROWS too), one row [K], a short prompt on the int4 kernel,
+# and a prompt [B,T,K] long enough for the unpacked GEMM
+INPUTS = [(3, 1), (cpu.KERNEL_ROWS + 4, 1), (1,), (1, 5), (2, cpu.KERNEL_ROWS + 3)]
 # float32 must match to float32 rounding; bf16 carries bf16 rounding of activations, weights and output
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
 
@@ -101,9 +102,12 @@ def test_q8_0_memory_stays_near_the_file(dtype):
     assert held <= 1.15 * q.raw.numel()
 
 
-def test_int4_layout_is_torchs():
+def test_int4_layout_is_torchs(monkeypatch):
     """We write the kernel's private layout ourselves; the guard compares it with torch's own packer."""
     cpu._check_int4_layout.__wrapped__()
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", lambda w, k: torch.zeros_like(w))
+    with pytest.raises(RuntimeError, match="dtype float32"):
+        cpu._check_int4_layout.__wrapped__()
 
 
 def test_other_ggml_types_fall_back_to_float():

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 from typing import Iterator
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,12 +29,13 @@ from ..quant import DECODERS, Affine, QTensor, QType, affine
 
 GROUP = 32          # values per ggml block, and the kernel's group size
 BLOCK_ROWS = 64     # the int4 kernel packs output rows in blocks of 64 (rows j and j+32 share a byte)
-KERNEL_ROWS = 8     # activation rows up to which the int4 kernel beats unpacking for a GEMM (its time grows per row)
+KERNEL_ROWS = 8     # prompt rows that take the int4 kernel (it is faster than unpacking up to ~100 rows, time grows per row)
 BATCH_ROWS = 64     # ... and for a batch of one-token decode steps: 16 sequences then decode at 4x the tokens/s of
                     # one (SmolLM2, 2 threads); prompts keep the unpacked GEMM, whose rounding greedy replies were tested on
 CHUNK = 1 << 21     # weights dequantized at a time: 8 MB of float32 (measured best: fewer calls, still cached)
 NIBBLE_BIAS = {QType.Q4_0: 8, QType.Q4_1: 0}  # code + bias = the stored nibble; other types need two planes
 HIGH = 16           # what the high nibble plane is worth against the low one
+HALVES = ((torch.bitwise_and, 15), (torch.bitwise_right_shift, 4))  # (op, arg) taking a byte's low, then high nibble
 
 
 class FloatLinear(nn.Module):
@@ -57,11 +57,12 @@ class BlockLinear(nn.Module):
     """Exact matmul for float32 (any non-bf16) activations: ggml codes dequantized a row chunk at a time.
 
     torch has no kernel that is both fast and exact for float32 activations, so each chunk of rows
-    becomes float32 in a cache-sized buffer that one matmul reads back: exactly x @ dequantize(W).T,
-    at about the speed of a float32 F.linear. Memory stays the file's: q4 nibbles stay packed and
-    unpack into two planes (the block's low-nibble and high-nibble halves) with the activations
-    permuted to match, which keeps every pass contiguous; q8_0 codes stay bytes; q5 codes widen to
-    bytes (1.45x the file, still a third of float16).
+    becomes code * d in a cache-sized float32 buffer that one matmul reads back; per-group offsets
+    (q4_1, q5_1, and q4_0's -8d) join as a small matmul with the activations' group sums. The
+    result is x @ dequantize(W).T to float32 rounding, at about the speed of a float32 F.linear.
+    Memory stays the file's: q4 nibbles stay packed and unpack into two planes (the block's
+    low-nibble and high-nibble halves) with the activations permuted to match, which keeps every
+    pass contiguous; q8_0 codes stay bytes; q5 codes widen to bytes (1.5x the file).
     """
 
     def __init__(self, weight: QTensor, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -78,13 +79,15 @@ class BlockLinear(nn.Module):
         self.register_buffer("scale", torch.cat(scale), persistent=False)      # float16 [rows, groups]
         self.register_buffer("offset", None if offset[0] is None else torch.cat(offset).squeeze(-1), persistent=False)
         self.register_buffer("bias", bias, persistent=False)
+        self.has_offsets = offset[0] is not None or self.nibble_bias != 0
         self.dtype = dtype
         self.step = max(1, CHUNK // self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        sums = x2.reshape(len(x2), -1, GROUP).sum(-1).T.to(self.dtype)             # [groups, M]: what offsets multiply
+        if self.has_offsets:
+            sums = x2.reshape(len(x2), -1, GROUP).sum(-1).T.to(self.dtype)         # [groups, M]: what offsets multiply
         x2 = self._planar(x2)
         out_t = torch.empty(self.out_features, len(x2), dtype=self.dtype)        # W x^T: row chunks are contiguous
         rows = min(self.step, self.out_features)
@@ -94,9 +97,8 @@ class BlockLinear(nn.Module):
             r1 = min(r0 + rows, self.out_features)
             w = self._scaled(slice(r0, r1), values[: r1 - r0], nibbles)
             torch.mm(w.view(r1 - r0, -1).to(self.dtype), x2.T, out=out_t[r0:r1])
-            m = self._offsets(slice(r0, r1))
-            if m is not None:  # per-group offsets as a small matmul, cheaper than adding them to every weight
-                out_t[r0:r1].addmm_(m.to(self.dtype), sums)
+            if self.has_offsets:  # a small matmul: cheaper than adding offsets to every weight
+                out_t[r0:r1].addmm_(self._offsets(slice(r0, r1)).to(self.dtype), sums)
         y = out_t.T.reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -111,14 +113,12 @@ class BlockLinear(nn.Module):
         if nibbles is None:
             out[:, 0].copy_(codes)
         else:
-            out[:, 0].copy_(torch.bitwise_and(codes, 15, out=nibbles[: len(out)]))
-            out[:, 1].copy_(torch.bitwise_right_shift(codes, 4, out=nibbles[: len(out)]))
+            for plane, (op, arg) in enumerate(HALVES):
+                out[:, plane].copy_(op(codes, arg, out=nibbles[: len(out)]))
         return out.mul_(self.scale[sel].float()[:, None, :, None])
 
-    def _offsets(self, sel: slice | torch.Tensor) -> torch.Tensor | None:
-        """float32 [rows, groups] added to each group's values: ggml's m less d * the nibbles' bias (or None)."""
-        if self.offset is None and not self.nibble_bias:
-            return None
+    def _offsets(self, sel: slice | torch.Tensor) -> torch.Tensor:
+        """float32 [rows, groups] added to each group's values: ggml's m less d * the nibbles' bias."""
         m = 0 if self.offset is None else self.offset[sel].float()
         return m - self.nibble_bias * self.scale[sel].float()
 
@@ -127,9 +127,8 @@ class BlockLinear(nn.Module):
         values = torch.empty(len(flat), self.planes, self.in_features // GROUP, GROUP // self.planes)
         nibbles = torch.empty(len(flat), *self.codes.shape[1:], dtype=torch.uint8) if self.planes == 2 else None
         w = self._scaled(flat, values, nibbles)
-        m = self._offsets(flat)
-        if m is not None:
-            w.add_(m[:, None, :, None])
+        if self.has_offsets:
+            w.add_(self._offsets(flat)[:, None, :, None])
         return w.transpose(1, 2).reshape(*ids.shape, self.in_features).to(self.dtype)  # ggml's order in a block
 
 
@@ -179,15 +178,20 @@ class Int4Linear(nn.Module):
 
     def _unpacked_mm(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 @ W.T with W unpacked to the compute dtype a chunk of row blocks at a time."""
-        blocks, ys = self.packed.shape[0], []
-        for b0 in range(0, blocks, self.step):
-            b1 = min(b0 + self.step, blocks)
-            packed = self.packed[b0:b1]                      # [c, planes*K, 32]: rows j (low nibble), 32+j (high)
-            sz = self.scales[:, b0 * BLOCK_ROWS: b1 * BLOCK_ROWS].unflatten(1, (b1 - b0, 2, 32)).permute(4, 2, 1, 0, 3)
-            w_t = torch.empty(self.in_features, 2, b1 - b0, 32, dtype=self.dtype)  # half-major: contiguous writes
-            for half, nib in enumerate((packed & 15, packed >> 4)):
-                w_t[:, half].copy_(self._values(nib.float(), sz[:, half]).transpose(0, 1))
-            ys.append(torch.mm(x2, w_t.view(self.in_features, -1)).view(len(x2), 2, b1 - b0, 32).transpose(1, 2))
+        blocks, step, k_planes, ys = self.packed.shape[0], min(self.step, self.packed.shape[0]), self.packed.shape[1], []
+        nibbles = torch.empty(step, k_planes, 32, dtype=torch.uint8)
+        values = torch.empty(step, k_planes, 32)
+        w_t = torch.empty(self.in_features, 2, step, 32, dtype=self.dtype)  # half-major: contiguous writes
+        for b0 in range(0, blocks, step):
+            n = min(step, blocks - b0)
+            packed = self.packed[b0:b0 + n]             # [n, planes*K, 32]: a byte holds rows j (low) and 32+j (high)
+            sz = self.scales[:, b0 * BLOCK_ROWS: (b0 + n) * BLOCK_ROWS].unflatten(1, (n, 2, 32)).permute(4, 2, 1, 0, 3)
+            for half, (op, arg) in enumerate(HALVES):
+                op(packed, arg, out=nibbles[:n])
+                w = self._values(values[:n].copy_(nibbles[:n]), sz[:, half])
+                w_t[:, half, :n].copy_(w.transpose(0, 1))
+            y = torch.mm(x2, w_t[:, :, :n].reshape(self.in_features, -1))
+            ys.append(y.view(len(x2), 2, n, 32).transpose(1, 2))
         return torch.cat(ys, dim=1).view(len(x2), -1)
 
     def _values(self, nib: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
