@@ -8,6 +8,7 @@ through `gguf.quants`.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -127,6 +128,20 @@ class QTensor:
         """[*ids.shape, cols]: decode only the rows asked for (an embedding lookup)."""
         picked = self.raw.index_select(0, ids.reshape(-1).to(self.raw.device))
         return _decode(picked, self.qtype, self.shape[1]).to(dtype).reshape(*ids.shape, self.shape[1])
+
+
+class RowStack(QTensor):
+    """QTensors of one ggml type stacked along rows (a fused q/k/v) without moving them: the kernels that
+    read `parts` use the file's bytes in place; `raw`, for everything else, concatenates on first use."""
+
+    def __init__(self, pieces: list[QTensor]):
+        self.parts = tuple(p.raw for p in pieces)
+        self.qtype = pieces[0].qtype
+        self.shape = (sum(p.shape[0] for p in pieces), pieces[0].shape[1])
+
+    @functools.cached_property
+    def raw(self) -> torch.Tensor:  # type: ignore[override]
+        return torch.cat(self.parts)
 
 
 def _decode(raw: torch.Tensor, qtype: QType, cols: int) -> torch.Tensor:

@@ -20,7 +20,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import gguf
 import sentencepiece as spm
 import tiktoken
 import tokenizers as hf
@@ -342,14 +341,19 @@ def _byte_decoder() -> dict[str, int]:
 
 
 _BYTE_DECODER = _byte_decoder()
+# str.translate table turning byte-level text into one char per byte, so that .encode("latin-1") gives the
+# bytes; chars below 256 that stand for no byte map above 255 so that the fast path refuses them.
+_BYTE_CHARS = {ord(c): b for c, b in _BYTE_DECODER.items()}
+_BYTE_CHARS |= {c: 0x100 for c in range(256) if chr(c) not in _BYTE_DECODER}
 _SPECIAL_TYPES = (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN)  # recognised in raw text
 _TYPE_VALUES = {t.value for t in TokenType}
 
 
-def _token_types(tokens: list[str], raw: list[int] | None) -> list[TokenType]:
-    """Token types as llama.cpp uses them: end-of-turn names count as control tokens whatever the file says."""
+def _token_types(tokens: list[str], raw: list[int] | None) -> list[int]:
+    """Token types as llama.cpp uses them: end-of-turn names count as control tokens whatever the file says.
+    Plain ints compare equal to TokenType members, and 150k of them are much faster to make."""
     raw = raw or [TokenType.NORMAL] * len(tokens)
-    types = [TokenType(t) if t in _TYPE_VALUES else TokenType.UNDEFINED for t in raw]
+    types = [t if t in _TYPE_VALUES else TokenType.UNDEFINED for t in raw]
     return [TokenType.CONTROL if t in chat_format.END_OF_TURN_NAMES else ty for t, ty in zip(tokens, types)]
 
 
@@ -429,7 +433,7 @@ class GGUFTokenizer(TemplateTokenizer):
         return int(id) if isinstance(id, int) and 0 <= id < self.vocab_size else None
 
     @staticmethod
-    def _piece_bytes(text: str, kind: TokenType, byte_level: bool) -> bytes:
+    def _piece_bytes(text: str, kind: int, byte_level: bool) -> bytes:
         """The bytes a token stands for in decoded text (llama.cpp's token_to_piece without specials)."""
         if kind == TokenType.BYTE:
             return bytes([int(text[3:5], 16)])
@@ -438,7 +442,10 @@ class GGUFTokenizer(TemplateTokenizer):
         if kind != TokenType.NORMAL:
             return b""
         if byte_level:
-            return b"".join(bytes([_BYTE_DECODER[c]]) if c in _BYTE_DECODER else c.encode() for c in text)
+            try:
+                return text.translate(_BYTE_CHARS).encode("latin-1")
+            except UnicodeEncodeError:  # a char outside the byte alphabet stands for its UTF-8 bytes
+                return b"".join(bytes([_BYTE_DECODER[c]]) if c in _BYTE_DECODER else c.encode() for c in text)
         return text.replace("\u2581", " ").encode()
 
     def _encode_text(self, text: str) -> list[int]:
@@ -456,22 +463,9 @@ class GGUFTokenizer(TemplateTokenizer):
         return self._names.get(id) or _bytes_text(self._pieces[id])
 
 
-def gguf_metadata(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
-    """The tokenizer's metadata of a GGUF file as Python values."""
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
-            try:
-                meta[key] = field.contents()
-            except Exception as e:  # the reader raises assorted errors on damaged fields
-                raise ModelFileError(path, f"metadata {key} cannot be read ({type(e).__name__}: {e})") from None
-    return meta
-
-
-def tokenizer_from_gguf(reader: gguf.GGUFReader, path: str | Path) -> Tokenizer:
-    """The tokenizer a GGUF file carries (the model loader passes its already open reader)."""
+def tokenizer_from_gguf(meta: Mapping[str, Any], path: str | Path) -> Tokenizer:
+    """The tokenizer a GGUF file carries, from its metadata (the model loader passes what it already parsed)."""
     path = Path(path)
-    meta = gguf_metadata(reader, path)
     kind = meta.get("tokenizer.ggml.model")
     if kind is None or not meta.get("tokenizer.ggml.tokens"):
         raise ModelFileError(path, "holds no tokenizer (tokenizer.ggml.model and tokenizer.ggml.tokens are missing)")
@@ -642,11 +636,9 @@ def _load_file(path: Path, family: str | None, info: _Folder) -> Tokenizer:
     with open(path, "rb") as f:
         head = f.read(256)
     if head[:4] == b"GGUF":
-        try:
-            reader = gguf.GGUFReader(path, "r")
-        except Exception as e:  # the reader raises assorted errors on damaged files
-            raise ModelFileError(path, f"damaged or truncated GGUF file ({type(e).__name__}: {e})") from None
-        return tokenizer_from_gguf(reader, path)
+        from .loaders.gguf import read_gguf
+
+        return tokenizer_from_gguf(read_gguf(path).meta, path)
     if path.suffix == ".json":
         try:
             backend = hf.Tokenizer.from_file(str(path))

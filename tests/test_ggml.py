@@ -48,7 +48,8 @@ def test_round_trip(tmp_path, glm, qtype):
     path.write_bytes(ggml_bytes(glm, qtype))
     model = load_model(path)
     assert model.config.family == "chatglm3" and model.config.num_kv_heads == 2
-    tol = {Q.F32: 1e-4, Q.F16: 5e-3, Q.Q8_0: 2e-2}.get(qtype, 0.25)
+    # q8_0: 8-bit weights meet activations rounded to 8 bits too (llama.cpp's numerics, the default route)
+    tol = {Q.F32: 1e-4, Q.F16: 5e-3, Q.Q8_0: 3e-2}.get(qtype, 0.25)
     assert rel_err(model.logits(IDS), reference_logits(glm)) < tol
 
 

@@ -1,12 +1,16 @@
 """CPU linear and embedding modules against float64 references over gguf.quants' exact values."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
-from chatglm.kernels import cpu, make_embedding, make_linear, tied_head
-from chatglm.quant import QTensor, qtype_of
+from gguf import quants as ggml_quants
+
+from chatglm.kernels import cpu, ggml, ggml_numerics, make_embedding, make_linear, tied_head
+from chatglm.quant import QTensor, QType, RowStack, qtype_of
 
 from test_quant import q6_k, qtensor
 
@@ -117,3 +121,91 @@ def test_other_ggml_types_fall_back_to_float():
     assert isinstance(lin, cpu.FloatLinear)
     x = inputs((2, 3), q.shape[1], torch.float32)
     assert_close(lin(x), x, w, None, torch.float32)
+
+
+# --- the C++ kernels (chatglm/kernels/csrc): ggml blocks read in place, 8-bit activations as in llama.cpp ---
+
+needs_ggml = pytest.mark.skipif(not ggml.available(), reason="the C++ kernels are not built (pip install -e . with a compiler)")
+# K a multiple of 32 but not of 256 (an odd number of blocks: the last pairs with nothing), N not a multiple of
+# the 16 rows a thread takes, M odd and around the tile of ggml.TILE_ROWS activation rows
+GGML_SHAPES = [(37, 96), (130, 160), (64, 512)]
+GGML_ROWS = [1, 3, 9, 2 * ggml.TILE_ROWS + 5]
+
+
+def q8_activations(x: torch.Tensor) -> np.ndarray:
+    """x as ggml sees it: rounded to q8_0 blocks (8-bit codes, f16 scale) by gguf.quants."""
+    raw = ggml_quants.quantize(x.float().numpy(), QType.Q8_0)
+    return ggml_quants.dequantize(raw, QType.Q8_0).reshape(x.shape)
+
+
+@needs_ggml
+@pytest.mark.parametrize("name", QUANTS)
+@pytest.mark.parametrize("shape", GGML_SHAPES)
+def test_ggml_kernel_is_the_dot_product_of_q8_activations(name, shape):
+    """ggml's numerics: the exact product of gguf.quants' q8_0 rounding of x with the stored blocks."""
+    q, w = qtensor(name, shape)
+    bias = torch.randn(shape[0])
+    lin = ggml.GGMLLinear(q, bias, torch.float32)
+    for m in GGML_ROWS:
+        x = torch.randn(m, shape[1], generator=torch.Generator().manual_seed(m))
+        y = lin(x)
+        assert y.shape == (m, shape[0]) and y.dtype == torch.float32
+        assert_close(y, torch.from_numpy(q8_activations(x)), w, bias, torch.float32)
+        # and within the 8-bit rounding of the float product: relative 1e-2 of the output's norm
+        ref = reference(x, w, bias)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@needs_ggml
+@pytest.mark.parametrize("name", QUANTS)
+def test_ggml_simd_path_matches_the_portable_one(name):
+    q, _ = qtensor(name, (130, 160))
+    x = torch.randn(11, 160, generator=torch.Generator().manual_seed(0))
+    fast = ggml._ggml.linear(x, [q.raw], int(q.qtype), ggml.TILE_ROWS)
+    torch.testing.assert_close(fast, ggml._ggml.linear_reference(x, q.raw, int(q.qtype), 130), rtol=1e-5, atol=1e-5)
+
+
+@needs_ggml
+def test_ggml_route_reads_the_weights_in_place_and_f32_stays_exact():
+    q, w = qtensor("q4_0", (64, 256))
+    with ggml_numerics():
+        fast = make_linear(q, None, torch.float32)
+    assert isinstance(fast, ggml.GGMLLinear) and fast.raw0.data_ptr() == q.raw.data_ptr()
+    assert isinstance(make_linear(q, None, torch.float32), cpu.BlockLinear)  # outside: exact float32
+    x = inputs((2, 3), 256, torch.float32)
+    assert fast(x).shape == (2, 3, 64)
+    assert torch.equal(make_embedding(q, torch.float32)(torch.tensor([5, 0])), torch.from_numpy(w)[[5, 0]])
+
+
+@needs_ggml
+def test_ggml_fused_weight_reads_each_piece_where_it_lies():
+    """A fused q/k/v (RowStack) runs piece by piece, with no concatenated copy."""
+    pieces = [qtensor("q5_1", (n, 160)) for n in (40, 9, 17)]
+    stack = RowStack([q for q, _ in pieces])
+    lin = ggml.GGMLLinear(stack, None, torch.float32)
+    assert [b.data_ptr() for b in lin.buffers()] == [q.raw.data_ptr() for q, _ in pieces]
+    x = torch.randn(5, 160, generator=torch.Generator().manual_seed(3))
+    w = np.concatenate([w for _, w in pieces])
+    assert_close(lin(x), torch.from_numpy(q8_activations(x)), w, None, torch.float32)
+    assert "raw" not in vars(stack)  # nothing asked for the concatenation
+
+
+def test_without_the_extension_torch_kernels_serve(monkeypatch):
+    monkeypatch.setattr(ggml, "_ggml", None)
+    q, _ = qtensor("q8_0", (64, 256))
+    with ggml_numerics():
+        assert isinstance(make_linear(q, None, torch.float32), cpu.BlockLinear)
+        assert isinstance(make_linear(q, None, torch.bfloat16), cpu.Int4Linear)
+
+
+@needs_ggml
+def test_default_model_runs_on_the_file_mapping(default_gguf):
+    """Every block weight of the default model is a view of the GGUF's memory map: nothing repacked."""
+    from chatglm import load_model
+
+    model = load_model(default_gguf)
+    maps = [line.split() for line in open("/proc/self/maps") if line.rstrip().endswith(os.path.realpath(default_gguf))]
+    spans = [tuple(int(v, 16) for v in m[0].split("-")) for m in maps]
+    linears = [m for m in model.modules() if isinstance(m, ggml.GGMLLinear)]
+    assert linears and model.dtype == torch.float32
+    assert all(any(lo <= p.data_ptr() < hi for lo, hi in spans) for m in linears for p in m.parts)

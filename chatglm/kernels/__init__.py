@@ -6,13 +6,30 @@ weights dequantized to the compute dtype (plain F.linear).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
+
 import torch
 from torch import nn
 
 from ..quant import QTensor
-from . import cpu
+from . import cpu, ggml
 
-__all__ = ["make_linear", "make_embedding", "tied_head"]
+__all__ = ["make_linear", "make_embedding", "tied_head", "ggml_numerics"]
+
+_GGML_NUMERICS: ContextVar[bool] = ContextVar("ggml_numerics", default=False)
+
+
+@contextmanager
+def ggml_numerics() -> Iterator[None]:
+    """Modules made inside may round float32 activations to 8 bits where that is llama.cpp's fast path
+    (ggml block weights); outside, float32 stays exact. The loader decides; the models need not know."""
+    token = _GGML_NUMERICS.set(True)
+    try:
+        yield
+    finally:
+        _GGML_NUMERICS.reset(token)
 
 
 def make_linear(weight: torch.Tensor | QTensor, bias: torch.Tensor | None, dtype: torch.dtype,
@@ -20,7 +37,7 @@ def make_linear(weight: torch.Tensor | QTensor, bias: torch.Tensor | None, dtype
     """A module computing x @ W.T + b for x [..., in] of `dtype`, W held in its stored format where it pays."""
     device = torch.device(device)
     if device.type == "cpu":
-        return cpu.make_linear(weight, bias, dtype)
+        return cpu.make_linear(weight, bias, dtype, quantized_activations=_GGML_NUMERICS.get())
     return cpu.FloatLinear(_on(weight, dtype, device), None if bias is None else _on(bias, dtype, device))
 
 

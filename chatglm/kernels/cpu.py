@@ -1,4 +1,8 @@
-"""CPU linear and embedding modules for every stored weight format, each on its fastest exact path.
+"""CPU linear and embedding modules for every stored weight format, each on its fastest path.
+
+With the C++ kernels built, ggml's legacy block types run on them (`ggml.GGMLLinear`: the file's
+bytes in place, activations rounded to 8 bits as llama.cpp rounds them), except float32 activations
+that must stay exact. Without them, and for those, torch's own kernels serve:
 
 What torch offers on this CPU (Zen 4, AVX-512 BF16), measured: the packed int4 kernel
 `_weight_int4pack_mm_for_cpu` is fast only for bfloat16 activations (1.6 ms for a 13696x4096
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import DECODERS, Affine, QTensor, QType, affine
+from . import ggml
 
 GROUP = 32          # values per ggml block, and the kernel's group size
 BLOCK_ROWS = 64     # the int4 kernel packs output rows in blocks of 64 (rows j and j+32 share a byte)
@@ -278,10 +283,15 @@ class Embedding(nn.Module):
         return self.table.rows(ids)
 
 
-def make_linear(weight: torch.Tensor | QTensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
-    """The fastest exact module for this weight format and activation dtype on the CPU."""
+def make_linear(weight: torch.Tensor | QTensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                quantized_activations: bool = False) -> nn.Module:
+    """The fastest module for this weight format and activation dtype on the CPU: ggml blocks run on
+    the in-place C++ kernels (`ggml`, when built) for bfloat16 activations, and for float32 ones where
+    `quantized_activations` allows their 8-bit rounding; otherwise on the exact paths above."""
     bias = None if bias is None else _dense(bias, dtype)
     if isinstance(weight, QTensor) and weight.qtype in DECODERS:
+        if ggml.available() and (dtype == torch.bfloat16 or (quantized_activations and dtype == torch.float32)):
+            return ggml.GGMLLinear(weight, bias, dtype)
         return (Int4Linear if dtype == torch.bfloat16 else BlockLinear)(weight, bias, dtype)
     return FloatLinear(_dense(weight, dtype), bias)
 

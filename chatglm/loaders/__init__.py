@@ -1,6 +1,7 @@
 """From a path to a model: detect the file kind, read its config and tensors, build the decoder."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from types import ModuleType
 from pathlib import Path
@@ -8,12 +9,15 @@ from typing import Any, Callable, Iterable
 
 import math
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
 from ..config import ModelConfig
 from ..default_model import DEFAULT_NAME, default_model_path
 from ..errors import ModelFileError
+from ..kernels import ggml_numerics
+from ..kernels.ggml import available as ggml_kernels_built  # (chatglm.loaders.ggml is the GGML file reader)
 from ..models.layers import Decoder, Weight
 from ..quant import QTensor
 from .names import assemble, namer
@@ -24,7 +28,6 @@ def matrix_dtype(tensors: Iterable[Weight]) -> torch.dtype | None:
     dtypes = {t.dtype if isinstance(t, torch.Tensor) else None for t in tensors if len(t.shape) == 2}
     return None if None in dtypes or not dtypes else max(dtypes, key=lambda d: d.itemsize)
 
-QUANTIZED_ACTIVATIONS = torch.bfloat16  # what the packed int4 kernels are fast for, on the CPU as on GPUs
 DTYPES = {"f32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "f16": torch.float16, "float16": torch.float16}
 
@@ -117,18 +120,34 @@ _SCALE_OFFSETS: dict[QType, tuple[int, ...]] = {
 }
 
 
+_EXPONENT_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float16: (torch.int16, 0x7C00),
+                  torch.bfloat16: (torch.int16, 0x7F80)}  # all set: inf or NaN
+_CHUNK = 1 << 20  # values checked at a time: the temporaries stay in cache
+
+
+def _exponent_saturated(bits: np.ndarray, mask: int) -> bool:
+    """Whether any of these integer views of floats has every exponent bit set (single-threaded numpy:
+    torch's threaded ops stall on a busy machine, and this is memory-bound anyway)."""
+    return any(int(np.max(bits[i : i + _CHUNK] & mask)) == mask for i in range(0, len(bits), _CHUNK))
+
+
 def all_finite(w: Weight) -> bool:
-    """Whether a float tensor's values, or a block tensor's f16 scales, are all finite (no decoding)."""
+    """Whether a float tensor's values, or a block tensor's f16 scales, are all finite, read in place: the
+    scales through a strided view of the blocks (no decoding, no copy)."""
     if isinstance(w, torch.Tensor):
-        return not w.is_floating_point() or bool(torch.isfinite(w).all())
+        if w.dtype not in _EXPONENT_BITS:
+            return not w.is_floating_point() or bool(torch.isfinite(w).all())
+        int_type, mask = _EXPONENT_BITS[w.dtype]
+        return w.numel() == 0 or not _exponent_saturated(w.detach().cpu().view(int_type).reshape(-1).numpy(), mask)
     offsets = _SCALE_OFFSETS.get(w.qtype)
     if offsets is None:
         return True
     from gguf import GGML_QUANT_SIZES
 
-    blocks = w.raw.reshape(-1, GGML_QUANT_SIZES[w.qtype][1])
-    scales = torch.stack([blocks[:, o : o + 2] for o in offsets], 1).contiguous().view(torch.float16)
-    return bool(torch.isfinite(scales).all())
+    raw = w.raw.detach().cpu().contiguous().numpy()
+    block = GGML_QUANT_SIZES[w.qtype][1]
+    count = raw.size // block
+    return not any(_exponent_saturated(np.ndarray((count,), np.uint16, raw, o, (block,)), 0x7C00) for o in offsets)
 
 
 def finite_checked(get: Callable[[str], Weight], path: Path) -> Callable[[str], Weight]:
@@ -145,13 +164,20 @@ def finite_checked(get: Callable[[str], Weight], path: Path) -> Callable[[str], 
 
 
 def compute_dtype(ckpt: Checkpoint, dtype: str, device: str) -> torch.dtype:
-    """The activations' dtype: the stored float dtype, or bfloat16 for weights in ggml blocks."""
+    """The activations' dtype: the stored float dtype, or `quantized_activations` for weights in ggml blocks."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(sorted(set(DTYPES)))}, "
                              "q4_0, q4_1, q5_0, q5_1, q8_0")
         return DTYPES[dtype]
-    return ckpt.stored_dtype or QUANTIZED_ACTIVATIONS
+    return ckpt.stored_dtype or quantized_activations(device)
+
+
+def quantized_activations(device: str) -> torch.dtype:
+    """The activations' dtype for ggml block weights: float32 on the CPU when the C++ kernels are built
+    (llama.cpp's numerics: 8-bit activations meet the blocks as stored), else bfloat16, what torch's
+    packed int4 kernels are fast for, on the CPU as on GPUs."""
+    return torch.float32 if device == "cpu" and ggml_kernels_built() else torch.bfloat16
 
 
 def check_device(device: str) -> str:
@@ -170,7 +196,7 @@ def build_model(ckpt: Checkpoint, dtype: str = "auto", device: str = "cpu") -> D
     ckpt = replace(ckpt, get=finite_checked(ckpt.get, ckpt.path))
     if dtype in RUNTIME_QTYPES:
         weights = quantized_weights(ckpt, dtype)
-        act = QUANTIZED_ACTIVATIONS
+        act = quantized_activations(device)
     else:
         weights = assemble(ckpt.layout, ckpt.get, ckpt.path, ckpt.transforms)
         act = compute_dtype(ckpt, dtype, device)
@@ -178,7 +204,9 @@ def build_model(ckpt: Checkpoint, dtype: str = "auto", device: str = "cpu") -> D
     if factors is not None:
         ckpt.config.extra["rope_factors"] = factors if isinstance(factors, torch.Tensor) else factors.dequantize()
     decoder = getattr(ckpt.family, "DECODER", Decoder)
-    return decoder(ckpt.config, weights, act, device, ckpt.path, namer(ckpt.layout, ckpt.table))
+    # "f32" asks for exact float32 arithmetic; the default and the ggml types take llama.cpp's numerics
+    with ggml_numerics() if dtype == "auto" or dtype in RUNTIME_QTYPES else nullcontext():
+        return decoder(ckpt.config, weights, act, device, ckpt.path, namer(ckpt.layout, ckpt.table))
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", lora: str | Path | None = None) -> Decoder:

@@ -1,175 +1,245 @@
-"""GGUF files through the `gguf` package, memory-mapped: tensors stay as the file's blocks."""
+"""GGUF files, memory-mapped: one bounds-checked pass over the header gives the metadata as Python values
+and the tensor table; tensors are zero-copy views of the mapping (float tensors, or the file's blocks).
+
+The `gguf` package supplies the format's constants and writes files; its reader is not used here,
+because it trusts every count and length and builds a numpy view per metadata item (seconds for a
+150k-token vocabulary).
+"""
 from __future__ import annotations
 
 import mmap
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES
+from gguf import GGML_QUANT_SIZES, GGUF_MAGIC
 from gguf import GGMLQuantizationType as QType
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFValueType as VType
 
 from ..errors import ModelFileError
 from ..models import family_for_gguf
-from ..quant import QTensor
+from ..quant import FLOAT_TYPES, QTensor
 from .names import plan
 
-_FLOAT = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
-_SMALL_ARRAY = 4096  # arrays longer than this (vocabularies) stay in the reader
+if TYPE_CHECKING:
+    from . import Checkpoint
 
-
-_SCALAR_SIZES = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1, GGUFValueType.UINT16: 2,
-                 GGUFValueType.INT16: 2, GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4,
-                 GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
+_SCALARS = {VType.UINT8: "B", VType.INT8: "b", VType.UINT16: "H", VType.INT16: "h", VType.UINT32: "I",
+            VType.INT32: "i", VType.FLOAT32: "f", VType.UINT64: "Q", VType.INT64: "q", VType.FLOAT64: "d",
+            VType.BOOL: "?"}
+_SIZES = {t: struct.calcsize(c) for t, c in _SCALARS.items()}
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 _MAX_DIMS = 4
+_VERSIONS = (2, 3)  # those llama.cpp writes; version 1 had 32-bit counts
 
 
-def check_header(path: Path, data: memoryview) -> None:
-    """Walk the header with every count, length, shape and offset checked against the file's size.
+@dataclass(frozen=True)
+class TensorInfo:
+    """One entry of the tensor table, checked to lie inside the file."""
 
-    Runs before GGUFReader, which trusts them: a damaged array length makes it loop 2**64 times, and
-    a damaged shape or offset gives tensors that run past the end of the file.
-    """
-    from .ggml import _Reader  # bounds-checked reads that raise ModelFileError naming the file
+    name: str
+    shape: tuple[int, ...]  # PyTorch order: the slowest dimension first
+    qtype: QType
+    start: int              # byte offset in the file
+    nbytes: int
 
-    r = _Reader(path, data)
-    r.take(4, "magic")
-    (version,) = struct.unpack("<I", r.take(4, "version"))
-    order = ">" if version & 0xFFFF == 0 else "<"  # a file written on a big-endian machine
 
-    def num(fmt: str, what: str) -> int:
-        return struct.unpack(order + fmt, r.take(struct.calcsize(fmt), what))[0]
+@dataclass
+class GGUFFile:
+    """A mapped GGUF file: its metadata, its tensor table, and the mapping the tensors view."""
 
-    def text(what: str) -> bytes:
-        return bytes(r.take(num("Q", f"{what} length"), what))
+    path: Path
+    meta: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    buffer: mmap.mmap
 
-    def value(vtype: int, what: str, depth: int = 0) -> Any:
-        if vtype == GGUFValueType.STRING:
-            return text(what)
-        if vtype in _SCALAR_SIZES:
-            raw = r.take(_SCALAR_SIZES[GGUFValueType(vtype)], what)
-            return int.from_bytes(raw, "little" if order == "<" else "big")
-        if vtype == GGUFValueType.ARRAY and depth < 2:
-            itype, count = num("I", f"{what} item type"), num("Q", f"{what} length")
-            least = _SCALAR_SIZES.get(itype, 8)  # strings and arrays take 8 bytes at least
-            if count * least > len(data) - r.at:
-                raise ModelFileError(path, f"{what}: array of {count} items cannot fit in the "
-                                           f"{len(data) - r.at} bytes left at offset {r.at}")
-            if itype in _SCALAR_SIZES:
-                r.take(count * least, what)
-            else:
-                for i in range(count):
-                    value(itype, f"{what}[{i}]", depth + 1)
-            return None
-        raise ModelFileError(path, f"{what} has unknown value type {vtype} at offset {r.at}")
+    def tensor(self, name: str) -> torch.Tensor | QTensor:
+        """A torch view of one tensor's bytes in the mapping (no copy)."""
+        t = self.tensors[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns that the mapping is read-only
+            data = torch.frombuffer(self.buffer, dtype=torch.uint8, count=t.nbytes, offset=t.start)
+        if t.qtype in FLOAT_TYPES:
+            dtype = FLOAT_TYPES[t.qtype]
+            if t.start % dtype.itemsize:
+                raise ModelFileError(self.path, f"tensor {name!r} starts at offset {t.start}, not a multiple of its "
+                                                f"{dtype.itemsize}-byte {t.qtype.name} values")
+            return data.view(dtype).reshape(t.shape)
+        if len(t.shape) != 2:
+            raise ModelFileError(self.path, f"tensor {name!r} is a {len(t.shape)}-D {t.qtype.name} tensor; only 2-D "
+                                            "blocks are supported")
+        return QTensor(data.reshape(t.shape[0], -1), t.qtype, t.shape)
 
-    tensor_count, kv_count = num("Q", "tensor count"), num("Q", "metadata count")
-    if kv_count * 13 > len(data) or tensor_count * 24 > len(data):  # the least a pair / a tensor info takes
-        raise ModelFileError(path, f"header claims {tensor_count} tensors and {kv_count} metadata pairs, more "
-                                   f"than a {len(data)}-byte file holds")
-    alignment = 32
+
+class _Header:
+    """A cursor over the mapped header; every read is checked against the file's size."""
+
+    def __init__(self, path: Path, buffer: mmap.mmap):
+        self.path, self.buf, self.size, self.at = path, buffer, len(buffer), 0
+
+    def fail(self, message: str) -> ModelFileError:
+        return ModelFileError(self.path, message)
+
+    def need(self, n: int, what: str) -> int:
+        """Advance past n bytes, returning where they start."""
+        at = self.at
+        if n < 0 or at + n > self.size:
+            raise self.fail(f"damaged or truncated GGUF file: {what} needs {n} bytes at offset {at}, the file "
+                            f"has {self.size}")
+        self.at = at + n
+        return at
+
+    def u32(self, what: str) -> int:
+        return _U32.unpack_from(self.buf, self.need(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return _U64.unpack_from(self.buf, self.need(8, what))[0]
+
+    def text(self, what: str) -> str:
+        n = self.u64(f"{what} length")
+        at = self.need(n, what)
+        try:
+            return self.buf[at : at + n].decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not valid UTF-8 (at offset {at})") from None
+
+    def texts(self, count: int, what: str) -> list[str]:
+        """`count` strings in a row: the vocabulary's hot loop, so the checks are inlined."""
+        buf, at, size, unpack = self.buf, self.at, self.size, _U64.unpack_from
+        out = []
+        for i in range(count):
+            n = unpack(buf, at)[0] if at + 8 <= size else size
+            if at + 8 + n > size:
+                raise self.fail(f"damaged or truncated GGUF file: {what}[{i}] at offset {at} runs past the end "
+                                f"of the {size}-byte file")
+            out.append(buf[at + 8 : at + 8 + n])
+            at += 8 + n
+        self.at = at
+        try:
+            return [b.decode("utf-8") for b in out]
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} holds a string that is not valid UTF-8") from None
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype == VType.STRING:
+            return self.text(what)
+        if vtype in _SCALARS:
+            return struct.unpack_from("<" + _SCALARS[vtype], self.buf, self.need(_SIZES[vtype], what))[0]
+        if vtype == VType.ARRAY and depth < 2:
+            itype, count = self.u32(f"{what} item type"), self.u64(f"{what} length")
+            least = _SIZES.get(itype, 8)  # strings and arrays take 8 bytes at least
+            if count * least > self.size - self.at:
+                raise self.fail(f"{what}: array of {count} items cannot fit in the {self.size - self.at} bytes "
+                                f"left at offset {self.at}")
+            if itype in _SCALARS:
+                at = self.need(count * least, what)
+                return np.frombuffer(self.buf, "<" + _SCALARS[itype], count, at).tolist()
+            if itype == VType.STRING:
+                return self.texts(count, what)
+            return [self.value(itype, f"{what}[{i}]", depth + 1) for i in range(count)]
+        raise self.fail(f"{what} has unknown value type {vtype} at offset {self.at}")
+
+
+def _parse(path: Path, buffer: mmap.mmap) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    """The metadata and the tensor table, with every count, length, shape and offset checked against the
+    file's size (a damaged length must give one clear error, not a 2**64-step loop or a view past the end)."""
+    h = _Header(path, buffer)
+    h.need(4, "magic")
+    if buffer[:4] != struct.pack("<I", GGUF_MAGIC):
+        raise h.fail("not a GGUF file (no 'GGUF' magic)")
+    version = h.u32("version")
+    if version & 0xFFFF == 0:
+        raise h.fail("is a big-endian GGUF file; only little-endian files are supported")
+    if version not in _VERSIONS:
+        raise h.fail(f"GGUF version {version} is not supported; expected one of {_VERSIONS}")
+    tensor_count, kv_count = h.u64("tensor count"), h.u64("metadata count")
+    if kv_count * 13 > h.size or tensor_count * 24 > h.size:  # the least a pair / a tensor entry takes
+        raise h.fail(f"header claims {tensor_count} tensors and {kv_count} metadata pairs, more than a "
+                     f"{h.size}-byte file holds")
+    meta: dict[str, Any] = {}
     for i in range(kv_count):
-        key = text(f"metadata key #{i}").decode("utf-8", "replace")
-        vtype = num("I", f"metadata {key!r} type")
-        got = value(vtype, f"metadata {key!r}")
-        if key == "general.alignment" and vtype == GGUFValueType.UINT32 and got and not got & (got - 1):
-            alignment = got
-    ends = []
+        key = h.text(f"metadata key #{i}")
+        if key in meta:
+            raise h.fail(f"metadata {key!r} appears twice")
+        vtype = h.u32(f"metadata {key!r} type")
+        meta[key] = h.value(vtype, f"metadata {key!r}")
+    alignment = meta.get("general.alignment", 32)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise h.fail(f"metadata 'general.alignment' is {alignment!r}; expected a power of two")
+    entries = []
     for i in range(tensor_count):
-        name = text(f"tensor #{i} name").decode("utf-8", "replace")
-        ndim = num("I", f"tensor {name!r} rank")
+        name = h.text(f"tensor #{i} name")
+        ndim = h.u32(f"tensor {name!r} rank")
         if not 0 < ndim <= _MAX_DIMS:
-            raise ModelFileError(path, f"tensor {name!r} has rank {ndim}; expected 1-{_MAX_DIMS}")
-        dims = [num("Q", f"tensor {name!r} shape") for _ in range(ndim)]
-        code = num("I", f"tensor {name!r} type")
+            raise h.fail(f"tensor {name!r} has rank {ndim}; expected 1-{_MAX_DIMS}")
+        dims = [h.u64(f"tensor {name!r} shape") for _ in range(ndim)]  # the fastest dimension first
+        code = h.u32(f"tensor {name!r} type")
         if code not in QType._value2member_map_ or QType(code) not in GGML_QUANT_SIZES:
-            raise ModelFileError(path, f"tensor {name!r} has unknown ggml type {code}")
-        block, block_bytes = GGML_QUANT_SIZES[QType(code)]
+            raise h.fail(f"tensor {name!r} has unknown ggml type {code}")
+        qtype = QType(code)
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
         if any(d <= 0 or d >= 1 << 40 for d in dims) or dims[0] % block:
-            raise ModelFileError(path, f"tensor {name!r} has shape {dims[::-1]} of type {QType(code).name}; "
-                                       f"expected positive sizes, the fastest a multiple of {block}")
-        offset = num("Q", f"tensor {name!r} offset")
-        ends.append((name, offset, int(np.prod(dims, dtype=object)) // block * block_bytes))
-    start = -(-r.at // alignment) * alignment
-    for name, offset, nbytes in ends:
-        if start + offset + nbytes > len(data):
-            raise ModelFileError(path, f"tensor {name!r}: {nbytes} bytes at offset {start + offset} run past "
-                                       f"the end of the {len(data)}-byte file (truncated or damaged)")
+            raise h.fail(f"tensor {name!r} has shape {dims[::-1]} of type {qtype.name}; expected positive sizes, "
+                         f"the fastest a multiple of {block}")
+        offset = h.u64(f"tensor {name!r} offset")
+        if offset % alignment:
+            raise h.fail(f"tensor {name!r} has offset {offset}, not a multiple of the file's alignment {alignment}")
+        nbytes = int(np.prod(dims, dtype=object)) // block * block_bytes
+        entries.append((name, tuple(reversed(dims)), qtype, offset, nbytes))
+    data_start = -(-h.at // alignment) * alignment
+    tensors: dict[str, TensorInfo] = {}
+    for name, shape, qtype, offset, nbytes in entries:
+        if name in tensors:
+            raise h.fail(f"tensor {name!r} appears twice")
+        if data_start + offset + nbytes > h.size:
+            raise h.fail(f"damaged or truncated GGUF file: tensor {name!r}'s {nbytes} bytes at offset "
+                         f"{data_start + offset} run past the end of the {h.size}-byte file")
+        tensors[name] = TensorInfo(name, shape, qtype, data_start + offset, nbytes)
+    return meta, tensors
 
 
-def read_gguf(path: Path) -> GGUFReader:
-    """Open a GGUF file, turning the reader's low-level errors into one that names the file."""
+def read_gguf(path: Path) -> GGUFFile:
+    """Map and parse a GGUF file; any damage gives one ModelFileError naming the file."""
     with open(path, "rb") as f:
         try:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                view = memoryview(mm)
-                try:
-                    check_header(path, view)
-                finally:
-                    view.release()
-        except ValueError as e:  # an empty file cannot be mapped
-            raise e if isinstance(e, ModelFileError) else ModelFileError(path, "empty file") from None
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            raise ModelFileError(path, "empty file") from None
     try:
-        return GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on damaged files
-        raise ModelFileError(path, f"damaged or truncated GGUF file ({type(e).__name__}: {e})") from None
+        meta, tensors = _parse(path, buffer)
+    except BaseException:
+        buffer.close()
+        raise
+    return GGUFFile(path, meta, tensors, buffer)
 
 
-def metadata(reader: GGUFReader) -> dict[str, Any]:
-    """Scalar and short-array metadata as Python values."""
-    meta: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        if f.types and f.types[0] == GGUFValueType.ARRAY and len(f.data) > _SMALL_ARRAY:
-            continue
-        try:
-            meta[key] = f.contents()
-        except Exception:  # a field the package cannot decode is not one we need
-            continue
-    return meta
-
-
-def to_weight(t: Any, path: Path) -> torch.Tensor | QTensor:
-    """A torch view of one tensor's bytes in the mapped file (no copy)."""
-    shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the fastest dimension first
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch warns that the mapping is read-only
-        data = torch.from_numpy(np.asarray(t.data))
-    qtype = QType(t.tensor_type)
-    if qtype in _FLOAT:
-        return data.view(_FLOAT[qtype]).reshape(shape)
-    if len(shape) != 2:
-        raise ModelFileError(path, f"tensor {t.name!r} is a {len(shape)}-D {qtype.name} tensor; only 2-D blocks are supported")
-    return QTensor(data.view(torch.uint8).reshape(shape[0], -1), qtype, shape)
-
-
-def open_gguf(path: Path):
+def open_gguf(path: Path) -> Checkpoint:
+    """A GGUF file as a checkpoint: config from its metadata, tensors and tokenizer read when asked for."""
     from . import Checkpoint, matrix_dtype
 
-    reader = read_gguf(path)
-    meta = metadata(reader)
+    file = read_gguf(path)
+    meta = file.meta
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelFileError(path, "metadata general.architecture is missing")
     family = family_for_gguf(arch, path)
-    tensors = {t.name: t for t in reader.tensors}
-    shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors.items()}
+    shapes = {name: t.shape for name, t in file.tensors.items()}
     try:
         config = family.config_from_gguf(meta, path, shapes)
     except ModelFileError:
         raise
     except (ValueError, TypeError, ArithmeticError) as e:  # a string or 0 where a size belongs
         raise ModelFileError(path, f"bad metadata value ({type(e).__name__}: {e})") from None
-    layout = plan(tensors, family.GGUF_NAMES)
+    layout = plan(file.tensors, family.GGUF_NAMES)
 
     def tokenizer():
         from ..tokenizers import tokenizer_from_gguf
 
-        return tokenizer_from_gguf(reader, path)
+        return tokenizer_from_gguf(meta, path)
 
-    stored = matrix_dtype(to_weight(t, path) for t in tensors.values())
-    return Checkpoint(path, family, config, layout, family.GGUF_NAMES, lambda name: to_weight(tensors[name], path), stored,
-                      tokenizer, {}, "gguf")
+    stored = matrix_dtype(file.tensor(name) for name in file.tensors)
+    return Checkpoint(path, family, config, layout, family.GGUF_NAMES, file.tensor, stored, tokenizer, {}, "gguf")

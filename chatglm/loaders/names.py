@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ..errors import ModelFileError
-from ..quant import QTensor
+from ..quant import QTensor, RowStack
 
 Weight = torch.Tensor | QTensor
 
@@ -70,9 +70,7 @@ def concat_rows(pieces: list[Weight], names: list[str], source: object) -> Weigh
         shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in zip(names, pieces))
         raise ModelFileError(source, f"tensors to fuse disagree in shape: {shapes}")
     if all(isinstance(p, QTensor) for p in pieces) and len({p.qtype for p in pieces}) == 1:
-        first = pieces[0]
-        rows = sum(p.shape[0] for p in pieces)
-        return QTensor(torch.cat([p.raw for p in pieces]), first.qtype, (rows, first.shape[1]))
+        return RowStack(pieces)  # left where they are (a file's memory map) until something reads .raw
     floats = [p.dequantize(torch.float32) if isinstance(p, QTensor) else p for p in pieces]
     dtype = floats[0].dtype if len({f.dtype for f in floats}) == 1 else torch.float32
     return torch.cat([f.to(dtype) for f in floats])
