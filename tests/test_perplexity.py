@@ -1,0 +1,80 @@
+"""`chatglm perplexity` on the real default model against llama.cpp's own logits, chunked and scored the
+way llama.cpp's perplexity tool does (chunks of n_ctx tokens, the second half of each scored)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chatglm.cli import main
+from chatglm.errors import ChatGLMError
+from chatglm.perplexity import chunk_ids, chunk_nll, leading_ids, perplexity, summarize
+from chatglm.pipeline import Pipeline
+
+LICENSE = Path("/usr/share/common-licenses/GPL-3")
+CTX, CHUNKS = 128, 8  # 504 scored tokens: fewer leave the ratio to a handful of tokens
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    if not LICENSE.is_file():
+        pytest.skip(f"{LICENSE} is absent")
+    return LICENSE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def pipe(default_gguf) -> Pipeline:
+    return Pipeline(default_gguf)
+
+
+@pytest.fixture(scope="module")
+def ours(pipe, text):
+    return perplexity(pipe.model, pipe.tokenizer, text, CTX, CHUNKS)
+
+
+def test_matches_llama_cpp(default_gguf, llama_cpp, pipe, text, ours):
+    llm = llama_cpp.Llama(model_path=str(default_gguf), n_ctx=CTX, n_batch=CTX, logits_all=True, verbose=False,
+                          n_threads=2)
+    head = leading_ids(pipe.tokenizer)
+    tokens = head + pipe.tokenizer.encode(text)
+    assert tokens == llm.tokenize(text.encode(), add_bos=True, special=False)  # llama.cpp's common_tokenize
+    losses = []
+    for chunk in chunk_ids(tokens, head, CTX, CHUNKS):
+        llm.reset()
+        llm.eval(chunk)
+        losses.append(chunk_nll(torch.from_numpy(np.asarray(llm.scores[:CTX], np.float32)), chunk))
+    theirs, their_error = summarize(torch.cat(losses))
+    llm.close()
+    assert ours.scored == CHUNKS * (CTX - 1 - CTX // 2) == sum(len(x) for x in losses)
+    assert abs(ours.ppl / theirs - 1) < 0.01, f"perplexity {ours.ppl:.4f} vs llama.cpp {theirs:.4f}"
+    assert abs(ours.error / their_error - 1) < 0.05
+    assert len(ours.running) == CHUNKS and ours.running[-1] == pytest.approx(ours.ppl)
+
+
+def test_each_chunk_starts_with_the_decoration(pipe, text):
+    """llama.cpp puts BOS in place of each chunk's first token when the vocabulary adds one."""
+    tokens = pipe.tokenizer.encode(text)
+    bos = [pipe.tokenizer.bos_id]
+    chunks = chunk_ids(bos + tokens, bos, CTX)
+    assert len(chunks) == (len(tokens) + 1) // CTX
+    for i, chunk in enumerate(chunks):
+        assert chunk[0] == bos[0] and chunk[1:] == tokens[i * CTX : (i + 1) * CTX - 1]
+
+
+def test_short_text_is_one_clear_error(pipe):
+    with pytest.raises(ChatGLMError, match=f"needs at least {2 * CTX}"):
+        perplexity(pipe.model, pipe.tokenizer, "too short", CTX)
+
+
+def test_cli_json(default_gguf, pipe, text, capsys):
+    expected = perplexity(pipe.model, pipe.tokenizer, text, ctx=32, chunks=2)  # small: the CLI loads its own copy
+    assert main(["perplexity", "-m", str(default_gguf), "-f", str(LICENSE), "--ctx", "32", "--chunks", "2",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["chunks"] == 2 and out["ctx"] == 32 and out["scored_tokens"] == expected.scored
+    assert out["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
+    assert out["ppl_error"] == pytest.approx(expected.error, rel=1e-4)
+    assert out["running"] == pytest.approx(expected.running, rel=1e-5)
