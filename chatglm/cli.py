@@ -4,12 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from .errors import ChatGLMError
-from .messages import ChatMessage
-
-EXIT_WORDS = {"stop", "exit", "quit"}
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -18,65 +15,10 @@ def _sampling(args: argparse.Namespace) -> dict:
                 do_sample=args.temp > 0)
 
 
-def _reply(deltas: Iterator[str], out=sys.stdout) -> str:
-    """Stream one reply to the terminal; Ctrl-C ends the reply, not the conversation."""
-    parts: list[str] = []
-    try:
-        for delta in deltas:
-            parts.append(delta)
-            out.write(delta)
-            out.flush()
-    except KeyboardInterrupt:
-        out.write(" [stopped]")
-    out.write("\n")
-    out.flush()
-    return "".join(parts)
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .pipeline import Pipeline
+    from .terminal import run_chat
 
-    pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
-    sampling = _sampling(args)
-    system = [ChatMessage("system", args.system)] if args.system else []
-    if args.mode == "generate":  # plain completion (CodeGeeX2, base models): each input is continued on its own
-        complete = lambda text: _reply(pipe.generate(text, stream=True, **sampling))  # noqa: E731
-        if args.prompt is not None:
-            complete(args.prompt)
-            return 0
-        for line in _lines(f"chatglm: {pipe.path.name} completes each line; 'stop' or Ctrl-D ends."):
-            complete(line)
-        return 0
-    if args.prompt is not None:
-        _reply(pipe.chat(system + [ChatMessage("user", args.prompt)], stream=True, **sampling))
-        return 0
-    history = list(system)
-    for line in _lines(f"chatglm: {pipe.path.name} ({pipe.format}, {pipe.config.arch}, {args.device}). "
-                       "Type a message; 'clear' starts over, 'stop' or Ctrl-D ends."):
-        if line.lower() == "clear":
-            history = list(system)
-            continue
-        history.append(ChatMessage("user", line))
-        history.append(ChatMessage("assistant", _reply(pipe.chat(history, stream=True, **sampling))))
-    return 0
-
-
-def _lines(banner: str) -> Iterator[str]:
-    """The user's non-empty input lines until 'stop'/'exit' or EOF; Ctrl-C at the prompt is ignored."""
-    print(banner)
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            print()
-            return
-        except KeyboardInterrupt:
-            print()
-            continue
-        if line.lower() in EXIT_WORDS:
-            return
-        if line:
-            yield line
+    return run_chat(args, _sampling(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -101,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("-p", "--prompt", help="answer this one prompt and exit")
     mode.add_argument("-i", "--interactive", action="store_true", help="chat until 'stop' or EOF (the default)")
     chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--tools", metavar="FILE", help="JSON list of functions the model may call (ChatGLM3, GLM-4)")
+    chat.add_argument("--tool-module", metavar="MODULE",
+                      help="dotted name or .py file whose functions (named as the tools) run the calls")
+    chat.add_argument("--code-interpreter", action="store_true",
+                      help="run the model's Python in a sandboxed subprocess (ChatGLM3); off unless given")
     chat.add_argument("--mode", choices=["chat", "generate"], default="chat",
                       help="generate: continue the text as it is, no chat format (CodeGeeX2: '# language: Python\\n...')")
     chat.add_argument("--max-new-tokens", type=int, default=None)
@@ -135,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import add_parser as add_bench_parser
     from .convert import add_parser as add_convert_parser
+    from .perplexity import add_parser as add_perplexity_parser
 
     add_convert_parser(sub)
     add_bench_parser(sub)
+    add_perplexity_parser(sub)
     return parser
 
 

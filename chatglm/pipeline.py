@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from .engine import SamplingParams, generate
 from .loaders import build_model, open_checkpoint
 from .messages import ChatMessage, MessageLike, as_messages
+from .tools import INTERPRETER, TOOL_FAMILIES, ReplyParser, ToolCall, model_messages, read_tools, system_messages
 
 
 class StopStrings:
@@ -36,17 +37,18 @@ class StopStrings:
         return out
 
 
-def detokenize(tokens: Iterable[int], tokenizer, stop: Sequence[str] = ()) -> Iterator[str]:
+def detokenize(tokens: Iterable[int], tokenizer, stop: Sequence[str] = (), lstrip: bool = True) -> Iterator[str]:
     """Text deltas for a stream of token ids: whole characters only, cut at the first stop string.
 
     ChatGLM3 and GLM-4 begin each reply with a metadata line (empty for a plain answer) and a
-    space: the whitespace before the first visible character is dropped, as their chat() does.
+    space: the whitespace before the first visible character is dropped, as their chat() does,
+    unless lstrip=False (a ReplyParser, which reads the metadata line, drops it itself).
     """
     from .tokenizers import StreamDecoder
 
     decoder = StreamDecoder(tokenizer)
     cutter = StopStrings(stop)
-    leading = tokenizer.family in ("chatglm3", "glm4")
+    leading = lstrip and tokenizer.family in TOOL_FAMILIES
 
     def emit(text: str) -> str:
         nonlocal leading
@@ -69,6 +71,73 @@ def detokenize(tokens: Iterable[int], tokenizer, stop: Sequence[str] = ()) -> It
         yield text
 
 
+def reply_text(tokens: Iterable[int], tokenizer, stop: Sequence[str] = (),
+               parser: ReplyParser | None = None) -> Iterator[str]:
+    """The text to show of a chat reply's token ids.
+
+    With a parser (ChatGLM3 / GLM-4) the reply is read part by part, a part beginning at each
+    ``<|assistant|>``: metadata lines are removed and tool calls are held back in the parser.
+    """
+    if parser is None:
+        yield from detokenize(tokens, tokenizer, stop)
+        return
+    marker = tokenizer.specials["<|assistant|>"]
+    tokens = iter(tokens)
+    more = True
+
+    def part() -> Iterator[int]:
+        nonlocal more
+        for token in tokens:
+            if token == marker:
+                more = True
+                return
+            yield token
+
+    while more:
+        more = False
+        for delta in detokenize(part(), tokenizer, stop, lstrip=False):
+            if text := parser.feed(delta):
+                yield text
+        if text := parser.end_part():
+            yield text
+
+
+class ChatStream(Iterator[str]):
+    """A chat reply as it is generated: iterate for the text to show.
+
+    Tool calls are held back from the text; once the reply has ended, ``tool_calls`` lists them and
+    ``message()`` is the whole reply. ``close()`` stops generating (nothing more is computed).
+    """
+
+    def __init__(self, texts: Iterator[str], parser: ReplyParser | None):
+        self._texts = texts
+        self._parser = parser
+        self._shown: list[str] = []
+
+    def __next__(self) -> str:
+        text = next(self._texts)
+        self._shown.append(text)
+        return text
+
+    def close(self) -> None:
+        self._texts.close()
+
+    @property
+    def content(self) -> str:
+        """The text shown so far."""
+        return "".join(self._shown)
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return self._parser.calls if self._parser is not None else []
+
+    def message(self) -> ChatMessage:
+        """The reply as a message (read to its end first); calls in OpenAI's shape, as the server returns them."""
+        for _ in self:
+            pass
+        return ChatMessage("assistant", self.content, tool_calls=[c.to_openai() for c in self.tool_calls] or None)
+
+
 class Pipeline:
     """Load once, then chat or complete; 'default' names the bundled SmolLM2 model."""
 
@@ -77,28 +146,46 @@ class Pipeline:
         if threads:
             torch.set_num_threads(threads)
         checkpoint = open_checkpoint(path, lora)
-        self.path = checkpoint.path
-        self.format = checkpoint.format
-        self.model = build_model(checkpoint, dtype, device)
-        self.tokenizer = checkpoint.load_tokenizer()
-        self.config = self.model.config
-        self.stop_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.config.eos_token_ids)
+        self._attach(build_model(checkpoint, dtype, device), checkpoint.load_tokenizer(), checkpoint.path,
+                     checkpoint.format)
 
-    def _stream(self, prompt: list[int], params: SamplingParams, stop: Sequence[str]) -> Iterator[str]:
-        tokens = generate(self.model, prompt, params, self.stop_ids, self.tokenizer.vocab_size)
-        return detokenize(tokens, self.tokenizer, stop)
+    @classmethod
+    def from_model(cls, model, tokenizer, path: str | Path = "memory", format: str = "memory") -> Pipeline:
+        """A Pipeline over a model and tokenizer already in memory (built in code, or loaded elsewhere)."""
+        pipe = cls.__new__(cls)
+        pipe._attach(model, tokenizer, Path(path), format)
+        return pipe
 
-    def chat(self, messages: Sequence[MessageLike], *, stream: bool = False, stop: Sequence[str] = (),
-             **sampling) -> ChatMessage | Iterator[str]:
-        """The assistant's reply to a conversation; with stream=True, an iterator of text deltas."""
-        prompt = self.tokenizer.encode_chat(as_messages(list(messages)))
-        deltas = self._stream(prompt, SamplingParams(**sampling), stop)
-        if stream:
-            return deltas
-        return ChatMessage("assistant", "".join(deltas))
+    def _attach(self, model, tokenizer, path: Path, format: str) -> None:
+        self.path = path
+        self.format = format
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.stop_ids = frozenset(tokenizer.eos_ids) | frozenset(self.config.eos_token_ids)
+
+    def _tokens(self, prompt: list[int], sampling: dict[str, Any]) -> Iterator[int]:
+        return generate(self.model, prompt, SamplingParams(**sampling), self.stop_ids, self.tokenizer.vocab_size)
+
+    def chat(self, messages: Sequence[MessageLike], *, tools: Sequence[Mapping[str, Any]] | None = None,
+             stream: bool = False, stop: Sequence[str] = (), **sampling) -> ChatMessage | ChatStream:
+        """The assistant's reply to a conversation; with stream=True, a ChatStream of text deltas.
+
+        tools (ChatGLM3, GLM-4): function definitions, OpenAI's shape or ChatGLM3's bare one, and
+        ``{"type": "code_interpreter"}`` (ChatGLM3). A reply that calls them carries ``tool_calls`` in
+        OpenAI's shape; results go back as "observation" (or "tool") messages after that reply.
+        """
+        family = self.tokenizer.family
+        functions, interpreter = read_tools(tools or ())
+        names = [f["name"] for f in functions] + ([INTERPRETER] if interpreter else [])
+        history = system_messages(family, functions, interpreter) + as_messages(list(messages))
+        prompt = self.tokenizer.encode_chat(model_messages(family, history))
+        parser = ReplyParser(family, names) if family in TOOL_FAMILIES else None
+        reply = ChatStream(reply_text(self._tokens(prompt, sampling), self.tokenizer, stop, parser), parser)
+        return reply if stream else reply.message()
 
     def generate(self, prompt: str, *, stream: bool = False, stop: Sequence[str] = (), **sampling) -> str | Iterator[str]:
         """Plain completion of text (CodeGeeX2's mode, base models)."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        deltas = self._stream(ids, SamplingParams(**sampling), stop)
+        deltas = detokenize(self._tokens(ids, sampling), self.tokenizer, stop)
         return deltas if stream else "".join(deltas)

@@ -11,6 +11,11 @@ arguments. A call is a part whose metadata line is the function's name and whose
 
 In both, a plain answer is a part with an empty metadata line, and a reply may hold several parts, each begun
 by ``<|assistant|>`` (for example a sentence, then a call). Tool results come back as observation messages.
+
+ChatGLM3's code interpreter (PROMPT.md "Code Execution"; its composite demo): a fixed system prompt, a part
+whose metadata line is ``interpreter`` and whose body is a ```python block, then the cell's output as an
+observation in a ```result block. Here it is a built-in tool named ``interpreter`` taking ``{"code": ...}``,
+asked for with OpenAI's ``{"type": "code_interpreter"}`` entry in the tools list.
 """
 from __future__ import annotations
 
@@ -31,6 +36,10 @@ GLM4_INTRO = ("你是一个名为 ChatGLM 的人工智能助手。你是基于�
               "你的任务是针对用户的问题和要求提供适当的答复和支持。")
 GLM4_TOOLS_HEADING = "# 可用工具"
 GLM4_JSON_NOTE = "在调用上述函数时，请使用 Json 格式表示调用的参数。"
+INTERPRETER = "interpreter"
+INTERPRETER_PROMPT = ("你是一位智能AI助手，你叫ChatGLM，你连接着一台电脑，但请注意不能联网。在使用Python解决任务时，"
+                      "你可以运行代码并得到结果，如果运行结果有错误，你需要尽可能对代码进行改进。"
+                      "你可以处理用户上传到电脑上的文件，文件默认存储路径是/mnt/data/。")
 
 _CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)\n?```", re.DOTALL)
 
@@ -69,6 +78,75 @@ def tools_message(family: str, functions: Sequence[Mapping[str, Any]]) -> ChatMe
     raise ChatFormatError(f"tool calls need a ChatGLM3 or GLM-4 model; this one is of family {family!r}")
 
 
+def read_tools(tools: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    """The function definitions of a tools list, and whether it asks for the code interpreter.
+
+    An entry is OpenAI's ``{"type": "function", "function": {...}}``, the bare definition ChatGLM3's demos use
+    (``{"name", "description", "parameters"}``) or ``{"type": "code_interpreter"}``.
+    """
+    functions: list[dict[str, Any]] = []
+    interpreter = False
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            raise ChatFormatError(f"tools[{i}] must be an object, not {type(tool).__name__}")
+        kind = tool.get("type", "function")
+        if kind == "code_interpreter":
+            interpreter = True
+            continue
+        if kind != "function":
+            raise ChatFormatError(f"tools[{i}] has type {kind!r}; expected 'function' or 'code_interpreter'")
+        spec = tool["function"] if isinstance(tool.get("function"), Mapping) else tool
+        spec = {k: v for k, v in spec.items() if k != "type"}
+        if not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise ChatFormatError(f"tools[{i}] has no function name: expected {{'name': ..., 'parameters': ...}} "
+                                  "or OpenAI's {'type': 'function', 'function': {...}}")
+        functions.append(spec)
+    if interpreter and any(f["name"] == INTERPRETER for f in functions):
+        raise ChatFormatError(f"a function named {INTERPRETER!r} clashes with the code interpreter")
+    return functions, interpreter
+
+
+def system_messages(family: str, functions: Sequence[Mapping[str, Any]], interpreter: bool) -> list[ChatMessage]:
+    """The system messages that offer the functions and the code interpreter to a ChatGLM3 / GLM-4 model."""
+    out = []
+    if interpreter:
+        if family != "chatglm3":
+            raise ChatFormatError(f"the code interpreter needs a ChatGLM3 model; this one is of family {family!r}")
+        out.append(ChatMessage("system", INTERPRETER_PROMPT))
+    if functions:
+        out.append(tools_message(family, functions))
+    return out
+
+
+def as_tool_call(call: ToolCall | Mapping[str, Any]) -> ToolCall:
+    """A ToolCall from itself or from OpenAI's ``{"id", "type": "function", "function": {"name", "arguments"}}``."""
+    if isinstance(call, ToolCall):
+        return call
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+        raise ChatFormatError(f"a tool call must be a ToolCall or OpenAI's {{'function': {{'name': ..., "
+                              f"'arguments': ...}}}}, not {call!r}")
+    arguments = function.get("arguments") or "{}"
+    return ToolCall(function["name"], arguments if isinstance(arguments, str) else _dumps(arguments),
+                    call.get("id") or _call_id())
+
+
+def model_messages(family: str, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """A conversation as a ChatGLM3 / GLM-4 model reads it: an assistant message's tool calls become the parts
+    the model wrote for them (its text first). Other families' messages pass unchanged."""
+    if family not in TOOL_FAMILIES:
+        return list(messages)
+    out: list[ChatMessage] = []
+    for m in messages:
+        if m.role == "assistant" and m.tool_calls:
+            if m.content:
+                out.append(ChatMessage("assistant", m.content, metadata=m.metadata))
+            out += [call_message(family, c.name, c.arguments) for c in map(as_tool_call, m.tool_calls)]
+        else:
+            out.append(m)
+    return out
+
+
 def _python_literal(value: Any) -> str:
     """Python source for a JSON value (ChatGLM3 writes call arguments as Python, strings double-quoted)."""
     if isinstance(value, str):
@@ -88,6 +166,10 @@ def call_message(family: str, name: str, arguments: str) -> ChatMessage:
         raise ChatFormatError(f"the arguments of the call to {name!r} are not JSON: {e}") from None
     if not isinstance(args, dict):
         raise ChatFormatError(f"the arguments of the call to {name!r} must be a JSON object")
+    if name == INTERPRETER:
+        if not isinstance(args.get("code"), str):
+            raise ChatFormatError(f"a call to the {INTERPRETER} needs {{'code': '...'}}, not {arguments}")
+        return ChatMessage("assistant", f"```python\n{args['code']}\n```", metadata=INTERPRETER)
     if family == "chatglm3":
         if not all(isinstance(k, str) and k.isidentifier() for k in args):
             raise ChatFormatError(f"ChatGLM3 passes arguments by keyword: {list(args)} are not all names")
@@ -123,6 +205,10 @@ def _object_arguments(text: str) -> dict[str, Any] | None:
 
 def parse_call(family: str, name: str, body: str) -> ToolCall | None:
     """A call part's body as a ToolCall, or None when it is not a well-formed call."""
+    if name == INTERPRETER:  # the code interpreter's body is a ```python block
+        block = _CODE_BLOCK.search(body)
+        code = block.group(1) if block else body.strip()
+        return ToolCall(INTERPRETER, _dumps({"code": code})) if code.strip() else None
     if family == "chatglm3":
         block = _CODE_BLOCK.search(body)
         args = _keyword_arguments(block.group(1) if block else body)

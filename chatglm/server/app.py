@@ -12,7 +12,7 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import anyio
 from fastapi import FastAPI, Request
@@ -30,7 +30,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ..engine import BatchEngine, ContextLengthError, QueueFullError, SamplingParams
 from ..errors import ChatFormatError
 from ..messages import ChatMessage
-from ..pipeline import detokenize
+from ..pipeline import reply_text
 from ..tools import TOOL_FAMILIES, ReplyParser, ToolCall
 from .embeddings import Embedder, EmbeddingUnavailable
 
@@ -77,7 +77,6 @@ class Server:
         self.embedder = Embedder(embedding_model)
         self.created = int(time.time())
         self.limiter = anyio.CapacityLimiter(max_batch + max_queue)  # one waiting thread per reply at most
-        self.part_marker = self.tokenizer.specials.get("<|assistant|>")  # starts a new part of a GLM reply
         self.cancelled = 0  # replies ended before the engine finished them (client gone, stop string)
         self.rejected = 0   # requests answered 503 because the queue was full
 
@@ -130,7 +129,6 @@ class Generation:
         self.prompt_tokens = len(prompt)
         self.stop = [s for s in stop if s]
         self.parser = parser  # chat replies of ChatGLM3 / GLM-4: parts, metadata lines, tool calls
-        self.marker = server.part_marker if parser is not None else None
         self.request = server.submit(prompt, params)
 
     @property
@@ -152,34 +150,9 @@ class Generation:
             return "tool_calls"
         return "length" if self.request.finish_reason == "length" else "stop"
 
-    def _parts(self) -> Iterator[Iterator[str]]:
-        """The reply's text, one iterator of deltas per part (GLM replies start a part at <|assistant|>)."""
-        tokens = iter(self.request)
-        more = True
-        while more:
-            more = False
-
-            def part() -> Iterator[int]:
-                nonlocal more
-                for token in tokens:
-                    if token == self.marker:
-                        more = True
-                        return
-                    yield token
-
-            yield detokenize(part(), self.server.tokenizer, self.stop)
-
-    def _texts(self) -> Iterator[str]:
-        """Runs in a worker thread: the text to show, tool calls held back in the parser."""
-        for part in self._parts():
-            for delta in part:
-                yield delta if self.parser is None else self.parser.feed(delta)
-            if self.parser is not None:
-                yield self.parser.end_part()
-
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas as they are generated; leaving early (a client gone) frees the engine slot at once."""
-        texts = self._texts()
+        texts = reply_text(self.request, self.server.tokenizer, self.stop, self.parser)  # read in worker threads
         try:
             while (text := await anyio.to_thread.run_sync(next, texts, None, abandon_on_cancel=True,
                                                           limiter=self.server.limiter)) is not None:
@@ -233,13 +206,14 @@ def get_server(request: Request) -> Server:
 
 
 class BearerAuth:
-    """Every route but /health needs ``Authorization: Bearer <key>`` (pure ASGI: streams pass untouched)."""
+    """Every route but /health and the `public` ones needs ``Authorization: Bearer <key>`` (pure ASGI: streams
+    pass untouched)."""
 
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
+    def __init__(self, app, key: str, public: Callable[[dict], bool] = lambda scope: False):
+        self.app, self.key, self.public = app, key.encode(), public
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health":
+        if scope["type"] == "http" and scope["path"] != "/health" and not self.public(scope):
             scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.key):
                 response = error_response(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
@@ -301,10 +275,11 @@ def create_app(pipeline, *, api_key: str | None = None, cors_origins: Sequence[s
                max_queue: int = 64, embedding_model: str | Path | None = None) -> FastAPI:
     """The FastAPI app serving `pipeline` over every protocol.
 
-    api_key (or the CHATGLM_API_KEY variable) turns on Bearer auth for every route but /health; CORS stays off
-    unless cors_origins are given. ``app.state.web_page`` is the hook for a browser page on ``GET /``.
+    api_key (or the CHATGLM_API_KEY variable) turns on Bearer auth for every route but /health and the web page's
+    files; CORS stays off unless cors_origins are given. ``app.state.web_page`` is the hook for a browser page on
+    ``GET /`` (web.py installs the chat page there).
     """
-    from . import chatglm_api, glm_api, openai
+    from . import chatglm_api, glm_api, openai, web
 
     server = Server(pipeline, max_batch, max_queue, embedding_model)
 
@@ -315,10 +290,10 @@ def create_app(pipeline, *, api_key: str | None = None, cors_origins: Sequence[s
 
     app = FastAPI(title="chatglm", summary=f"Serving {server.model_id}", lifespan=lifespan)
     app.state.server = server
-    app.state.web_page = None  # set by the web page module: called with the Request when a browser asks for /
     _install_error_handlers(app)
     for module in (openai, chatglm_api, glm_api):
         app.include_router(module.router)
+    web.install(app)
 
     registry = CollectorRegistry(auto_describe=True)
     registry.register(EngineMetrics(server))
@@ -333,7 +308,7 @@ def create_app(pipeline, *, api_key: str | None = None, cors_origins: Sequence[s
 
     api_key = api_key if api_key is not None else os.environ.get("CHATGLM_API_KEY")
     if api_key:
-        app.add_middleware(BearerAuth, key=api_key)
+        app.add_middleware(BearerAuth, key=api_key, public=web.is_public)
     if cors_origins:  # added last, so it runs first: preflight requests carry no key
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                            allow_headers=["*"])

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from sse_starlette import ServerSentEvent
 
 from ..messages import ChatMessage
-from ..tools import TOOL_FAMILIES, call_message, tools_message
+from ..tools import TOOL_FAMILIES, model_messages, tools_message
 from .app import APIError, Generation, Server, event_stream, get_server, json_event, sampling
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -148,13 +148,9 @@ def _messages(body: ChatRequest, family: str, functions: list[FunctionDef]) -> l
     out = [tools_message(family, [f.spec() for f in functions])] if functions else []
     for m in body.messages:
         role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
-        if m.tool_calls and family in TOOL_FAMILIES:
-            if m.text():
-                out.append(ChatMessage("assistant", m.text()))
-            out += [call_message(family, c.function.name, c.function.arguments) for c in m.tool_calls]
-        else:
-            out.append(ChatMessage(role, m.text()))
-    return out
+        calls = [c.model_dump() for c in m.tool_calls] if m.tool_calls and family in TOOL_FAMILIES else None
+        out.append(ChatMessage(role, m.text(), tool_calls=calls))
+    return model_messages(family, out)
 
 
 def _id(prefix: str) -> str:
