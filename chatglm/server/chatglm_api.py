@@ -11,6 +11,7 @@ import torch
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.datastructures import Headers
 
 from .app import Generation, GLMSampling, Server, event_stream, get_server, history_messages, json_event
 
@@ -30,15 +31,16 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _wants_html(request: Request) -> bool:
-    return "text/html" in request.headers.get("accept", "")
+def wants_html(headers: Headers) -> bool:
+    """A browser asking for a page (API clients send */* or application/json)."""
+    return "text/html" in headers.get("accept", "")
 
 
 @router.get("/", response_model=None)
 async def index(request: Request):
     """API clients get the ChatGLM2 server's greeting; browsers get the web page once one is installed."""
     page = request.app.state.web_page
-    if page is not None and _wants_html(request):
+    if page is not None and wants_html(request.headers):
         return page(request)
     return {"message": "started", "success": True}
 
