@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig, as_ids, need
 from ..kernels import make_linear
-from .layers import Decoder, KVCache, Weight, _float, apply_rope, attend
+from .layers import Decoder, KVCache, Step, Weight, _float, apply_rope_, attend
 
 ARCH = "chatglm"
 GGUF_ARCHS: tuple[str, ...] = ()
@@ -77,11 +77,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
 
 
-def rope_2d(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """First half of each head rotated by position id, second half by block position id."""
+def rope_2d_(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """First half of each head rotated by position id, second half by block position id (in place)."""
     half = x.shape[-1] // 2
-    return torch.cat([apply_rope(x[..., :half], cs[0], half, False),
-                      apply_rope(x[..., half:], cs[1], half, False)], dim=-1)
+    apply_rope_(x[..., :half], cs[0], False)
+    apply_rope_(x[..., half:], cs[1], False)
 
 
 class GLMBlock(nn.Module):
@@ -95,13 +95,14 @@ class GLMBlock(nn.Module):
         self.up = make_linear(w["up"], w["up_bias"], dtype, device)
         self.down = make_linear(w["down"], w["down_bias"], dtype, device)
 
-    def forward(self, x: torch.Tensor, cs, layer: int, cache: KVCache, slots: torch.Tensor,
-                rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cs, layer: int, cache: KVCache, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
         h = layer_norm(x, self.attn_norm, self.attn_norm_bias, cfg.norm_eps)
         q, k, v = self.qkv(h).view(B, T, cfg.num_heads, 3 * cfg.head_dim).split(cfg.head_dim, dim=-1)
-        x = h * ALPHA + self.o(attend(rope_2d(q, cs), rope_2d(k, cs), v, cache, layer, slots, rows, mask))
+        rope_2d_(q, cs)
+        rope_2d_(k, cs)
+        x = h * ALPHA + self.o(attend(q, torch.stack([k, v], dim=2), cache, layer, step))
         h = layer_norm(x, self.ffn_norm, self.ffn_norm_bias, cfg.norm_eps)
         return h * ALPHA + self.down(F.gelu(self.up(h), approximate="tanh"))
 
@@ -158,7 +159,8 @@ class GLMDecoder(Decoder):
         generated = pos >= ctx
         position = torch.where(generated, torch.tensor(mask_pos, device=pos.device)[:, None], pos)
         block = torch.where(generated, pos - ctx + 1, torch.zeros_like(pos))
-        return (self.rope[position], self.rope[block]), pos + self.prefix_len, self.causal_mask(pos, both_ways)
+        cs = (self.rope[position].unsqueeze(2), self.rope[block].unsqueeze(2))
+        return cs, pos + self.prefix_len, self.causal_mask(pos, both_ways)
 
 
 DECODER = GLMDecoder

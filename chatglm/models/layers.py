@@ -25,66 +25,82 @@ Weight = Union[torch.Tensor, QTensor]
 class KVCache:
     """Keys and values for `slots` sequences of up to `max_len` tokens, allocated once.
 
-    Layout [layer][slot, position, kv_head, head_dim]: a decode step writes one row per sequence
-    and a batched step can mix sequences at different positions.
+    Layout [layer, key|value, slot, kv_head, position, head_dim]: one sequence's keys for a layer
+    are a strided view the attention matmul reads in place, and `by_row[layer]` ([slot, position,
+    key|value, kv_head, head_dim]) takes a step's new rows in one write whatever their positions.
     """
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
-        shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, 2, slots, cfg.num_kv_heads, max_len, cfg.head_dim)
         # One sequence never reads a row it has not written, so its cache can stay uninitialised
         # (the OS commits pages as they are written). A batch's span reaches past shorter
         # sequences' positions: masked rows still meet the values (0 x NaN = NaN), so zero them.
-        alloc = torch.empty if slots == 1 else torch.zeros
-        self.k = alloc(shape, dtype=dtype, device=device)
-        self.v = alloc(shape, dtype=dtype, device=device)
+        self.kv = (torch.empty if slots == 1 else torch.zeros)(shape, dtype=dtype, device=device)
+        self.by_row = [layer.permute(1, 3, 0, 2, 4) for layer in self.kv]
         self.slots = slots
         self.max_len = max_len
         self.meta: dict[int, dict] = {}  # per-slot state a family keeps between steps (GLM's <sop> place)
 
 
+@dataclass
+class Step:
+    """What every layer of one forward shares, worked out once: where the new keys go, which
+    cache rows each query reads, and how it weighs them."""
+
+    slots: torch.Tensor               # [B, 1] cache slots
+    rows: torch.Tensor                # [B, T] cache rows the new keys and values go to
+    read: slice | torch.Tensor        # the slots as a slice when they are consecutive (a view, not a gather)
+    span: int                         # cache rows attended: the longest sequence's prefix + past + itself
+    mask: torch.Tensor                # bool [B,1,T,span] keys each query sees, or a float bias [B,H,T,span]
+    bias: torch.Tensor | None = None  # one-token steps: float32 [B, kv_heads or 1, group or 1, span], None: no mask
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32 like the reference code, returned in x's dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
 def rope_table(cfg: ModelConfig, device: torch.device | str) -> torch.Tensor:
-    """cos and sin for every position: [max_position, rope_dim/2, 2] in float32."""
+    """cos + i sin for every position: complex64 [max_position, rope_dim/2]."""
     half = cfg.rope_dim // 2
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, dtype=torch.float32) * 2 / cfg.rope_dim))
     factors = cfg.extra.get("rope_factors")
     if factors is not None:
         inv_freq = inv_freq / factors.float()
     angles = torch.outer(torch.arange(cfg.max_position, dtype=torch.float32), inv_freq)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
+    return torch.polar(torch.ones_like(angles), angles).to(device)
 
 
-def apply_rope(x: torch.Tensor, cs: torch.Tensor, rope_dim: int, interleaved: bool) -> torch.Tensor:
-    """Rotate the first rope_dim dims of each head. x [B,T,H,D], cs [B,T,rope_dim/2,2]."""
-    rot, rest = x[..., :rope_dim].float(), x[..., rope_dim:]
-    cos, sin = cs[..., 0].unsqueeze(2), cs[..., 1].unsqueeze(2)
+def apply_rope_(x: torch.Tensor, cs: torch.Tensor, interleaved: bool) -> None:
+    """Rotate x [B,T,H,r] in place (float32 arithmetic) by cs [B,T,1,r/2]: pairs (x0,x1),(x2,x3)...
+    when interleaved, else the two halves; one complex product either way."""
+    xf = x.float().contiguous()  # complex views need unit-stride pairs; a float linear may return any strides
     if interleaved:
-        x0, x1 = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+        z = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * cs
+        x.copy_(torch.view_as_real(z).flatten(-2))
     else:
-        x0, x1 = rot[..., : rope_dim // 2], rot[..., rope_dim // 2 :]
-        out = torch.cat([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return torch.cat([out.to(x.dtype), rest], dim=-1)
+        half = x.shape[-1] // 2
+        z = torch.complex(xf[..., :half], xf[..., half:]) * cs
+        x.copy_(torch.cat([z.real, z.imag], dim=-1))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int, slots: torch.Tensor,
-           rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Write k, v [B,T,Hkv,D] into the cache rows, attend q [B,T,H,D] over the span; returns [B,T,H*D]."""
+def attend(q: torch.Tensor, kv: torch.Tensor, cache: KVCache, layer: int, step: Step) -> torch.Tensor:
+    """Write kv [B,T,2,Hkv,D] into the cache rows, attend q [B,T,H,D] over the span; returns [B,T,H*D].
+
+    In a one-token step the query heads that share a key head become that head's rows of queries,
+    in float32: torch's CPU attention then reads each key once instead of once per query head, and
+    runs far faster than on bf16.
+    """
     B, T, H, D = q.shape
-    cache.k[layer, slots[:, None], rows] = k
-    cache.v[layer, slots[:, None], rows] = v
-    span = mask.shape[-1]
-    keys = cache.k[layer, slots, :span].transpose(1, 2)
-    values = cache.v[layer, slots, :span].transpose(1, 2)
-    att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
-    return att.transpose(1, 2).reshape(B, T, H * D)
+    cache.by_row[layer].index_put_((step.slots, step.rows), kv)
+    keys, values = cache.kv[layer][:, step.read, :, : step.span]  # [B, Hkv, span, D] each
+    if T > 1:
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=step.mask, enable_gqa=True)
+        return att.transpose(1, 2).reshape(B, T, H * D)
+    grouped = q.float().reshape(B, keys.shape[1], -1, D)
+    att = F.scaled_dot_product_attention(grouped, keys.float(), values.float(), attn_mask=step.bias)
+    return att.view(B, 1, H * D).to(q.dtype)
 
 
 class Block(nn.Module):
@@ -100,20 +116,16 @@ class Block(nn.Module):
         self.gate_up = make_linear(w["gate_up"], None, dtype, device)
         self.down = make_linear(w["down"], None, dtype, device)
 
-    def forward(self, x: torch.Tensor, cs: torch.Tensor, layer: int, cache: KVCache, slots: torch.Tensor,
-                rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cs: torch.Tensor | None, layer: int, cache: KVCache,
+                step: Step) -> torch.Tensor:
         cfg = self.cfg
-        B, T, _ = x.shape
-        nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+        nq, hd = cfg.num_heads * cfg.head_dim, cfg.head_dim
         qkv = self.qkv(rms_norm(x, self.attn_norm, cfg.norm_eps))
-        q = qkv[..., :nq].view(B, T, cfg.num_heads, hd)
-        k = qkv[..., nq : nq + nkv].view(B, T, cfg.num_kv_heads, hd)
-        v = qkv[..., nq + nkv :].view(B, T, cfg.num_kv_heads, hd)
         if cs is not None:  # None: positions come from an attention bias instead (ALiBi)
-            q = apply_rope(q, cs, cfg.rope_dim, cfg.rope_interleaved)
-            k = apply_rope(k, cs, cfg.rope_dim, cfg.rope_interleaved)
-        att = attend(q, k, v, cache, layer, slots, rows, mask)
-        x = x + self.o(att)
+            heads = qkv[..., : nq + cfg.num_kv_heads * hd].unflatten(-1, (-1, hd))  # q and k heads: one rotation
+            apply_rope_(heads[..., : cfg.rope_dim], cs, cfg.rope_interleaved)
+        kv = qkv[..., nq:].unflatten(-1, (2, cfg.num_kv_heads, hd))
+        x = x + self.o(attend(qkv[..., :nq].unflatten(-1, (cfg.num_heads, hd)), kv, cache, layer, step))
         gate, up = self.gate_up(rms_norm(x, self.ffn_norm, cfg.norm_eps)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
@@ -153,9 +165,8 @@ class Decoder(nn.Module):
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         """A cache for `slots` sequences of `max_len` tokens each (plus the P-Tuning prefix rows)."""
         cache = KVCache(self.config, slots, max_len + self.prefix_len, self.dtype, self.device)
-        if self.prefix is not None:
-            cache.k[:, :, : self.prefix_len] = self.prefix[:, 0, None]
-            cache.v[:, :, : self.prefix_len] = self.prefix[:, 1, None]
+        if self.prefix is not None:  # [layers, 2, P, Hkv, D] into every slot's first P rows
+            cache.kv[..., : self.prefix_len, :] = self.prefix.transpose(2, 3)[:, :, None]
         return cache
 
     def causal_mask(self, pos: torch.Tensor, both_ways: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,8 +191,21 @@ class Decoder(nn.Module):
         return {"qkv_bias": cfg.qkv_bias, "o_bias": cfg.o_bias, "head": not cfg.tie_embeddings}
 
     def attention_inputs(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, slots: torch.Tensor):
-        """Rotary table rows, cache rows to write and the attention mask [B,1,T,span] (causal)."""
-        return self.rope[pos], pos + self.prefix_len, self.causal_mask(pos)
+        """Rotary rows [B,T,1,rope_dim/2], cache rows to write and the attention mask [B,1,T,span] (causal)."""
+        return self.rope[pos].unsqueeze(2), pos + self.prefix_len, self.causal_mask(pos)
+
+    def step(self, slots: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> Step:
+        """The per-forward attention plan; a one-token step takes its mask as a float32 bias over
+        the grouped query heads, or none when every query sees its whole span."""
+        B, T = rows.shape
+        ids = slots.tolist()
+        read = slice(ids[0], ids[0] + B) if ids == list(range(ids[0], ids[0] + B)) else slots
+        bias = None
+        if T == 1 and mask.dtype != torch.bool:  # an additive bias per query head [B,H,1,span] (ALiBi)
+            bias = mask.float().view(B, self.config.num_kv_heads, -1, mask.shape[-1])
+        elif T == 1 and not bool(mask.all()):
+            bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+        return Step(slots[:, None], rows, read, mask.shape[-1], mask, bias)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.norm, self.config.norm_eps)
@@ -196,9 +220,10 @@ class Decoder(nn.Module):
         take [B] one column per row (a batch of prompts padded to one length): [B, 1, vocab].
         """
         cs, rows, mask = self.attention_inputs(ids, pos, cache, slots)
+        step = self.step(slots, rows, mask)
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cs, i, cache, slots, rows, mask)
+            x = layer(x, cs, i, cache, step)
         if take is not None:
             x = x[torch.arange(len(x), device=x.device), take][:, None]
         elif last_only:

@@ -1,0 +1,86 @@
+"""One decode step split into the linear modules (the kernels) and everything else (the "glue"):
+the glue is the step with every linear swapped for a stub returning a tensor of the right shape.
+Process CPU time, lowest of several repeats: wall time on a shared CPU swings too much.
+
+Usage: .venv/bin/python bench/decode_split.py [MODEL] [--threads 1] [--position 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from chatglm import load_model
+
+
+class Stub(nn.Module):
+    """Stands in for a linear module: a fresh output of its shape, no arithmetic."""
+
+    def __init__(self, out_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.out = torch.randn(1, 1, out_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out.clone()
+
+
+def cpu_ms(fn: Callable[[], object], calls: int = 30, repeats: int = 7) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.process_time() - start) / calls)
+    return best * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", default="default")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--position", type=int, default=64)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    cfg = model.config
+    cache = model.new_cache(1, args.position + 8)
+    slots = torch.zeros(1, dtype=torch.long)
+    model(torch.randint(100, 1000, (1, args.position)), torch.arange(args.position)[None], cache, slots)
+    token, pos = torch.tensor([[5]]), torch.tensor([[args.position]])
+
+    def step() -> None:
+        model(token, pos, cache, slots, last_only=True)
+
+    whole = cpu_ms(step)
+    names = ("qkv", "o", "gate_up", "down")
+    real = {(i, n): getattr(layer, n) for i, layer in enumerate(model.layers) for n in names}
+    x = torch.randn(1, 1, cfg.hidden_size).to(model.dtype)
+    wide = torch.randn(1, 1, cfg.ffn_size).to(model.dtype)
+
+    def linears() -> None:
+        for (_, name), module in real.items():
+            module(wide if name == "down" else x)
+        model.head(x)
+
+    kernels = cpu_ms(linears)
+    head = model.head
+    with torch.inference_mode():
+        for (i, name), module in real.items():
+            setattr(model.layers[i], name, Stub(module.out_features, model.dtype))
+        model.head = Stub(cfg.vocab_size, model.dtype)
+        glue = cpu_ms(step)
+    for (i, name), module in real.items():
+        setattr(model.layers[i], name, module)
+    model.head = head
+    print(json.dumps({"model": args.model, "layers": cfg.num_layers, "threads": args.threads,
+                      "step_ms": round(whole, 2), "linears_ms": round(kernels, 2), "glue_ms": round(glue, 2),
+                      "glue_us_per_layer": round(glue / cfg.num_layers * 1e3)}))
+
+
+if __name__ == "__main__":
+    main()
