@@ -274,10 +274,11 @@ def test_with_an_api_key_the_page_asks_for_it_and_keeps_it(browser, tokenizer):
             chat_page(browser, url) as page:
         send(page, "hi")
         page.locator("#key").wait_for(timeout=WAIT * 1000)
-        assert "API key" in page.locator("#error").inner_text()
+        page.wait_for_function("document.querySelector('#error').innerText.includes('API key')",
+                               timeout=WAIT * 1000)  # the field shows before the error line is written
         page.locator("#key").fill("s3cret")
         page.locator("#key").press("Enter")
-        assert page.locator("#key-form").is_hidden()
+        page.locator("#key-form").wait_for(state="hidden", timeout=WAIT * 1000)
         page.locator("#input").press("Enter")  # the question came back into the box
         assert last_reply(page).locator("pre code").inner_text() == CODE
         assert page.evaluate("localStorage.getItem('chatglm.apiKey')") == "s3cret"
