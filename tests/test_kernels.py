@@ -158,9 +158,10 @@ def test_ggml_kernel_is_the_dot_product_of_q8_activations(name, shape):
 
 @needs_ggml
 @pytest.mark.parametrize("name", QUANTS)
-def test_ggml_simd_path_matches_the_portable_one(name):
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 11])  # up to 4: the one-block-per-register decode path; then tiles
+def test_ggml_simd_path_matches_the_portable_one(name, rows):
     q, _ = qtensor(name, (130, 160))
-    x = torch.randn(11, 160, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(0))
     fast = ggml._ggml.linear(x, [q.raw], int(q.qtype), ggml.TILE_ROWS)
     torch.testing.assert_close(fast, ggml._ggml.linear_reference(x, q.raw, int(q.qtype), 130), rtol=1e-5, atol=1e-5)
 

@@ -7,12 +7,16 @@
 // Integer dot products use vpdpbusd (unsigned bytes x signed bytes). Weights are turned into unsigned
 // codes u = w + bias (bias 8 for q4_0, 16 for q5_0, 128 for q8_0, 0 for q4_1/q5_1 whose codes are
 // already unsigned); the -bias * sum(a) term is per activation only, so it is precomputed once per call
-// as the dot product's starting value and the result stays exact. q4_1/q5_1 add their offset m times
-// the activation block's sum (ggml's q8_1 "s") in float.
+// (the prompt path adds it in float, the decode path starts the dot product from it and stays exact).
+// q4_1/q5_1 add their offset m times the activation block's sum (ggml's q8_1 "s") in float.
 //
-// Two blocks fill a 512-bit register. For the nibble types the activations are stored in the order the
-// nibbles unpack in ([block0 low half, block1 low half, block0 high half, block1 high half]), so a weight
-// pair decodes with one broadcast, one shift and one mask.
+// Prompts: two blocks fill a 512-bit register. For the nibble types the activations are stored in the
+// order the nibbles unpack in ([block0 low half, block1 low half, block0 high half, block1 high half]), so
+// a weight pair decodes with one broadcast, one shift and one mask, and serves a tile of activation rows.
+//
+// Decode (a few activation rows): one block per 256-bit register, as ggml does, since Zen 4 issues two
+// 256-bit ops a cycle where 512-bit ones take one: a block costs a decode, one vpdpbusd, a convert and
+// one scaled accumulate, with no lane shuffles.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -20,9 +24,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define GGML_KERNELS_VNNI 1
 #include <immintrin.h>
 #endif
@@ -33,6 +38,7 @@ constexpr int QK = 32;        // values per block
 constexpr int PAIR = 64;      // activation bytes per pair of blocks
 constexpr int LANES = 16;     // int32 lanes per pair
 constexpr int MAX_TILE = 8;   // activation rows that share one decoded weight block
+constexpr int DECODE_ROWS = 4;  // calls with at most this many activation rows take the per-block path
 
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };  // gguf's numbering
 
@@ -81,6 +87,21 @@ struct Acts {
   const float* scales(int64_t p, int64_t r) const { return ds_at + (p * rows + r) * 4; }
 };
 
+// One block of 32 activations as 8-bit codes in value order (ggml's q8_0 rounding); returns the codes'
+// sum and sets the f16-rounded scale d.
+int quantize_block(const float* v, int8_t* c, float& d) {
+  float amax = 0.f;
+  for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(v[i]));
+  const float exact = amax / 127.f, id = exact != 0.f ? 1.f / exact : 0.f;
+  int sum = 0;
+  for (int i = 0; i < QK; ++i) {
+    c[i] = static_cast<int8_t>(std::round(v[i] * id));  // ties away from zero, as ggml's reference
+    sum += c[i];
+  }
+  d = round_to_half(exact);
+  return sum;
+}
+
 Acts quantize_acts(const float* x, int64_t rows, int64_t k, const Format& f) {
   Acts a;
   a.rows = rows;
@@ -91,24 +112,45 @@ Acts quantize_acts(const float* x, int64_t rows, int64_t k, const Format& f) {
   int8_t* q = a.q_at = a.q.data_ptr<int8_t>();
   float* ds = a.ds_at = a.ds.data_ptr<float>();
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    int8_t c[QK];
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t b = 0; b < a.blocks; ++b) {
         const int64_t at = (b / 2) * rows + r, h = b % 2;
-        const float* v = x + r * k + b * QK;
-        float amax = 0.f;
-        for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(v[i]));
-        float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
-        int sum = 0;
-        for (int i = 0; i < QK; ++i) {
-          int c = static_cast<int>(std::round(v[i] * id));  // ties away from zero, as ggml's reference
-          q[at * PAIR + position(h, i, f.nibbles)] = static_cast<int8_t>(c);
-          sum += c;
-        }
-        ds[at * 4 + h] = round_to_half(d);
+        const int sum = quantize_block(x + r * k + b * QK, c, ds[at * 4 + h]);
+        for (int i = 0; i < QK; ++i) q[at * PAIR + position(h, i, f.nibbles)] = c[i];
         ds[at * 4 + 2 + h] = ds[at * 4 + h] * static_cast<float>(sum) / 8.f;
       }
     }
   });
+  return a;
+}
+
+// A few activation rows (decode) quantized block by block in value order, block-major so that the rows
+// at one block are adjacent: each weight block is decoded once into 256 bits and meets them in turn.
+struct BlockActs {
+  int64_t rows, blocks;
+  torch::Tensor q;     // int8 [blocks, rows, 32]
+  torch::Tensor ds;    // float [blocks, rows, 2]: the f16-rounded scale d, then d * sum(q)
+  torch::Tensor init;  // int32 [blocks, rows]: -bias * sum(q) / 8, each of 8 lanes' starting value, so
+                       // that the integer dot product of the unsigned weight codes comes out exact
+};
+
+BlockActs quantize_block_acts(const float* x, int64_t rows, int64_t k, const Format& f) {
+  BlockActs a{rows, k / QK};
+  a.q = torch::empty({a.blocks, rows, QK}, torch::kInt8);
+  a.ds = torch::empty({a.blocks, rows, 2}, torch::kFloat32);
+  a.init = torch::empty({a.blocks, rows}, torch::kInt32);
+  int8_t* q = a.q.data_ptr<int8_t>();
+  float* ds = a.ds.data_ptr<float>();
+  int32_t* init = a.init.data_ptr<int32_t>();
+  for (int64_t b = 0; b < a.blocks; ++b) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = b * rows + r;
+      const int sum = quantize_block(x + r * k + b * QK, q + at * QK, ds[at * 2]);
+      ds[at * 2 + 1] = ds[at * 2] * static_cast<float>(sum);
+      init[at] = -f.bias * sum / 8;
+    }
+  }
   return a;
 }
 
@@ -265,6 +307,87 @@ void rows_vnni(const uint8_t* raw, int64_t row_stride, const Acts& a, float* y, 
   }
 }
 
+// One weight block as 32 unsigned codes in value order, in 256 bits (bias added for q8_0 by the sign flip).
+template <int QT>
+inline __m256i decode_256(const uint8_t* blk) {
+  if constexpr (QT == Q8_0) {
+    return _mm256_xor_si256(load256(blk + 2), _mm256_set1_epi8(static_cast<char>(0x80)));
+  } else {
+    constexpr int qs = QT == Q4_0 ? 2 : QT == Q4_1 ? 4 : QT == Q5_0 ? 6 : 8;
+    // the 16 bytes in both halves (a load alone), the upper half shifted to its high nibbles
+    const __m256i both = _mm256_broadcastsi128_si256(load128(blk + qs));
+    __m256i u = _mm256_and_si256(_mm256_srlv_epi64(both, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(15));
+    if constexpr (QT == Q5_0 || QT == Q5_1) {
+      uint32_t high;  // bit i is value i's fifth bit
+      std::memcpy(&high, blk + (QT == Q5_0 ? 2 : 4), 4);
+      u = _mm256_or_si256(u, _mm256_maskz_mov_epi8(high, _mm256_set1_epi8(16)));
+    }
+    return u;
+  }
+}
+
+// The f16 at p in all 8 lanes, converted in the vector unit (no scalar round trip).
+inline __m256 half_splat_256(const uint8_t* p) {
+  int16_t h;
+  std::memcpy(&h, p, 2);
+  return _mm256_cvtph_ps(_mm_set1_epi16(h));
+}
+
+// Decode (T = a.rows activation rows, few): y rows at columns [n0, n1) = the products, one weight block at
+// a time in 256 bits, two blocks in flight per row with their own accumulators; the scale d_w * d_a is
+// a product of broadcasts, so no lane shuffles.
+template <int QT, int T>
+void rows_decode(const uint8_t* raw, int64_t row_stride, const BlockActs& a, float* y, int64_t n_out, int64_t n0,
+                 int64_t n1) {
+  constexpr int block_bytes = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : QT == Q5_0 ? 22 : QT == Q5_1 ? 24 : 34;
+  constexpr bool offset = QT == Q4_1 || QT == Q5_1;
+  const int8_t* q = a.q.data_ptr<int8_t>();
+  const float* ds = a.ds.data_ptr<float>();
+  const int32_t* init = a.init.data_ptr<int32_t>();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = raw + n * row_stride;
+    __m256 acc[T][2];
+    float off[T][2] = {};
+    for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    auto step = [&](int64_t b, int j) {
+      const uint8_t* blk = row + b * block_bytes;
+      const __m256i u = decode_256<QT>(blk);
+      const __m256 d = half_splat_256(blk);
+      const float m = offset ? _mm256_cvtss_f32(half_splat_256(blk + 2)) : 0.f;
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) {
+        const int64_t at = b * T + t;
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_set1_epi32(init[at]), u,
+                                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + at * QK)));
+        acc[t][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(ds[2 * at])), acc[t][j]);
+        if constexpr (offset) off[t][j] += m * ds[2 * at + 1];
+      }
+    };
+    int64_t b = 0;
+    for (; b + 2 <= a.blocks; b += 2) {
+      step(b, 0);
+      step(b + 1, 1);
+    }
+    if (b < a.blocks) step(b, 0);
+    for (int t = 0; t < T; ++t) {
+      const __m256 s8 = _mm256_add_ps(acc[t][0], acc[t][1]);
+      __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+      s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+      s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+      y[t * n_out + n] = _mm_cvtss_f32(s4) + off[t][0] + off[t][1];
+    }
+  }
+}
+
+template <int QT, int T = DECODE_ROWS>
+void decode_any(int64_t rows, const uint8_t* raw, int64_t row_stride, const BlockActs& a, float* y, int64_t n_out,
+                int64_t n0, int64_t n1) {
+  if constexpr (T > 1) {
+    if (rows < T) return decode_any<QT, T - 1>(rows, raw, row_stride, a, y, n_out, n0, n1);
+  }
+  rows_decode<QT, T>(raw, row_stride, a, y, n_out, n0, n1);
+}
+
 #endif
 
 }  // namespace
@@ -290,27 +413,48 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& p
   torch::Tensor xf = x.to(torch::kFloat32).contiguous();
   torch::Tensor y = torch::empty({m, n_out}, xf.options());
   if (m == 0 || n_out == 0) return y;
-  const Acts a = quantize_acts(xf.data_ptr<float>(), m, k, f);
   float* out = y.data_ptr<float>();
-  at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
-    for (size_t i = 0; i < parts.size(); ++i) {
-      const int64_t lo = std::max(n0, first[i]) - first[i], hi = std::min(n1, first[i + 1]) - first[i];
-      if (lo >= hi) continue;
-      const uint8_t* w = parts[i].data_ptr<uint8_t>();
-      const int64_t stride = parts[i].stride(0);
-#ifdef GGML_KERNELS_VNNI
-      switch (qtype) {
-        case Q4_0: rows_vnni<Q4_0>(w, stride, a, out + first[i], n_out, lo, hi, tile_rows); break;
-        case Q4_1: rows_vnni<Q4_1>(w, stride, a, out + first[i], n_out, lo, hi, tile_rows); break;
-        case Q5_0: rows_vnni<Q5_0>(w, stride, a, out + first[i], n_out, lo, hi, tile_rows); break;
-        case Q5_1: rows_vnni<Q5_1>(w, stride, a, out + first[i], n_out, lo, hi, tile_rows); break;
-        case Q8_0: rows_vnni<Q8_0>(w, stride, a, out + first[i], n_out, lo, hi, tile_rows); break;
+  // run(w, stride, y_part, lo, hi) for each part's share of a thread's output columns
+  auto each_part = [&](auto&& run) {
+    at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
+      for (size_t i = 0; i < parts.size(); ++i) {
+        const int64_t lo = std::max(n0, first[i]) - first[i], hi = std::min(n1, first[i + 1]) - first[i];
+        if (lo < hi) run(parts[i].data_ptr<uint8_t>(), parts[i].stride(0), out + first[i], lo, hi);
       }
-#else
-      rows_scalar(w, stride, qtype, f, a, out + first[i], n_out, lo, hi);
-#endif
+    });
+  };
+#ifdef GGML_KERNELS_VNNI
+  // the block type as a compile-time constant for the SIMD kernels
+  auto by_type = [&](auto&& run) {
+    switch (qtype) {
+      case Q4_0: return run(std::integral_constant<int, Q4_0>{});
+      case Q4_1: return run(std::integral_constant<int, Q4_1>{});
+      case Q5_0: return run(std::integral_constant<int, Q5_0>{});
+      case Q5_1: return run(std::integral_constant<int, Q5_1>{});
+      case Q8_0: return run(std::integral_constant<int, Q8_0>{});
     }
+  };
+  if (m <= DECODE_ROWS) {
+    const BlockActs a = quantize_block_acts(xf.data_ptr<float>(), m, k, f);
+    by_type([&](auto qt) {
+      each_part([&](const uint8_t* w, int64_t stride, float* yp, int64_t lo, int64_t hi) {
+        decode_any<decltype(qt)::value>(m, w, stride, a, yp, n_out, lo, hi);
+      });
+    });
+    return y;
+  }
+  const Acts a = quantize_acts(xf.data_ptr<float>(), m, k, f);
+  by_type([&](auto qt) {
+    each_part([&](const uint8_t* w, int64_t stride, float* yp, int64_t lo, int64_t hi) {
+      rows_vnni<decltype(qt)::value>(w, stride, a, yp, n_out, lo, hi, tile_rows);
+    });
   });
+#else
+  const Acts a = quantize_acts(xf.data_ptr<float>(), m, k, f);
+  each_part([&](const uint8_t* w, int64_t stride, float* yp, int64_t lo, int64_t hi) {
+    rows_scalar(w, stride, qtype, f, a, yp, n_out, lo, hi);
+  });
+#endif
   return y;
 }
 
