@@ -183,6 +183,7 @@ def test_enter_sends_shift_enter_breaks_and_the_reply_renders(browser, tokenizer
     pipe = scripted_pipeline(tokenizer, REPLY, END)
     app = create_app(pipe, max_batch=1)
     with serving(app) as url, chat_page(browser, url) as page:
+        page.wait_for_function("document.querySelector('#model').innerText !== ''", timeout=WAIT * 1000)  # from /health
         assert page.locator("#model").inner_text() == app.state.server.model_id
         box = page.locator("#input")
         box.press_sequentially("Hello")
