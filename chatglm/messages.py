@@ -1,7 +1,7 @@
 """The message type every surface speaks; dicts with the same keys are accepted everywhere."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from .errors import ChatFormatError

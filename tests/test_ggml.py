@@ -6,14 +6,13 @@ import io
 import gguf
 import numpy as np
 import pytest
-import torch
 from gguf import GGMLQuantizationType as Q
 
 from chatglm import load_model
 from chatglm.errors import ModelFileError
 from chatglm.loaders.ggml import write_ggml
 
-from checkpoints import thudm_config, thudm_state_dict, tiny_glm
+from checkpoints import thudm_state_dict, tiny_glm
 from test_models import IDS, reference_logits, rel_err
 
 

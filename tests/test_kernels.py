@@ -10,7 +10,7 @@ import torch
 from gguf import quants as ggml_quants
 
 from chatglm.kernels import cpu, ggml, ggml_numerics, make_embedding, make_linear, tied_head
-from chatglm.quant import QTensor, QType, RowStack, qtype_of
+from chatglm.quant import QType, RowStack
 
 from test_quant import q6_k, qtensor
 

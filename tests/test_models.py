@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from chatglm import load_model
-from chatglm.errors import ModelFileError
 from chatglm.loaders import quantized_activations
 
 from checkpoints import (SHARED, permute_for_gguf, read_oracle, thudm_config, thudm_state_dict, tiny_glm, tiny_llama,

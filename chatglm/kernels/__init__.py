@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..quant import QTensor
-from . import cpu, ggml
+from . import cpu
 
 __all__ = ["make_linear", "make_embedding", "tied_head", "ggml_numerics"]
 
