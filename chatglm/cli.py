@@ -12,7 +12,8 @@ from .errors import ChatGLMError
 def _sampling(args: argparse.Namespace) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temp,
                 top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repeat_penalty, seed=args.seed,
-                do_sample=args.temp > 0)
+                do_sample=args.temp > 0, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=0.8)
     chat.add_argument("--top-k", type=int, default=0)
     chat.add_argument("--repeat-penalty", type=float, default=1.0)
+    chat.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, once per token in the reply")
+    chat.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, per use of a token in the reply")
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--threads", type=int, default=None)
     chat.add_argument("--device", default="cpu", help="cpu or cuda")

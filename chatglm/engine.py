@@ -31,7 +31,9 @@ class SamplingParams:
     temperature: float = 0.8
     top_p: float = 0.8
     top_k: int = 0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0     # ChatGLM's: divides the logits of prompt and reply tokens
+    presence_penalty: float = 0.0       # OpenAI's: subtracted once from each token already in the reply
+    frequency_penalty: float = 0.0      # OpenAI's: subtracted per time a token is already in the reply
     seed: int | None = None
 
     def validate(self) -> None:
@@ -47,6 +49,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, not {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, not {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2 <= v <= 2:
+                raise ValueError(f"{name} must be between -2 and 2, not {v}")
 
     @property
     def greedy(self) -> bool:
@@ -71,7 +77,12 @@ def budget(prompt_len: int, params: SamplingParams, context: int) -> int:
 
 
 class Sampler:
-    """Turns one row of logits into a token id: penalty, temperature, top-k, top-p, draw."""
+    """Turns one row of logits into a token id: penalties, temperature, top-k, top-p, draw.
+
+    A Sampler serves one sequence: it counts the tokens it returns, which are the reply's tokens
+    (the one stop token it may return ends the reply), so OpenAI's presence and frequency penalties
+    see the reply and never the prompt, at no per-token cost beyond one update of the counts.
+    """
 
     def __init__(self, params: SamplingParams, vocab_limit: int | None = None):
         params.validate()
@@ -82,8 +93,10 @@ class Sampler:
             self.generator.manual_seed(params.seed)
         else:
             self.generator.seed()
+        self.counts: torch.Tensor | None = None  # times each id was returned; kept only when a penalty needs it
 
-    def __call__(self, logits: torch.Tensor, previous: Sequence[int]) -> int:
+    def penalized(self, logits: torch.Tensor, previous: Sequence[int]) -> torch.Tensor:
+        """The logits with the padding rows dropped and the penalties applied; `previous` is prompt + reply."""
         p = self.params
         logits = logits.float()
         if self.vocab_limit is not None and logits.shape[-1] > self.vocab_limit:
@@ -94,6 +107,20 @@ class Sampler:
             seen = logits[ids]
             logits = logits.clone()
             logits[ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            if self.counts is None:
+                self.counts = torch.zeros_like(logits)  # one row per real token, on the logits' device
+            logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+        return logits
+
+    def __call__(self, logits: torch.Tensor, previous: Sequence[int]) -> int:
+        token = self._pick(self.penalized(logits, previous))
+        if self.counts is not None:
+            self.counts[token] += 1
+        return token
+
+    def _pick(self, logits: torch.Tensor) -> int:
+        p = self.params
         if p.greedy:
             return int(torch.argmax(logits))
         logits = logits / p.temperature
@@ -318,7 +345,7 @@ class BatchEngine:
     def _accept(self, slot: _Slot, logits: torch.Tensor) -> None:
         """Sample the next token of a slot's request from its logits, emit it or finish."""
         request = slot.request
-        token = request.sampler(logits, request.prompt + request.generated)
+        token = request.sampler(logits, slot.cached)  # the prompt and the reply so far, without a copy
         if token in request.stop_ids:
             self._finish(slot, "stop")
             return

@@ -112,12 +112,14 @@ class Server:
 
 
 def sampling(temperature: float, top_p: float, *, max_new_tokens: int | None = None, max_length: int | None = None,
-             seed: int | None = None, repetition_penalty: float = 1.0) -> SamplingParams:
+             seed: int | None = None, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+             frequency_penalty: float = 0.0) -> SamplingParams:
     """Engine settings from a request's; a temperature or top_p of 0 means greedy decoding, as at OpenAI."""
     greedy = temperature < MIN_TEMPERATURE or top_p == 0
     return SamplingParams(max_new_tokens=max_new_tokens, max_length=max_length, do_sample=not greedy,
                           temperature=temperature, top_p=top_p if top_p > 0 else 1.0, seed=seed,
-                          repetition_penalty=repetition_penalty)
+                          repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                          frequency_penalty=frequency_penalty)
 
 
 class Generation:

@@ -85,8 +85,8 @@ class GenerationRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=128, description="only 1 is supported")
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2, description="accepted, not applied")
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2, description="accepted, not applied")
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2, description="off the logit of tokens in the reply, once")
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2, description="off a token's logit per use in the reply")
     repetition_penalty: float = Field(default=1.0, ge=0.1, le=10, description="ChatGLM's penalty (extension)")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -101,7 +101,8 @@ class GenerationRequest(BaseModel):
             raise APIError(400, f"max_tokens is {limit}, but the model's context is {server.context} tokens",
                            param="max_tokens")
         params = sampling(self.temperature, self.top_p, max_new_tokens=limit, seed=self.seed,
-                          repetition_penalty=self.repetition_penalty)
+                          repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                          frequency_penalty=self.frequency_penalty)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         return params, stop
 
