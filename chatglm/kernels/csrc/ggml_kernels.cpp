@@ -39,6 +39,7 @@ constexpr int PAIR = 64;      // activation bytes per pair of blocks
 constexpr int LANES = 16;     // int32 lanes per pair
 constexpr int MAX_TILE = 8;   // activation rows that share one decoded weight block
 constexpr int DECODE_ROWS = 4;  // calls with at most this many activation rows take the per-block path
+constexpr int64_t SHARED_ACTS = 12 << 10;  // decode activations past this many bytes serve four weight rows per load
 
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };  // gguf's numbering
 
@@ -127,28 +128,37 @@ Acts quantize_acts(const float* x, int64_t rows, int64_t k, const Format& f) {
 
 // A few activation rows (decode) quantized block by block in value order, block-major so that the rows
 // at one block are adjacent: each weight block is decoded once into 256 bits and meets them in turn.
+// Everything a block needs lies in one 40-byte record, so the activations are one stream beside the weights'.
+struct ActBlock {
+  int8_t q[QK];
+  float d;       // the f16-rounded scale
+  int32_t init;  // -bias * sum(q) / 8, each of 8 lanes' starting value, so that the integer dot product of the
+                 // unsigned weight codes comes out exact
+};
+static_assert(sizeof(ActBlock) == 40, "activation records are packed");
+
 struct BlockActs {
   int64_t rows, blocks;
-  torch::Tensor q;     // int8 [blocks, rows, 32]
-  torch::Tensor ds;    // float [blocks, rows, 2]: the f16-rounded scale d, then d * sum(q)
-  torch::Tensor init;  // int32 [blocks, rows]: -bias * sum(q) / 8, each of 8 lanes' starting value, so
-                       // that the integer dot product of the unsigned weight codes comes out exact
+  torch::Tensor records;  // ActBlock [blocks, rows]
+  torch::Tensor dsum;     // float [blocks, rows]: d * sum(q), for the offset of q4_1/q5_1
+  const ActBlock* at = nullptr;
+  const float* sums = nullptr;
 };
 
 BlockActs quantize_block_acts(const float* x, int64_t rows, int64_t k, const Format& f) {
   BlockActs a{rows, k / QK};
-  a.q = torch::empty({a.blocks, rows, QK}, torch::kInt8);
-  a.ds = torch::empty({a.blocks, rows, 2}, torch::kFloat32);
-  a.init = torch::empty({a.blocks, rows}, torch::kInt32);
-  int8_t* q = a.q.data_ptr<int8_t>();
-  float* ds = a.ds.data_ptr<float>();
-  int32_t* init = a.init.data_ptr<int32_t>();
+  a.records = torch::empty({a.blocks * rows * static_cast<int64_t>(sizeof(ActBlock))}, torch::kUInt8);
+  a.dsum = torch::empty({a.blocks, rows}, torch::kFloat32);
+  ActBlock* rec = reinterpret_cast<ActBlock*>(a.records.data_ptr<uint8_t>());
+  float* dsum = a.dsum.data_ptr<float>();
+  a.at = rec;
+  a.sums = dsum;
   for (int64_t b = 0; b < a.blocks; ++b) {
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t at = b * rows + r;
-      const int sum = quantize_block(x + r * k + b * QK, q + at * QK, ds[at * 2]);
-      ds[at * 2 + 1] = ds[at * 2] * static_cast<float>(sum);
-      init[at] = -f.bias * sum / 8;
+      ActBlock& o = rec[b * rows + r];
+      const int sum = quantize_block(x + r * k + b * QK, o.q, o.d);
+      dsum[b * rows + r] = o.d * static_cast<float>(sum);
+      o.init = -f.bias * sum / 8;
     }
   }
   return a;
@@ -334,49 +344,80 @@ inline __m256 half_splat_256(const uint8_t* p) {
 }
 
 // Decode (T = a.rows activation rows, few): y rows at columns [n0, n1) = the products, one weight block at
-// a time in 256 bits, two blocks in flight per row with their own accumulators; the scale d_w * d_a is
-// a product of broadcasts, so no lane shuffles.
-template <int QT, int T>
-void rows_decode(const uint8_t* raw, int64_t row_stride, const BlockActs& a, float* y, int64_t n_out, int64_t n0,
-                 int64_t n1) {
+// a time in 256 bits; the scale d_w * d_a is a product of broadcasts, so no lane shuffles.
+//
+// Each weight byte is read once, so speed is the hardware prefetcher's: it serves a few sequential streams
+// (one per 4 KB page region), not rows interleaved within a page. Narrow inputs read the thread's rows as one
+// stream (two blocks in flight per row). Wide ones (activation records over SHARED_ACTS bytes, e.g. a 13696-wide
+// down projection, where reloading them for every row costs more than the weights) take R = 4 rows far apart,
+// one from each quarter of the range, so that every activation record loaded serves four rows.
+template <int QT, int T, int R>
+void rows_decode_r(const uint8_t* raw, int64_t row_stride, const BlockActs& a, float* y, int64_t n_out, int64_t n0,
+                   int64_t n1) {
   constexpr int block_bytes = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : QT == Q5_0 ? 22 : QT == Q5_1 ? 24 : 34;
   constexpr bool offset = QT == Q4_1 || QT == Q5_1;
-  const int8_t* q = a.q.data_ptr<int8_t>();
-  const float* ds = a.ds.data_ptr<float>();
-  const int32_t* init = a.init.data_ptr<int32_t>();
-  for (int64_t n = n0; n < n1; ++n) {
+  constexpr int J = R == 1 ? 2 : 1;  // independent chains per row and activation row
+  const int64_t L = (n1 - n0) / R;  // the range in R runs of L rows, one row of each at a time
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t n = n0 + i;
     const uint8_t* row = raw + n * row_stride;
-    __m256 acc[T][2];
-    float off[T][2] = {};
-    for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    __m256 acc[R][T][J];
+    float off[R][T] = {};
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        for (int j = 0; j < J; ++j) acc[r][t][j] = _mm256_setzero_ps();
     auto step = [&](int64_t b, int j) {
-      const uint8_t* blk = row + b * block_bytes;
-      const __m256i u = decode_256<QT>(blk);
-      const __m256 d = half_splat_256(blk);
-      const float m = offset ? _mm256_cvtss_f32(half_splat_256(blk + 2)) : 0.f;
+      __m256i u[R];
+      __m256 d[R];
+      float m[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* blk = row + r * L * row_stride + b * block_bytes;
+        u[r] = decode_256<QT>(blk);
+        d[r] = half_splat_256(blk);
+        m[r] = offset ? _mm256_cvtss_f32(half_splat_256(blk + 2)) : 0.f;
+      }
 #pragma GCC unroll 4
       for (int t = 0; t < T; ++t) {
-        const int64_t at = b * T + t;
-        const __m256i dot = _mm256_dpbusd_epi32(_mm256_set1_epi32(init[at]), u,
-                                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + at * QK)));
-        acc[t][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(ds[2 * at])), acc[t][j]);
-        if constexpr (offset) off[t][j] += m * ds[2 * at + 1];
+        const ActBlock& x = a.at[b * T + t];
+        const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q));
+        const __m256i start = _mm256_set1_epi32(x.init);
+        const __m256 da = _mm256_set1_ps(x.d);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const __m256i dot = _mm256_dpbusd_epi32(start, u[r], qa);
+          acc[r][t][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d[r], da), acc[r][t][j]);
+          if constexpr (offset) off[r][t] += m[r] * a.sums[b * T + t];
+        }
       }
     };
     int64_t b = 0;
-    for (; b + 2 <= a.blocks; b += 2) {
-      step(b, 0);
-      step(b + 1, 1);
-    }
-    if (b < a.blocks) step(b, 0);
-    for (int t = 0; t < T; ++t) {
-      const __m256 s8 = _mm256_add_ps(acc[t][0], acc[t][1]);
-      __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-      s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-      s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-      y[t * n_out + n] = _mm_cvtss_f32(s4) + off[t][0] + off[t][1];
+    for (; b + J <= a.blocks; b += J)
+      for (int j = 0; j < J; ++j) step(b + j, j);
+    for (; b < a.blocks; ++b) step(b, 0);
+    for (int r = 0; r < R; ++r) {
+      for (int t = 0; t < T; ++t) {
+        __m256 s8 = acc[r][t][0];
+        for (int j = 1; j < J; ++j) s8 = _mm256_add_ps(s8, acc[r][t][j]);
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+        y[t * n_out + n + r * L] = _mm_cvtss_f32(s4) + off[r][t];
+      }
     }
   }
+  if constexpr (R > 1) {
+    if (n0 + R * L < n1) rows_decode_r<QT, T, 1>(raw, row_stride, a, y, n_out, n0 + R * L, n1);
+  }
+}
+
+template <int QT, int T>
+void rows_decode(const uint8_t* raw, int64_t row_stride, const BlockActs& a, float* y, int64_t n_out, int64_t n0,
+                 int64_t n1) {
+  if (a.blocks * T * static_cast<int64_t>(sizeof(ActBlock)) > SHARED_ACTS) {
+    return rows_decode_r<QT, T, 4>(raw, row_stride, a, y, n_out, n0, n1);
+  }
+  rows_decode_r<QT, T, 1>(raw, row_stride, a, y, n_out, n0, n1);
 }
 
 template <int QT, int T = DECODE_ROWS>
