@@ -15,8 +15,9 @@ from torch import nn
 
 from ..quant import QTensor
 from . import cpu
+from .ggml import fused_decoder
 
-__all__ = ["make_linear", "make_embedding", "tied_head", "ggml_numerics"]
+__all__ = ["make_linear", "make_embedding", "tied_head", "ggml_numerics", "fused_decoder"]
 
 _GGML_NUMERICS: ContextVar[bool] = ContextVar("ggml_numerics", default=False)
 

@@ -9,9 +9,12 @@ load and no memory beyond the file. Results carry the 8-bit rounding of the acti
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from ..quant import QTensor, QType, RowStack
 
 try:
@@ -56,3 +59,24 @@ class GGMLLinear(nn.Module):
         """Embedding rows decoded exactly (ggml's values), only the ones asked for."""
         raw = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)  # embeddings are never fused
         return QTensor(raw, self.qtype, (self.out_features, self.in_features)).rows(ids, self.dtype)
+
+
+def fused_decoder(blocks: Sequence[nn.Module], cfg: ModelConfig) -> "_ggml.FusedDecoder | None":
+    """Every block's one-token step as one C++ call (csrc/decode_step.cpp), when the blocks are the shared
+    decoder's (`qkv`, `o`, `gate_up`, `down` and two norms) with all four weights in ggml blocks and float32
+    activations; None otherwise, and the blocks run as torch code."""
+    if _ggml is None:
+        return None
+    layers = []
+    for block in blocks:
+        linears = (block.qkv, block.o, block.gate_up, block.down)
+        if not all(isinstance(m, GGMLLinear) and m.dtype == torch.float32 for m in linears):
+            return None
+        (qkv, qkv_type, qkv_bias), (o, o_type, o_bias), (gate_up, gate_up_type, _), (down, down_type, _) = (
+            (list(m.parts), int(m.qtype), None if m.bias is None else m.bias.float().contiguous()) for m in linears)
+        layers.append(_ggml.DecodeLayer(
+            block.attn_norm.data.float().contiguous(), block.ffn_norm.data.float().contiguous(),
+            qkv, qkv_type, qkv_bias, o, o_type, o_bias, cfg.num_heads * cfg.head_dim,
+            gate_up, gate_up_type, down, down_type, cfg.ffn_size))
+    return _ggml.FusedDecoder(layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_dim,
+                              cfg.rope_interleaved, cfg.norm_eps, TILE_ROWS)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ModelFileError
-from ..kernels import make_embedding, make_linear, tied_head
+from ..kernels import fused_decoder, make_embedding, make_linear, tied_head
 from ..quant import QTensor
 
 Weight = Union[torch.Tensor, QTensor]
@@ -154,6 +154,9 @@ class Decoder(nn.Module):
         self.norm = nn.Parameter(_float(weights["norm"], dtype, device), requires_grad=False)
         self.head = tied_head(self.embed) if "head" not in weights else make_linear(weights["head"], None, dtype, device)
         self.register_buffer("rope", rope_table(cfg, device), persistent=False)
+        # one-token steps of the shared block over ggml weights run as one C++ call (ALiBi has no rotary there)
+        fusable = self.block_class is Block and not cfg.extra.get("alibi") and self.device.type == "cpu"
+        self.fused = fused_decoder(self.layers, cfg) if fusable else None
         prefix = prefix_kv(cfg, weights, source)
         self.prefix = None if prefix is None else prefix.to(device=device, dtype=dtype)
 
@@ -219,11 +222,15 @@ class Decoder(nn.Module):
         pos must already hold that sequence's earlier tokens. last_only keeps the last column,
         take [B] one column per row (a batch of prompts padded to one length): [B, 1, vocab].
         """
-        cs, rows, mask = self.attention_inputs(ids, pos, cache, slots)
-        step = self.step(slots, rows, mask)
         x = self.embed(ids)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cs, i, cache, step)
+        if self.fused is not None and ids.shape[1] == 1:
+            at = pos[:, 0].contiguous()
+            x = self.fused.step(x[:, 0], cache.kv, slots, at, at + self.prefix_len, torch.view_as_real(self.rope))[:, None]
+        else:
+            cs, rows, mask = self.attention_inputs(ids, pos, cache, slots)
+            step = self.step(slots, rows, mask)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cs, i, cache, step)
         if take is not None:
             x = x[torch.arange(len(x), device=x.device), take][:, None]
         elif last_only:

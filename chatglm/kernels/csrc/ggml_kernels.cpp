@@ -17,7 +17,8 @@
 // Decode (a few activation rows): one block per 256-bit register, as ggml does, since Zen 4 issues two
 // 256-bit ops a cycle where 512-bit ones take one: a block costs a decode, one vpdpbusd, a convert and
 // one scaled accumulate, with no lane shuffles.
-#include <torch/extension.h>
+#include "ggml_kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -433,28 +434,27 @@ void decode_any(int64_t rows, const uint8_t* raw, int64_t row_stride, const Bloc
 
 }  // namespace
 
-// y [M, N] float32 = x [M, K] @ W.T, W being N rows of ggml blocks held in `parts` (uint8 [rows, K/32
-// blocks], stacked along rows: a fused q/k/v read where each piece lies).
-torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& parts, int64_t qtype,
-                     int64_t tile_rows) {
+int64_t check_parts(const std::vector<torch::Tensor>& parts, int64_t k, int64_t qtype) {
   const Format f = format_of(qtype);
-  TORCH_CHECK(x.dim() == 2, "x must be [rows, in_features]");
-  const int64_t k = x.size(1), m = x.size(0);
   TORCH_CHECK(k % QK == 0, "in_features ", k, " is not a multiple of 32");
-  TORCH_CHECK(tile_rows >= 1 && tile_rows <= MAX_TILE, "tile_rows must be in 1..", MAX_TILE);
-  std::vector<int64_t> first{0};  // each part's first output row
+  int64_t n_out = 0;
   for (const torch::Tensor& raw : parts) {
     TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8 && raw.stride(1) == 1 && !raw.is_cuda(),
                 "weights must be CPU uint8 [rows, bytes_per_row] with contiguous rows");
     TORCH_CHECK(raw.size(1) == k / QK * f.block_bytes, "weight rows hold ", raw.size(1), " bytes; expected ",
                 k / QK * f.block_bytes, " for ", k, " inputs");
-    first.push_back(first.back() + raw.size(0));
+    n_out += raw.size(0);
   }
+  return n_out;
+}
+
+void linear_into(const float* x, int64_t m, int64_t k, const std::vector<torch::Tensor>& parts, int64_t qtype,
+                 int64_t tile_rows, float* out) {
+  const Format f = format_of(qtype);
+  std::vector<int64_t> first{0};  // each part's first output row
+  for (const torch::Tensor& raw : parts) first.push_back(first.back() + raw.size(0));
   const int64_t n_out = first.back();
-  torch::Tensor xf = x.to(torch::kFloat32).contiguous();
-  torch::Tensor y = torch::empty({m, n_out}, xf.options());
-  if (m == 0 || n_out == 0) return y;
-  float* out = y.data_ptr<float>();
+  if (m == 0 || n_out == 0) return;
   // run(w, stride, y_part, lo, hi) for each part's share of a thread's output columns
   auto each_part = [&](auto&& run) {
     at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
@@ -476,26 +476,39 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& p
     }
   };
   if (m <= DECODE_ROWS) {
-    const BlockActs a = quantize_block_acts(xf.data_ptr<float>(), m, k, f);
+    const BlockActs a = quantize_block_acts(x, m, k, f);
     by_type([&](auto qt) {
       each_part([&](const uint8_t* w, int64_t stride, float* yp, int64_t lo, int64_t hi) {
         decode_any<decltype(qt)::value>(m, w, stride, a, yp, n_out, lo, hi);
       });
     });
-    return y;
+    return;
   }
-  const Acts a = quantize_acts(xf.data_ptr<float>(), m, k, f);
+  const Acts a = quantize_acts(x, m, k, f);
   by_type([&](auto qt) {
     each_part([&](const uint8_t* w, int64_t stride, float* yp, int64_t lo, int64_t hi) {
       rows_vnni<decltype(qt)::value>(w, stride, a, yp, n_out, lo, hi, tile_rows);
     });
   });
 #else
-  const Acts a = quantize_acts(xf.data_ptr<float>(), m, k, f);
+  (void)tile_rows;
+  const Acts a = quantize_acts(x, m, k, f);
   each_part([&](const uint8_t* w, int64_t stride, float* yp, int64_t lo, int64_t hi) {
     rows_scalar(w, stride, qtype, f, a, yp, n_out, lo, hi);
   });
 #endif
+}
+
+// y [M, N] float32 = x [M, K] @ W.T, W being N rows of ggml blocks held in `parts` (uint8 [rows, K/32
+// blocks], stacked along rows: a fused q/k/v read where each piece lies).
+torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& parts, int64_t qtype,
+                     int64_t tile_rows) {
+  TORCH_CHECK(x.dim() == 2, "x must be [rows, in_features]");
+  TORCH_CHECK(tile_rows >= 1 && tile_rows <= MAX_TILE, "tile_rows must be in 1..", MAX_TILE);
+  const int64_t n_out = check_parts(parts, x.size(1), qtype);
+  torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+  torch::Tensor y = torch::empty({x.size(0), n_out}, xf.options());
+  linear_into(xf.data_ptr<float>(), x.size(0), x.size(1), parts, qtype, tile_rows, y.data_ptr<float>());
   return y;
 }
 
@@ -525,4 +538,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("tile_rows") = 4);
   m.def("linear_reference", &linear_reference, "the portable path of linear");
   m.def("simd", &simd, "whether the AVX-512 VNNI path was compiled in");
+  register_decode_step(m);
 }

@@ -1,0 +1,288 @@
+// One decode step (one new token per sequence) through every block of the shared decoder (llama family,
+// ChatGLM2/3, GLM-4, CodeGeeX2) in a single call, for weights held as ggml blocks.
+//
+// Between two matrix products a block does little arithmetic (a norm, a rotation, one query row's attention,
+// SwiGLU), but as torch operators each is a dispatch of a few microseconds; dozens a layer cost more than the
+// products themselves on a small model. Here they are plain loops over float32 rows, and the products go
+// straight to linear_into, with the activation rows kept in scratch buffers reused by every layer.
+//
+// The arithmetic is the Python block's (chatglm/models/layers.py: Block.forward, attend); a test checks one
+// against the other.
+#include "ggml_kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// sum a[i] * b[i] in 16 partial sums, so that the compiler keeps it in vector registers
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = 0.f;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return s;
+}
+
+#if defined(__AVX512F__)
+// e^x for 16 lanes: 2^n e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, a degree-6 Taylor polynomial for
+// e^r (relative error ~2e-7) and vscalefps for the 2^n (which also gives 0 and inf past float's range).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.f)), _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n * hi
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// x[i] = e^(x[i] - shift); returns the sum
+float exp_shifted(float* x, int64_t n, float shift) {
+  int64_t i = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 s = _mm512_set1_ps(shift);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), s));
+    _mm512_storeu_ps(x + i, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) sum += x[i] = std::exp(x[i] - shift);
+  return sum;
+}
+
+// out[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up
+void swiglu(const float* gate, const float* up, float* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 g = _mm512_loadu_ps(gate + i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+void rms_norm(const float* x, const float* w, float eps, int64_t n, float* y) {
+  const float scale = 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * scale * w[i];
+}
+
+// Rotate the first rope_dim values of a head by the angles' (cos, sin) pairs: pairs (0,1), (2,3)... when
+// interleaved, else value i with value i + rope_dim/2.
+void rotate(float* v, const float* cs, int64_t rope_dim, bool interleaved) {
+  const int64_t half = rope_dim / 2, step = interleaved ? 2 : 1, other = interleaved ? 1 : half;
+  for (int64_t i = 0; i < half; ++i) {
+    const float c = cs[2 * i], s = cs[2 * i + 1];
+    float& a = v[i * step];
+    float& b = v[i * step + other];
+    const float a0 = a;
+    a = a0 * c - b * s;
+    b = a0 * s + b * c;
+  }
+}
+
+torch::Tensor checked_float(const torch::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == n && !t.is_cuda(), what,
+              " must be a contiguous CPU float32 tensor of ", n, " values");
+  return t;
+}
+
+// A weight in ggml blocks with its optional bias.
+struct Linear {
+  std::vector<torch::Tensor> parts;
+  int64_t qtype, in, out;
+  torch::Tensor bias;  // float32 [out], or undefined
+
+  Linear(std::vector<torch::Tensor> p, int64_t type, int64_t k, const std::optional<torch::Tensor>& b, const char* name)
+      : parts(std::move(p)), qtype(type), in(k), out(check_parts(parts, k, type)) {
+    if (b) bias = checked_float(*b, out, name);
+  }
+
+  void operator()(const float* x, int64_t m, float* y, int64_t tile_rows) const {
+    linear_into(x, m, in, parts, qtype, tile_rows, y);
+    if (!bias.defined()) return;
+    const float* b = bias.data_ptr<float>();
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t i = 0; i < out; ++i) y[r * out + i] += b[i];
+  }
+};
+
+using Parts = std::vector<torch::Tensor>;
+using Bias = std::optional<torch::Tensor>;
+
+struct DecodeLayer {
+  torch::Tensor attn_norm, ffn_norm;
+  Linear qkv, o, gate_up, down;
+
+  DecodeLayer(const torch::Tensor& attn_norm_, const torch::Tensor& ffn_norm_, Parts qkv_, int64_t qkv_type,
+              const Bias& qkv_bias, Parts o_, int64_t o_type, const Bias& o_bias, int64_t attn_width, Parts gate_up_,
+              int64_t gate_up_type, Parts down_, int64_t down_type, int64_t ffn)
+      : attn_norm(checked_float(attn_norm_, attn_norm_.numel(), "attn_norm")),
+        ffn_norm(checked_float(ffn_norm_, attn_norm.numel(), "ffn_norm")),
+        qkv(std::move(qkv_), qkv_type, attn_norm.numel(), qkv_bias, "qkv_bias"),
+        o(std::move(o_), o_type, attn_width, o_bias, "o_bias"),
+        gate_up(std::move(gate_up_), gate_up_type, attn_norm.numel(), std::nullopt, ""),
+        down(std::move(down_), down_type, ffn, std::nullopt, "") {
+    TORCH_CHECK(o.out == attn_norm.numel() && down.out == attn_norm.numel() && gate_up.out == 2 * ffn,
+                "layer shapes disagree: o has ", o.out, " rows, down ", down.out, ", gate_up ", gate_up.out,
+                " for hidden size ", attn_norm.numel(), " and ffn size ", ffn);
+  }
+};
+
+class FusedDecoder {
+ public:
+  FusedDecoder(std::vector<std::shared_ptr<DecodeLayer>> layers, int64_t heads, int64_t kv_heads, int64_t head_dim,
+               int64_t rope_dim, bool interleaved, double eps, int64_t tile_rows)
+      : layers_(std::move(layers)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), rope_dim_(rope_dim),
+        interleaved_(interleaved), eps_(static_cast<float>(eps)), tile_rows_(tile_rows) {
+    TORCH_CHECK(!layers_.empty() && heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && rope_dim % 2 == 0 &&
+                rope_dim <= head_dim, "bad attention shape: ", heads, " heads, ", kv_heads, " key heads, rope ",
+                rope_dim, " of ", head_dim);
+    for (const auto& l : layers_) {
+      TORCH_CHECK(l->qkv.out == (heads + 2 * kv_heads) * head_dim && l->o.in == heads * head_dim,
+                  "qkv has ", l->qkv.out, " rows; expected ", (heads + 2 * kv_heads) * head_dim);
+    }
+  }
+
+  // x [B, hidden] (updated in place and returned) for tokens at positions pos [B] of the sequences in cache
+  // slots [B], their keys and values going to cache rows rows [B]; kv is the cache [layers, 2, slots, kv_heads,
+  // max_len, head_dim], rope the (cos, sin) table [max_position, rope_dim/2, 2].
+  torch::Tensor step(torch::Tensor x, const torch::Tensor& kv, const torch::Tensor& slots, const torch::Tensor& pos,
+                     const torch::Tensor& rows, const torch::Tensor& rope) {
+    const int64_t B = x.size(0), hidden = layers_[0]->attn_norm.numel();
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden, "x must be [batch, ", hidden, "]");
+    checked_float(x, B * hidden, "x");
+    TORCH_CHECK(kv.scalar_type() == torch::kFloat32 && kv.is_contiguous() && kv.dim() == 6 &&
+                kv.size(0) == static_cast<int64_t>(layers_.size()) && kv.size(1) == 2 && kv.size(3) == kv_heads_ &&
+                kv.size(5) == head_dim_, "the cache must be float32 [layers, 2, slots, kv_heads, max_len, head_dim]");
+    TORCH_CHECK(rope.scalar_type() == torch::kFloat32 && rope.is_contiguous() && rope.dim() == 3 &&
+                rope.size(1) == rope_dim_ / 2 && rope.size(2) == 2, "rope must be float32 [positions, rope_dim/2, 2]");
+    for (const torch::Tensor* t : {&slots, &pos, &rows}) {
+      TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == B, "slots, pos and rows "
+                  "must be int64 [batch]");
+    }
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    const int64_t* at = pos.data_ptr<int64_t>();
+    const int64_t* row = rows.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(slot[b] >= 0 && slot[b] < kv.size(2) && row[b] >= 0 && row[b] < kv.size(4) && at[b] >= 0 &&
+                  at[b] < rope.size(0), "row ", b, ": slot ", slot[b], ", cache row ", row[b], " or position ", at[b],
+                  " out of range");
+    }
+    const int64_t nq = heads_ * head_dim_, nkv = kv_heads_ * head_dim_, width = nq + 2 * nkv;
+    const int64_t ffn = layers_[0]->down.in;
+    std::vector<float> h(B * hidden), qkv(B * width), att(B * nq), gu(B * 2 * ffn), act(B * ffn), y(B * hidden);
+    float* xs = x.data_ptr<float>();
+    float* cache = kv.data_ptr<float>();
+    const float* table = rope.data_ptr<float>();
+    const int64_t slot_stride = kv.stride(2), head_stride = kv.stride(3), half_stride = kv.stride(1);
+
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const DecodeLayer& w = *layers_[l];
+      float* layer_kv = cache + l * kv.stride(0);
+      for (int64_t b = 0; b < B; ++b) rms_norm(xs + b * hidden, w.attn_norm.data_ptr<float>(), eps_, hidden, &h[b * hidden]);
+      w.qkv(h.data(), B, qkv.data(), tile_rows_);
+      for (int64_t b = 0; b < B; ++b) {
+        float* r = &qkv[b * width];
+        const float* cs = table + at[b] * rope_dim_;
+        for (int64_t i = 0; i < heads_ + kv_heads_; ++i) rotate(r + i * head_dim_, cs, rope_dim_, interleaved_);
+        for (int64_t g = 0; g < kv_heads_; ++g) {  // this token's key and value into the cache
+          float* k = layer_kv + slot[b] * slot_stride + g * head_stride + row[b] * head_dim_;
+          std::copy_n(r + nq + g * head_dim_, head_dim_, k);
+          std::copy_n(r + nq + nkv + g * head_dim_, head_dim_, k + half_stride);
+        }
+      }
+      attend(layer_kv, slot, row, B, qkv.data(), width, att.data(), slot_stride, head_stride, half_stride);
+      w.o(att.data(), B, y.data(), tile_rows_);
+      for (int64_t i = 0; i < B * hidden; ++i) xs[i] += y[i];
+      for (int64_t b = 0; b < B; ++b) rms_norm(xs + b * hidden, w.ffn_norm.data_ptr<float>(), eps_, hidden, &h[b * hidden]);
+      w.gate_up(h.data(), B, gu.data(), tile_rows_);
+      for (int64_t b = 0; b < B; ++b) swiglu(&gu[b * 2 * ffn], &gu[b * 2 * ffn + ffn], &act[b * ffn], ffn);
+      w.down(act.data(), B, y.data(), tile_rows_);
+      for (int64_t i = 0; i < B * hidden; ++i) xs[i] += y[i];
+    }
+    return x;
+  }
+
+ private:
+  // Each row's query heads over its cache rows 0..row[b] (the prefix, its past and itself): one task per
+  // sequence and key head, whose query heads meet each key and value as it is read.
+  void attend(const float* layer_kv, const int64_t* slot, const int64_t* row, int64_t B, const float* qkv,
+              int64_t width, float* out, int64_t slot_stride, int64_t head_stride, int64_t half_stride) const {
+    const int64_t group = heads_ / kv_heads_, D = head_dim_;
+    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    at::parallel_for(0, B * kv_heads_, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scores;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / kv_heads_, g = t % kv_heads_, n = row[b] + 1;
+        const float* keys = layer_kv + slot[b] * slot_stride + g * head_stride;
+        const float* values = keys + half_stride;
+        const float* q = qkv + b * width + g * group * D;
+        float* o = out + (b * heads_ + g * group) * D;
+        scores.resize(group * n);
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t i = 0; i < group; ++i) scores[i * n + j] = dot(q + i * D, keys + j * D, D) * scale;
+        for (int64_t i = 0; i < group; ++i) {
+          float* s = &scores[i * n];
+          const float total = exp_shifted(s, n, *std::max_element(s, s + n));
+          for (int64_t j = 0; j < n; ++j) s[j] /= total;
+        }
+        std::fill_n(o, group * D, 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          const float* v = values + j * D;
+          for (int64_t i = 0; i < group; ++i) {
+            const float p = scores[i * n + j];
+            float* oi = o + i * D;
+            for (int64_t d = 0; d < D; ++d) oi[d] += p * v[d];
+          }
+        }
+      }
+    });
+  }
+
+  std::vector<std::shared_ptr<DecodeLayer>> layers_;
+  int64_t heads_, kv_heads_, head_dim_, rope_dim_;
+  bool interleaved_;
+  float eps_;
+  int64_t tile_rows_;
+};
+
+}  // namespace
+
+void register_decode_step(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<DecodeLayer, std::shared_ptr<DecodeLayer>>(m, "DecodeLayer", "one block's weights for FusedDecoder")
+      .def(py::init<const torch::Tensor&, const torch::Tensor&, Parts, int64_t, const Bias&, Parts, int64_t,
+                    const Bias&, int64_t, Parts, int64_t, Parts, int64_t, int64_t>(),
+           py::arg("attn_norm"), py::arg("ffn_norm"), py::arg("qkv"), py::arg("qkv_type"), py::arg("qkv_bias"),
+           py::arg("o"), py::arg("o_type"), py::arg("o_bias"), py::arg("attn_width"), py::arg("gate_up"),
+           py::arg("gate_up_type"), py::arg("down"), py::arg("down_type"), py::arg("ffn"));
+  py::class_<FusedDecoder>(m, "FusedDecoder", "every block of a one-token step in one call (decode_step.cpp)")
+      .def(py::init<std::vector<std::shared_ptr<DecodeLayer>>, int64_t, int64_t, int64_t, int64_t, bool, double,
+                    int64_t>(),
+           py::arg("layers"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("rope_dim"),
+           py::arg("interleaved"), py::arg("eps"), py::arg("tile_rows"))
+      .def("step", &FusedDecoder::step, py::arg("x"), py::arg("kv"), py::arg("slots"), py::arg("pos"), py::arg("rows"),
+           py::arg("rope"), py::call_guard<py::gil_scoped_release>());
+}

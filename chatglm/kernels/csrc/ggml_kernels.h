@@ -1,0 +1,19 @@
+// What the ggml block kernels (ggml_kernels.cpp) offer the fused decode step (decode_step.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+// The output rows held by `parts` (uint8 [rows, bytes per row] of ggml blocks of type `qtype`, gguf's
+// numbering) for `k` inputs; throws naming the mismatch.
+int64_t check_parts(const std::vector<torch::Tensor>& parts, int64_t k, int64_t qtype);
+
+// y [m, n_out] = x [m, k] @ W.T, W the rows of `parts` stacked; x and y float32, contiguous. Unchecked:
+// check_parts first. Threads split the output rows.
+void linear_into(const float* x, int64_t m, int64_t k, const std::vector<torch::Tensor>& parts, int64_t qtype,
+                 int64_t tile_rows, float* y);
+
+// Adds the fused decode step's classes to the extension module.
+void register_decode_step(pybind11::module_& m);
