@@ -92,6 +92,25 @@ struct Acts {
 // One block of 32 activations as 8-bit codes in value order (ggml's q8_0 rounding); returns the codes'
 // sum and sets the f16-rounded scale d.
 int quantize_block(const float* v, int8_t* c, float& d) {
+#ifdef GGML_KERNELS_VNNI
+  const __m512 lo = _mm512_loadu_ps(v), hi = _mm512_loadu_ps(v + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  const float exact = amax / 127.f;
+  const __m512 id = _mm512_set1_ps(exact != 0.f ? 1.f / exact : 0.f);
+  // std::round's ties away from zero: truncate, then step away from zero where the exact remainder is >= 1/2
+  auto codes = [&](__m512 x) {
+    const __m512 y = _mm512_mul_ps(x, id);
+    const __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(y, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    const __m512 step = _mm512_or_ps(_mm512_set1_ps(1.f), _mm512_and_ps(y, _mm512_set1_ps(-0.f)));  // +-1 as y
+    return _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, step));
+  };
+  const __m512i a = codes(lo), b = codes(hi);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(c), _mm512_cvtsepi32_epi8(a));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(c + 16), _mm512_cvtsepi32_epi8(b));
+  d = round_to_half(exact);
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
+#else
   float amax = 0.f;
   for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(v[i]));
   const float exact = amax / 127.f, id = exact != 0.f ? 1.f / exact : 0.f;
@@ -102,6 +121,7 @@ int quantize_block(const float* v, int8_t* c, float& d) {
   }
   d = round_to_half(exact);
   return sum;
+#endif
 }
 
 Acts quantize_acts(const float* x, int64_t rows, int64_t k, const Format& f) {
