@@ -15,6 +15,7 @@ from gguf import TokenType
 
 from .config import ModelConfig
 from .default_model import default_model_path
+from .loaders.gguf import read_gguf
 from .loaders.gguf_writer import OutTensor, write_gguf
 from .loaders.vocab_writer import Vocab
 from .quant import qtype_of
@@ -66,8 +67,7 @@ def _random_data(t: OutTensor, rng: np.random.Generator) -> np.ndarray:
 
 
 def _default_vocab() -> Vocab:
-    reader = gguf.GGUFReader(default_model_path(), "r")
-    f = {k: v.contents() for k, v in reader.fields.items() if k.startswith("tokenizer.ggml.")}
+    f = read_gguf(default_model_path()).meta  # our one-pass reader: gguf.GGUFReader takes seconds here
     return Vocab(model=f["tokenizer.ggml.model"], tokens=f["tokenizer.ggml.tokens"],
                  types=[TokenType(t) for t in f["tokenizer.ggml.token_type"]], merges=f.get("tokenizer.ggml.merges"),
                  pre=f.get("tokenizer.ggml.pre"), ids={"bos": f.get("tokenizer.ggml.bos_token_id"),
