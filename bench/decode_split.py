@@ -1,5 +1,7 @@
 """One decode step split into the linear modules (the kernels) and everything else (the "glue"):
-the glue is the step with every linear swapped for a stub returning a tensor of the right shape.
+the glue is the step of the torch blocks with every linear swapped for a stub returning a tensor of the
+right shape. Where the step is fused in C++ (ggml weights) there is no glue to isolate: "step_ms" is the
+fused step, beside the torch blocks' step and glue and the linears called one by one from Python.
 Process CPU time, lowest of several repeats: wall time on a shared CPU swings too much.
 
 Usage: .venv/bin/python bench/decode_split.py [MODEL] [--threads 1] [--position 64]
@@ -68,6 +70,8 @@ def main() -> None:
         model.head(x)
 
     kernels = cpu_ms(linears)
+    fused, model.fused = model.fused, None  # the torch blocks, whose glue the stubs isolate
+    torch_step = cpu_ms(step)
     head = model.head
     with torch.inference_mode():
         for (i, name), module in real.items():
@@ -76,11 +80,11 @@ def main() -> None:
         glue = cpu_ms(step)
     for (i, name), module in real.items():
         setattr(model.layers[i], name, module)
-    model.head = head
+    model.head, model.fused = head, fused
     print(json.dumps({"model": args.model, "layers": cfg.num_layers, "threads": args.threads,
-                      "step_ms": round(whole, 2), "linears_ms": round(kernels, 2), "glue_ms": round(glue, 2),
-                      "glue_us_per_layer": round(glue / cfg.num_layers * 1e3)}))
-
+                      "step_ms": round(whole, 2), "fused": fused is not None, "linears_ms": round(kernels, 2),
+                      "torch_blocks": {"step_ms": round(torch_step, 2), "glue_ms": round(glue, 2),
+                                       "glue_us_per_layer": round(glue / cfg.num_layers * 1e3)}}))
 
 if __name__ == "__main__":
     main()
