@@ -1,8 +1,10 @@
 """The fused one-token step (kernels/csrc/decode_step.cpp) against the torch blocks it replaces, with the
 same ggml-block weights: llama with biases and half-split rotary, GLM-4 with partial interleaved rotary and
 grouped keys, a P-Tuning prefix; a batch at mixed positions in scattered cache slots. And on the default
-model, the step really is fused and agrees with the torch blocks."""
+model, the steps really are fused and agree with llama.cpp."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -78,17 +80,24 @@ def test_fused_step_reads_the_ptuning_prefix(tmp_path):
     assert torch.abs(fused - reference).max() < 1e-4 * torch.abs(reference).max()
 
 
-def test_default_model_decodes_fused(default_gguf):
+def test_default_model_decode_steps_agree_with_llama_cpp(default_gguf, llama_cpp):
+    """The fused steps on the real model against llama.cpp's logits for the same tokens. (Against our torch
+    blocks a step agrees only to the 8-bit activation rounding: this model's outlier activations put some
+    codes on a rounding edge that a different summation order flips, as llama.cpp's own threads can.)"""
+    text = Path("/usr/share/common-licenses/GPL-3")
+    if not text.is_file():
+        pytest.skip(f"{text} is absent")
     model = load_model(default_gguf)
     assert model.fused is not None, "the default model's ggml blocks should take the fused step"
-    ids = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173]
-
-    def steps(m) -> np.ndarray:
-        cache = m.new_cache(1, 32)
-        slot = torch.zeros(1, dtype=torch.long)
-        m(torch.tensor([ids]), torch.arange(len(ids))[None], cache, slot)
-        return m(torch.tensor([[42]]), torch.tensor([[len(ids)]]), cache, slot)[0, -1].numpy()
-
-    fused, reference = steps(model), without_fused(model, steps)
-    assert np.abs(fused - reference).max() < 1e-3 * np.abs(reference).max()
-    assert fused.argmax() == reference.argmax()
+    llama = llama_cpp.Llama(model_path=str(default_gguf), n_ctx=300, logits_all=True, verbose=False, n_threads=2)
+    tokens = llama.tokenize(text.read_text()[:6000].encode(), add_bos=False, special=False)[:256]
+    llama.eval(tokens)
+    theirs = np.asarray(llama.scores[16:256], np.float32)
+    cache, slot = model.new_cache(1, 256), torch.zeros(1, dtype=torch.long)
+    model(torch.tensor([tokens[:16]]), torch.arange(16)[None], cache, slot)
+    mine = np.stack([model(torch.tensor([[t]]), torch.tensor([[i]]), cache, slot)[0, -1].numpy()
+                     for i, t in enumerate(tokens[16:], start=16)])
+    assert np.mean(mine.argmax(-1) == theirs.argmax(-1)) >= 0.95
+    targets = torch.tensor(tokens[17:256])
+    nll = [float(torch.nn.functional.cross_entropy(torch.from_numpy(x[:-1]).double(), targets)) for x in (mine, theirs)]
+    assert abs(np.exp(nll[0]) / np.exp(nll[1]) - 1) < 0.02, f"perplexity {np.exp(nll[0]):.3f} vs llama.cpp {np.exp(nll[1]):.3f}"
