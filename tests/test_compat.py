@@ -24,9 +24,9 @@ def model(default_gguf):
 
 def test_seed_004_chat_session(model, caplog):
     tokenizer = AutoTokenizer.from_pretrained("default", trust_remote_code=True)
-    response, history = model.chat(tokenizer, "What is the capital of France?", history=[], do_sample=False,
+    response, history = model.chat(tokenizer, "What is the capital of Germany?", history=[], do_sample=False,
                                    max_length=256)
-    assert "Paris" in response and history == [("What is the capital of France?", response)]
+    assert "Berlin" in response and history == [("What is the capital of Germany?", response)]
     response2, history = model.chat(tokenizer, "And of Italy?", history=history, do_sample=False, max_length=512)
     assert response2 and len(history) == 2 and history[1][1] == response2
 
@@ -99,8 +99,8 @@ def test_seed_003_server_runs_unchanged(shared_dir, default_gguf, tmp_path):
                 if time.time() > deadline or proc.poll() is not None:
                     raise AssertionError(proc.stderr.read().decode() if proc.poll() is not None else "no start")
                 time.sleep(1)
-        answer = json.load(post(base + "/chat", {"query": "What is the capital of France?", "history": []}))
-        assert answer["success"] and answer["response"] and answer["history"][0][0] == "What is the capital of France?"
+        answer = json.load(post(base + "/chat", {"query": "What is the capital of Germany?", "history": []}))
+        assert answer["success"] and answer["response"] and answer["history"][0][0] == "What is the capital of Germany?"
         events = []
         with post(base + "/stream", {"query": "Say hello.", "history": [["Hi", "Hello!"]]}) as r:
             for line in r:

@@ -89,15 +89,15 @@ def test_default_model_decode_steps_agree_with_llama_cpp(default_gguf, llama_cpp
         pytest.skip(f"{text} is absent")
     model = load_model(default_gguf)
     assert model.fused is not None, "the default model's ggml blocks should take the fused step"
-    llama = llama_cpp.Llama(model_path=str(default_gguf), n_ctx=300, logits_all=True, verbose=False, n_threads=2)
-    tokens = llama.tokenize(text.read_text()[:6000].encode(), add_bos=False, special=False)[:256]
+    llama = llama_cpp.Llama(model_path=str(default_gguf), n_ctx=600, logits_all=True, verbose=False, n_threads=2)
+    tokens = llama.tokenize(text.read_text()[:8000].encode(), add_bos=False, special=False)[:512]
     llama.eval(tokens)
-    theirs = np.asarray(llama.scores[16:256], np.float32)
-    cache, slot = model.new_cache(1, 256), torch.zeros(1, dtype=torch.long)
+    theirs = np.asarray(llama.scores[16:512], np.float32)
+    cache, slot = model.new_cache(1, 512), torch.zeros(1, dtype=torch.long)
     model(torch.tensor([tokens[:16]]), torch.arange(16)[None], cache, slot)
     mine = np.stack([model(torch.tensor([[t]]), torch.tensor([[i]]), cache, slot)[0, -1].numpy()
                      for i, t in enumerate(tokens[16:], start=16)])
     assert np.mean(mine.argmax(-1) == theirs.argmax(-1)) >= 0.95
-    targets = torch.tensor(tokens[17:256])
+    targets = torch.tensor(tokens[17:512])
     nll = [float(torch.nn.functional.cross_entropy(torch.from_numpy(x[:-1]).double(), targets)) for x in (mine, theirs)]
     assert abs(np.exp(nll[0]) / np.exp(nll[1]) - 1) < 0.02, f"perplexity {np.exp(nll[0]):.3f} vs llama.cpp {np.exp(nll[1]):.3f}"

@@ -13,7 +13,7 @@ from chatglm.engine import SamplingParams, generate
 
 from checkpoints import thudm_config, thudm_state_dict, tiny_glm, write_folder
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of Germany?"}]
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +24,12 @@ def pipe(default_gguf):
 def test_default_model_answers(pipe):
     reply = pipe.chat(QUESTION, do_sample=False, max_new_tokens=24)
     assert isinstance(reply, ChatMessage) and reply.role == "assistant"
-    assert "Paris" in reply.content
+    assert "Berlin" in reply.content
 
 
 def test_stream_equals_whole_reply(pipe):
     whole = pipe.chat(QUESTION, do_sample=False, max_new_tokens=24).content
-    deltas = list(pipe.chat([ChatMessage("user", "What is the capital of France?")], stream=True, do_sample=False,
+    deltas = list(pipe.chat([ChatMessage("user", "What is the capital of Germany?")], stream=True, do_sample=False,
                             max_new_tokens=24))
     assert len(deltas) > 3 and "".join(deltas) == whole
 
@@ -42,8 +42,8 @@ def test_reply_is_the_greedy_token_sequence(pipe):
 
 def test_stop_strings_cut_the_reply(pipe):
     whole = pipe.chat(QUESTION, do_sample=False, max_new_tokens=24).content
-    cut = pipe.chat(QUESTION, do_sample=False, max_new_tokens=24, stop=["Paris"]).content
-    assert cut == whole[: whole.index("Paris")]
+    cut = pipe.chat(QUESTION, do_sample=False, max_new_tokens=24, stop=["Berlin"]).content
+    assert cut == whole[: whole.index("Berlin")]
 
 
 def test_seeded_sampling_repeats(pipe):
@@ -66,18 +66,18 @@ def test_bad_messages_are_clear_errors(pipe):
 
 
 def test_cli_one_prompt(default_gguf):
-    proc = subprocess.run([sys.executable, "-m", "chatglm", "chat", "-p", "What is the capital of France?",
+    proc = subprocess.run([sys.executable, "-m", "chatglm", "chat", "-p", "What is the capital of Germany?",
                            "--temp", "0", "--max-new-tokens", "24"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "Paris" in proc.stdout
+    assert "Berlin" in proc.stdout
 
 
 def test_cli_interactive_clear_and_stop(default_gguf):
-    lines = "What is the capital of France?\nclear\nstop\nnever read\n"
+    lines = "What is the capital of Germany?\nclear\nstop\nnever read\n"
     proc = subprocess.run([sys.executable, "-m", "chatglm", "chat", "-i", "--temp", "0", "--max-new-tokens", "16"],
                           input=lines, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "Paris" in proc.stdout and proc.stdout.count("> ") == 3
+    assert "Berlin" in proc.stdout and proc.stdout.count("> ") == 3
 
 
 @pytest.fixture(scope="module")

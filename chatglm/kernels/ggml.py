@@ -23,7 +23,7 @@ except ImportError:  # built without the extension (no compiler at install): tor
     _ggml = None
 
 TYPES = frozenset({QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0})
-TILE_ROWS = 8  # activation rows that share each decoded weight block (measured best for prompts)
+TILE_ROWS = 64  # activation rows that share each decoded weight block (measured best for prompts)
 
 
 def available() -> bool:

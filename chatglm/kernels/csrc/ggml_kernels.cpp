@@ -7,12 +7,14 @@
 // Integer dot products use vpdpbusd (unsigned bytes x signed bytes). Weights are turned into unsigned
 // codes u = w + bias (bias 8 for q4_0, 16 for q5_0, 128 for q8_0, 0 for q4_1/q5_1 whose codes are
 // already unsigned); the -bias * sum(a) term is per activation only, so it is precomputed once per call
-// (the prompt path adds it in float, the decode path starts the dot product from it and stays exact).
+// (the integer dot product starts from it, so it stays exact).
 // q4_1/q5_1 add their offset m times the activation block's sum (ggml's q8_1 "s") in float.
 //
-// Prompts: two blocks fill a 512-bit register. For the nibble types the activations are stored in the
-// order the nibbles unpack in ([block0 low half, block1 low half, block0 high half, block1 high half]), so
-// a weight pair decodes with one broadcast, one shift and one mask, and serves a tile of activation rows.
+// Prompts: the 32-bit lanes of a register are 16 activation rows (a tile) and the weights come to them:
+// a weight block is decoded once to 32 unsigned codes, and each group of 4 codes is broadcast into one
+// vpdpbusd per tile, so a block's integer dot product with 16 rows takes 8 of them and is scaled once, and
+// each decoded block serves a panel of up to 4 tiles (64 rows). The activations are stored as those
+// registers, 4 values of 16 rows apiece.
 //
 // Decode (a few activation rows): one block per 256-bit register, as ggml does, since Zen 4 issues two
 // 256-bit ops a cycle where 512-bit ones take one: a block costs a decode, one vpdpbusd, a convert and
@@ -36,9 +38,12 @@
 namespace {
 
 constexpr int QK = 32;        // values per block
-constexpr int PAIR = 64;      // activation bytes per pair of blocks
-constexpr int LANES = 16;     // int32 lanes per pair
-constexpr int MAX_TILE = 8;   // activation rows that share one decoded weight block
+constexpr int TILE = 16;      // activation rows per prompt tile: a 512-bit register's int32 lanes
+constexpr int MAX_TILE = 64;  // activation rows that share one decoded weight block in a prompt (a panel)
+constexpr int SUB = 8;        // blocks a prompt decodes per weight row at a time
+constexpr int64_t SPAN_BYTES = 256 << 10;   // prompt activations per span of blocks: they stay in L2 (1 MB)
+constexpr int64_t CHUNK_BYTES = 512 << 10;  // prompt weight rows per chunk: they stay in L2 for every panel
+constexpr int PREFETCH = 512;  // how far ahead of its reads a prompt fetches each weight row, in bytes
 constexpr int DECODE_ROWS = 4;  // calls with at most this many activation rows take the per-block path
 constexpr int64_t SHARED_ACTS = 12 << 10;  // decode activations past this many bytes serve four weight rows per load
 
@@ -47,16 +52,15 @@ enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };  // g
 struct Format {
   int block_bytes;  // bytes per block
   int bias;         // what is added to a code to make it unsigned (0: already unsigned, with an offset m)
-  bool nibbles;     // values 0..15 in the low nibbles, 16..31 in the high ones
 };
 
 Format format_of(int64_t qtype) {
   switch (qtype) {
-    case Q4_0: return {18, 8, true};
-    case Q4_1: return {20, 0, true};
-    case Q5_0: return {22, 16, true};
-    case Q5_1: return {24, 0, true};
-    case Q8_0: return {34, 128, false};
+    case Q4_0: return {18, 8};
+    case Q4_1: return {20, 0};
+    case Q5_0: return {22, 16};
+    case Q5_1: return {24, 0};
+    case Q8_0: return {34, 128};
   }
   TORCH_CHECK(false, "ggml block type ", qtype, " has no kernel; expected q4_0, q4_1, q5_0, q5_1 or q8_0");
 }
@@ -71,45 +75,33 @@ float round_to_half(float v) {
   return c10::detail::fp16_ieee_to_fp32_value(c10::detail::fp16_ieee_from_fp32_value(v));
 }
 
-// Byte position of value i of the pair's block h (0 or 1) in the activations' pair layout.
-inline int position(int64_t h, int i, bool nibbles) {
-  if (!nibbles) return static_cast<int>(h) * QK + i;
-  return i < 16 ? static_cast<int>(h) * 16 + i : 32 + static_cast<int>(h) * 16 + (i - 16);
-}
-
-// Activation rows quantized to 8-bit blocks, pair-major so that a tile of rows reads adjacent bytes.
-struct Acts {
-  int64_t rows, blocks, pairs;
-  torch::Tensor q;    // int8 [pairs, rows, 64]: codes in the weight format's pair layout
-  torch::Tensor ds;   // float [pairs, rows, 4]: both blocks' f16-rounded scale d, then d * sum(q) / 8 each
-  int8_t* q_at = nullptr;
-  float* ds_at = nullptr;
-
-  const int8_t* codes(int64_t p, int64_t r) const { return q_at + (p * rows + r) * PAIR; }
-  const float* scales(int64_t p, int64_t r) const { return ds_at + (p * rows + r) * 4; }
-};
-
-// One block of 32 activations as 8-bit codes in value order (ggml's q8_0 rounding); returns the codes'
-// sum and sets the f16-rounded scale d.
-int quantize_block(const float* v, int8_t* c, float& d) {
 #ifdef GGML_KERNELS_VNNI
-  const __m512 lo = _mm512_loadu_ps(v), hi = _mm512_loadu_ps(v + 16);
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-  const float exact = amax / 127.f;
-  const __m512 id = _mm512_set1_ps(exact != 0.f ? 1.f / exact : 0.f);
-  // std::round's ties away from zero: truncate, then step away from zero where the exact remainder is >= 1/2
-  auto codes = [&](__m512 x) {
-    const __m512 y = _mm512_mul_ps(x, id);
+// quantize_block's codes in 256 bits.
+inline __m256i quantize_block_512(const float* v, int& sum, float& d) {
+  const __m512 x0 = _mm512_loadu_ps(v), x1 = _mm512_loadu_ps(v + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+  const float exact = amax / 127.f, id = exact != 0.f ? 1.f / exact : 0.f;
+  auto round = [](__m512 y) {  // ties away from zero, as std::round: y - trunc(y) is exact
     const __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
     const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(y, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
-    const __m512 step = _mm512_or_ps(_mm512_set1_ps(1.f), _mm512_and_ps(y, _mm512_set1_ps(-0.f)));  // +-1 as y
-    return _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, step));
+    const __m512 away = _mm512_or_ps(_mm512_and_ps(y, _mm512_set1_ps(-0.f)), _mm512_set1_ps(1.f));  // +-1
+    return _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, away));
   };
-  const __m512i a = codes(lo), b = codes(hi);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(c), _mm512_cvtsepi32_epi8(a));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(c + 16), _mm512_cvtsepi32_epi8(b));
+  const __m512i c0 = round(_mm512_mul_ps(x0, _mm512_set1_ps(id))), c1 = round(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
+  sum = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
   d = round_to_half(exact);
-  return _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(c0)), _mm512_cvtepi32_epi8(c1), 1);
+}
+
+#endif
+
+// One block of 32 activations as 8-bit codes in value order (ggml's q8_0 rounding), written to c; returns
+// their sum and sets the f16-rounded scale d.
+int quantize_block(const float* v, int8_t* c, float& d) {
+#ifdef GGML_KERNELS_VNNI
+  int sum;
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c), quantize_block_512(v, sum, d));
+  return sum;
 #else
   float amax = 0.f;
   for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(v[i]));
@@ -124,24 +116,21 @@ int quantize_block(const float* v, int8_t* c, float& d) {
 #endif
 }
 
-Acts quantize_acts(const float* x, int64_t rows, int64_t k, const Format& f) {
-  Acts a;
-  a.rows = rows;
-  a.blocks = k / QK;
-  a.pairs = (a.blocks + 1) / 2;
-  a.q = torch::zeros({a.pairs, rows, PAIR}, torch::kInt8);   // an odd last block pairs with zeros
-  a.ds = torch::zeros({a.pairs, rows, 4}, torch::kFloat32);
-  int8_t* q = a.q_at = a.q.data_ptr<int8_t>();
-  float* ds = a.ds_at = a.ds.data_ptr<float>();
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-    int8_t c[QK];
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t b = 0; b < a.blocks; ++b) {
-        const int64_t at = (b / 2) * rows + r, h = b % 2;
-        const int sum = quantize_block(x + r * k + b * QK, c, ds[at * 4 + h]);
-        for (int i = 0; i < QK; ++i) q[at * PAIR + position(h, i, f.nibbles)] = c[i];
-        ds[at * 4 + 2 + h] = ds[at * 4 + h] * static_cast<float>(sum) / 8.f;
-      }
+// Activation rows quantized to 8-bit blocks in value order: the portable path's input.
+struct Acts {
+  int64_t rows, blocks;
+  torch::Tensor q;   // int8 [rows, blocks, 32]
+  torch::Tensor ds;  // float [rows, blocks, 2]: the f16-rounded scale d, then d * sum(q)
+};
+
+Acts quantize_acts(const float* x, int64_t rows, int64_t k) {
+  Acts a{rows, k / QK, torch::empty({rows, k / QK, QK}, torch::kInt8), torch::empty({rows, k / QK, 2}, torch::kFloat32)};
+  int8_t* q = a.q.data_ptr<int8_t>();
+  float* ds = a.ds.data_ptr<float>();
+  at::parallel_for(0, rows * a.blocks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int sum = quantize_block(x + i * QK, q + i * QK, ds[2 * i]);
+      ds[2 * i + 1] = ds[2 * i] * static_cast<float>(sum);
     }
   });
   return a;
@@ -210,17 +199,19 @@ void rows_scalar(const uint8_t* raw, int64_t row_stride, int64_t qtype, const Fo
                  float* y, int64_t n_out, int64_t n0, int64_t n1) {
   uint8_t u[QK];
   std::vector<float> acc(a.rows);
+  const int8_t* codes = a.q.data_ptr<int8_t>();
+  const float* scales = a.ds.data_ptr<float>();
   for (int64_t n = n0; n < n1; ++n) {
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t b = 0; b < a.blocks; ++b) {
       float d, m;
       decode_block(raw + n * row_stride + b * f.block_bytes, qtype, u, d, m);
       for (int64_t r = 0; r < a.rows; ++r) {
-        const int8_t* q = a.codes(b / 2, r);
-        const float* ds = a.scales(b / 2, r);
+        const int8_t* q = codes + (r * a.blocks + b) * QK;
+        const float* ds = scales + (r * a.blocks + b) * 2;
         int32_t dot = 0;
-        for (int i = 0; i < QK; ++i) dot += (static_cast<int32_t>(u[i]) - f.bias) * q[position(b % 2, i, f.nibbles)];
-        acc[r] += d * ds[b % 2] * static_cast<float>(dot) + m * 8.f * ds[2 + b % 2];
+        for (int i = 0; i < QK; ++i) dot += (static_cast<int32_t>(u[i]) - f.bias) * q[i];
+        acc[r] += d * ds[0] * static_cast<float>(dot) + m * ds[1];
       }
     }
     for (int64_t r = 0; r < a.rows; ++r) y[r * n_out + n] = acc[r];
@@ -232,110 +223,10 @@ void rows_scalar(const uint8_t* raw, int64_t row_stride, int64_t qtype, const Fo
 inline __m128i load128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 inline __m256i load256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-inline __m512 half_splat(const uint8_t* p) {
+inline float half_to_float_f16c(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
-  return _mm512_set1_ps(_cvtsh_ss(h));
-}
-
-// Two blocks as 64 unsigned codes in the activations' layout, with per-lane scales and offsets
-// (m for q4_1/q5_1; -bias * d for the others, which the activations' sums multiply).
-template <int QT>
-inline void decode_pair(const uint8_t* b0, const uint8_t* b1, __m512i& u, __m512& d, __m512& m) {
-  constexpr bool nibbles = QT != Q8_0;
-  const __mmask16 second = nibbles ? 0xF0F0 : 0xFF00;
-  d = _mm512_mask_blend_ps(second, half_splat(b0), half_splat(b1));
-  if constexpr (QT == Q4_1 || QT == Q5_1) {
-    m = _mm512_mask_blend_ps(second, half_splat(b0 + 2), half_splat(b1 + 2));
-  } else {
-    m = _mm512_mul_ps(d, _mm512_set1_ps(QT == Q4_0 ? -8.f : QT == Q5_0 ? -16.f : -128.f));
-  }
-  if constexpr (QT == Q8_0) {
-    __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(load256(b0 + 2)), load256(b1 + 2), 1);
-    u = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
-  } else {
-    constexpr int qs = QT == Q4_0 ? 2 : QT == Q4_1 ? 4 : QT == Q5_0 ? 6 : 8;
-    __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(load128(b0 + qs)), load128(b1 + qs), 1);
-    __m512i w = _mm512_broadcast_i64x4(both);
-    w = _mm512_srlv_epi64(w, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0));
-    u = _mm512_and_si512(w, _mm512_set1_epi8(15));
-    if constexpr (QT == Q5_0 || QT == Q5_1) {
-      constexpr int at = QT == Q5_0 ? 2 : 4;
-      uint32_t h0, h1;
-      std::memcpy(&h0, b0 + at, 4);
-      std::memcpy(&h1, b1 + at, 4);
-      __mmask64 high = static_cast<uint64_t>(h0 & 0xFFFF) | (static_cast<uint64_t>(h1 & 0xFFFF) << 16) |
-                       (static_cast<uint64_t>(h0 >> 16) << 32) | (static_cast<uint64_t>(h1 >> 16) << 48);
-      u = _mm512_or_si512(u, _mm512_maskz_mov_epi8(high, _mm512_set1_epi8(16)));
-    }
-  }
-}
-
-// y rows [r0, r0 + T) at columns [n0, n1) (+)= the products over block pairs [p0, p1): each decoded
-// weight pair serves T activation rows.
-template <int QT, int T>
-void tile(const uint8_t* raw, int64_t row_stride, const Acts& a, int64_t r0, int64_t p0, int64_t p1, float* y,
-          int64_t n_out, int64_t n0, int64_t n1) {
-  constexpr int block_bytes = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : QT == Q5_0 ? 22 : QT == Q5_1 ? 24 : 34;
-  constexpr bool nibbles = QT != Q8_0;
-  // Which of (d0, d1, s0, s1) each lane takes: the lane's block's scale, then its sum.
-  const __m512i pick_d = nibbles ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
-                                 : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m512i pick_s = _mm512_add_epi32(pick_d, _mm512_set1_epi32(2));
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = raw + n * row_stride;
-    __m512 acc[T], off[T];  // two chains per row: the scaled dot products and the offset terms
-    for (int t = 0; t < T; ++t) acc[t] = off[t] = _mm512_setzero_ps();
-    for (int64_t p = p0; p < p1; ++p) {
-      const uint8_t* b0 = row + 2 * p * block_bytes;
-      const uint8_t* b1 = 2 * p + 1 < a.blocks ? b0 + block_bytes : b0;  // an odd last block pairs with itself
-      _mm_prefetch(reinterpret_cast<const char*>(b0 + 8 * block_bytes), _MM_HINT_T0);
-      __m512i u;
-      __m512 d, m;
-      decode_pair<QT>(b0, b1, u, d, m);
-      const int8_t* q = a.codes(p, r0);
-      const float* ds = a.scales(p, r0);
-#pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) {
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_load_si512(q + t * PAIR));
-        __m512 both = _mm512_castps128_ps512(_mm_loadu_ps(ds + 4 * t));
-        __m512 scale = _mm512_mul_ps(d, _mm512_permutexvar_ps(pick_d, both));
-        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
-        off[t] = _mm512_fmadd_ps(m, _mm512_permutexvar_ps(pick_s, both), off[t]);
-      }
-    }
-    for (int t = 0; t < T; ++t) {
-      float& out = y[(r0 + t) * n_out + n];
-      out = (p0 == 0 ? 0.f : out) + _mm512_reduce_add_ps(_mm512_add_ps(acc[t], off[t]));
-    }
-  }
-}
-
-template <int QT, int T = MAX_TILE>
-void tile_any(int rows, const uint8_t* raw, int64_t row_stride, const Acts& a, int64_t r0, int64_t p0, int64_t p1,
-              float* y, int64_t n_out, int64_t n0, int64_t n1) {
-  if constexpr (T > 1) {
-    if (rows < T) return tile_any<QT, T - 1>(rows, raw, row_stride, a, r0, p0, p1, y, n_out, n0, n1);
-  }
-  tile<QT, T>(raw, row_stride, a, r0, p0, p1, y, n_out, n0, n1);
-}
-
-template <int QT>
-void rows_vnni(const uint8_t* raw, int64_t row_stride, const Acts& a, float* y, int64_t n_out, int64_t n0,
-               int64_t n1, int64_t tile_rows) {
-  // Weight rows go in chunks that stay in L2 while every tile of activation rows passes over them; a
-  // tile's activations go in spans of block pairs that stay in L1.
-  const int64_t chunk = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, row_stride));
-  const int64_t span = std::max<int64_t>(1, (24 << 10) / (tile_rows * (PAIR + 16)));
-  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
-    int64_t c1 = std::min(n1, c0 + chunk);
-    for (int64_t r0 = 0; r0 < a.rows; r0 += tile_rows) {
-      int rows = static_cast<int>(std::min(tile_rows, a.rows - r0));
-      for (int64_t p0 = 0; p0 < a.pairs; p0 += span) {
-        tile_any<QT>(rows, raw, row_stride, a, r0, p0, std::min(a.pairs, p0 + span), y, n_out, c0, c1);
-      }
-    }
-  }
+  return _cvtsh_ss(h);
 }
 
 // One weight block as 32 unsigned codes in value order, in 256 bits (bias added for q8_0 by the sign flip).
@@ -450,6 +341,164 @@ void decode_any(int64_t rows, const uint8_t* raw, int64_t row_stride, const Bloc
   rows_decode<QT, T>(raw, row_stride, a, y, n_out, n0, n1);
 }
 
+// ---- Prompts: a 16-lane tile of activation rows meets each weight row's blocks ----
+
+// Sixteen activation rows at one block, laid out so that each group of 4 values (what one vpdpbusd lane
+// sums) of all 16 rows is one 512-bit register: a weight row's group, broadcast, meets 16 rows at once.
+struct alignas(64) ActTile {
+  int8_t q[8][TILE][4];  // q[j][l]: values 4j..4j+3 of row l
+  float d[TILE];         // f16-rounded scales
+  union {
+    int32_t init[TILE];  // -bias * sum(q): the integer dot product starts here and comes out exact
+    float dsum[TILE];    // d * sum(q), which q4_1/q5_1's offset m multiplies
+  };
+};
+static_assert(sizeof(ActTile) == 640, "activation tiles are packed");
+
+// The prompt's activation tiles, grouped in panels of up to MAX_TILE / TILE tiles that share each decoded
+// weight block; within a panel the tiles at one block are adjacent, so a span of blocks is one range.
+struct TileActs {
+  int64_t rows, blocks, tiles, panel;  // panel: tiles per panel
+  torch::Tensor records;               // ActTile [panels][blocks][tiles in the panel]
+  const ActTile* at = nullptr;
+
+  const ActTile* panel_at(int64_t p) const { return at + p * panel * blocks; }
+  int tiles_in(int64_t p) const { return static_cast<int>(std::min(panel, tiles - p * panel)); }
+};
+
+TileActs quantize_tile_acts(const float* x, int64_t rows, int64_t k, const Format& f, int64_t panel) {
+  TileActs a{rows, k / QK, (rows + TILE - 1) / TILE, panel};
+  // zeros: the lanes past the last row stay 0 and add nothing
+  a.records = torch::zeros({a.tiles * a.blocks * static_cast<int64_t>(sizeof(ActTile))}, torch::kUInt8);
+  ActTile* rec = reinterpret_cast<ActTile*>(a.records.data_ptr<uint8_t>());
+  a.at = rec;
+  at::parallel_for(0, a.tiles, 1, [&](int64_t t0, int64_t t1) {  // by tile: no record is shared by two threads
+    alignas(32) int32_t groups[8];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p = t / panel, n = a.tiles_in(p), lanes = std::min<int64_t>(TILE, rows - t * TILE);
+      for (int64_t b = 0; b < a.blocks; ++b) {
+        ActTile& o = rec[p * panel * a.blocks + b * n + t % panel];
+        for (int64_t l = 0; l < lanes; ++l) {  // the 16 rows of a record in turn, while it is in L1
+          int sum;
+          const float* v = x + (t * TILE + l) * k + b * QK;
+          _mm256_store_si256(reinterpret_cast<__m256i*>(groups), quantize_block_512(v, sum, o.d[l]));
+          for (int j = 0; j < 8; ++j) std::memcpy(o.q[j][l], &groups[j], 4);
+          if (f.bias == 0) o.dsum[l] = o.d[l] * static_cast<float>(sum);
+          else o.init[l] = -f.bias * sum;
+        }
+      }
+    }
+  });
+  return a;
+}
+
+// part[w][t] (16 lanes: a tile's rows) (+)= weight rows row + w * row_stride times the TA tiles at a, over
+// nb blocks. Blocks are decoded SUB at a time into unsigned codes on the stack; then for each block every
+// group of 4 weight codes is broadcast into the W x TA integer dot products, which are scaled once per block.
+// Each broadcast serves TA tiles and each activation register W rows, so loads stay below one per vpdpbusd.
+template <int QT, int W, int TA>
+void span_rows(const uint8_t* row, int64_t row_stride, const ActTile* a, int64_t nb, float* part, bool first) {
+  constexpr int block_bytes = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : QT == Q5_0 ? 22 : QT == Q5_1 ? 24 : 34;
+  constexpr bool offset = QT == Q4_1 || QT == Q5_1;
+  alignas(32) uint8_t u[W][SUB][QK];
+  float dw[W][SUB], mw[W][SUB];
+  __m512 acc[W][TA];
+  for (int w = 0; w < W; ++w)
+    for (int t = 0; t < TA; ++t) acc[w][t] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(part + (w * TA + t) * TILE);
+  for (int64_t s0 = 0; s0 < nb; s0 += SUB) {
+    const int ns = static_cast<int>(std::min<int64_t>(SUB, nb - s0));
+    for (int w = 0; w < W; ++w) {
+      const uint8_t* blocks = row + w * row_stride + s0 * block_bytes;
+      // W rows read side by side share pages, which the hardware prefetcher serves badly: fetch ahead
+      for (int line = 0; line < SUB * block_bytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(blocks + PREFETCH + line), _MM_HINT_T0);
+      for (int s = 0; s < ns; ++s) {
+        const uint8_t* blk = blocks + s * block_bytes;
+        _mm256_store_si256(reinterpret_cast<__m256i*>(u[w][s]), decode_256<QT>(blk));
+        dw[w][s] = half_to_float_f16c(blk);
+        if constexpr (offset) mw[w][s] = half_to_float_f16c(blk + 2);
+      }
+    }
+    for (int s = 0; s < ns; ++s) {
+      const ActTile* at = a + (s0 + s) * TA;
+      __m512i dot[W][TA];
+      for (int w = 0; w < W; ++w)
+        for (int t = 0; t < TA; ++t) dot[w][t] = offset ? _mm512_setzero_si512() : _mm512_load_si512(at[t].init);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        __m512i q[TA];
+        for (int t = 0; t < TA; ++t) {
+          q[t] = _mm512_load_si512(at[t].q[j]);
+          asm("" : "+v"(q[t]));  // in a register, loaded once for the W rows (not a memory operand of each)
+        }
+        for (int w = 0; w < W; ++w) {
+          int32_t group;
+          std::memcpy(&group, u[w][s] + 4 * j, 4);
+          const __m512i g = _mm512_set1_epi32(group);
+          for (int t = 0; t < TA; ++t) dot[w][t] = _mm512_dpbusd_epi32(dot[w][t], g, q[t]);
+        }
+      }
+      for (int t = 0; t < TA; ++t) {
+        const __m512 da = _mm512_load_ps(at[t].d);
+        for (int w = 0; w < W; ++w)
+          acc[w][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[w][t]), _mm512_mul_ps(da, _mm512_set1_ps(dw[w][s])), acc[w][t]);
+        if constexpr (offset) {
+          const __m512 ds = _mm512_load_ps(at[t].dsum);
+          for (int w = 0; w < W; ++w) acc[w][t] = _mm512_fmadd_ps(_mm512_set1_ps(mw[w][s]), ds, acc[w][t]);
+        }
+      }
+    }
+  }
+  for (int w = 0; w < W; ++w)
+    for (int t = 0; t < TA; ++t) _mm512_storeu_ps(part + (w * TA + t) * TILE, acc[w][t]);
+}
+
+// part = weight rows [c0, c1) times a panel of TA tiles, in spans of blocks whose activations stay in L2.
+// W, the weight rows per pass (measured best), keeps W x TA dot products, as many accumulators and TA
+// activations in registers (for TA = 4 a few accumulators spill, which still beats W = 2).
+template <int QT, int TA>
+void panel_rows(const uint8_t* raw, int64_t row_stride, const ActTile* a, int64_t blocks, float* part, int64_t c0,
+                int64_t c1) {
+  constexpr int W = TA <= 2 ? 4 : 3;
+  constexpr int block_bytes = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : QT == Q5_0 ? 22 : QT == Q5_1 ? 24 : 34;
+  const int64_t span = std::max<int64_t>(SUB, SPAN_BYTES / (TA * static_cast<int64_t>(sizeof(ActTile))));
+  for (int64_t b0 = 0; b0 < blocks; b0 += span) {
+    const int64_t nb = std::min(span, blocks - b0);
+    const uint8_t* w = raw + b0 * block_bytes;
+    int64_t n = c0;
+    for (; n + W <= c1; n += W)
+      span_rows<QT, W, TA>(w + n * row_stride, row_stride, a + b0 * TA, nb, part + (n - c0) * TA * TILE, b0 == 0);
+    for (; n < c1; ++n)
+      span_rows<QT, 1, TA>(w + n * row_stride, row_stride, a + b0 * TA, nb, part + (n - c0) * TA * TILE, b0 == 0);
+  }
+}
+
+// y rows at columns [n0, n1) = the products: weight rows in chunks that stay in L2 while each panel of
+// activation rows passes over them.
+template <int QT>
+void rows_prompt(const uint8_t* raw, int64_t row_stride, const TileActs& a, float* y, int64_t n_out, int64_t n0,
+                 int64_t n1) {
+  // a multiple of 12 rows, which every W divides
+  const int64_t chunk = std::max<int64_t>(12, CHUNK_BYTES / std::max<int64_t>(1, row_stride) / 12 * 12);
+  std::vector<float> part(chunk * a.panel * TILE);
+  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+    const int64_t c1 = std::min(n1, c0 + chunk);
+    for (int64_t p = 0; p * a.panel < a.tiles; ++p) {
+      const int ta = a.tiles_in(p);
+      const ActTile* ap = a.panel_at(p);
+      switch (ta) {
+        case 1: panel_rows<QT, 1>(raw, row_stride, ap, a.blocks, part.data(), c0, c1); break;
+        case 2: panel_rows<QT, 2>(raw, row_stride, ap, a.blocks, part.data(), c0, c1); break;
+        case 3: panel_rows<QT, 3>(raw, row_stride, ap, a.blocks, part.data(), c0, c1); break;
+        default: panel_rows<QT, 4>(raw, row_stride, ap, a.blocks, part.data(), c0, c1); break;
+      }
+      const int64_t r0 = p * a.panel * TILE, r1 = std::min(a.rows, r0 + ta * TILE);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t n = c0; n < c1; ++n) y[r * n_out + n] = part[(n - c0) * ta * TILE + (r - r0)];
+    }
+  }
+}
+
 #endif
 
 }  // namespace
@@ -504,15 +553,15 @@ void linear_into(const float* x, int64_t m, int64_t k, const std::vector<torch::
     });
     return;
   }
-  const Acts a = quantize_acts(x, m, k, f);
+  const TileActs a = quantize_tile_acts(x, m, k, f, (tile_rows + TILE - 1) / TILE);
   by_type([&](auto qt) {
     each_part([&](const uint8_t* w, int64_t stride, float* yp, int64_t lo, int64_t hi) {
-      rows_vnni<decltype(qt)::value>(w, stride, a, yp, n_out, lo, hi, tile_rows);
+      rows_prompt<decltype(qt)::value>(w, stride, a, yp, n_out, lo, hi);
     });
   });
 #else
   (void)tile_rows;
-  const Acts a = quantize_acts(x, m, k, f);
+  const Acts a = quantize_acts(x, m, k);
   each_part([&](const uint8_t* w, int64_t stride, float* yp, int64_t lo, int64_t hi) {
     rows_scalar(w, stride, qtype, f, a, yp, n_out, lo, hi);
   });
@@ -539,7 +588,7 @@ torch::Tensor linear_reference(const torch::Tensor& x, const torch::Tensor& raw,
   TORCH_CHECK(xf.dim() == 2 && xf.size(1) % QK == 0 && raw.dim() == 2 && raw.stride(1) == 1 &&
               raw.size(0) == out_features && raw.size(1) == xf.size(1) / QK * f.block_bytes, "bad shapes");
   torch::Tensor y = torch::empty({xf.size(0), out_features}, xf.options());
-  const Acts a = quantize_acts(xf.data_ptr<float>(), xf.size(0), xf.size(1), f);
+  const Acts a = quantize_acts(xf.data_ptr<float>(), xf.size(0), xf.size(1));
   rows_scalar(raw.data_ptr<uint8_t>(), raw.stride(0), qtype, f, a, y.data_ptr<float>(), out_features, 0, out_features);
   return y;
 }
@@ -555,7 +604,7 @@ bool simd() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ggml block matmuls read in place (see ggml_kernels.cpp)";
   m.def("linear", &linear, "y = x @ W.T for ggml-block W", py::arg("x"), py::arg("parts"), py::arg("qtype"),
-        py::arg("tile_rows") = 4);
+        py::arg("tile_rows") = MAX_TILE);
   m.def("linear_reference", &linear_reference, "the portable path of linear");
   m.def("simd", &simd, "whether the AVX-512 VNNI path was compiled in");
   register_decode_step(m);
