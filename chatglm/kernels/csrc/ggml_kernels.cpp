@@ -45,6 +45,7 @@ constexpr int64_t SPAN_BYTES = 256 << 10;   // prompt activations per span of bl
 constexpr int64_t CHUNK_BYTES = 512 << 10;  // prompt weight rows per chunk: they stay in L2 for every panel
 constexpr int PREFETCH = 512;  // how far ahead of its reads a prompt fetches each weight row, in bytes
 constexpr int DECODE_ROWS = 4;  // calls with at most this many activation rows take the per-block path
+constexpr int DECODE_PREFETCH = 512;  // bytes ahead of each weight row a decode call asks for (+10-20% on wide ones)
 constexpr int64_t SHARED_ACTS = 12 << 10;  // decode activations past this many bytes serve four weight rows per load
 
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };  // gguf's numbering
@@ -285,6 +286,7 @@ void rows_decode_r(const uint8_t* raw, int64_t row_stride, const BlockActs& a, f
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         const uint8_t* blk = row + r * L * row_stride + b * block_bytes;
+        _mm_prefetch(reinterpret_cast<const char*>(blk + DECODE_PREFETCH), _MM_HINT_T0);
         u[r] = decode_256<QT>(blk);
         d[r] = half_splat_256(blk);
         m[r] = offset ? _mm256_cvtss_f32(half_splat_256(blk + 2)) : 0.f;
