@@ -259,11 +259,11 @@ inline __m256 half_splat_256(const uint8_t* p) {
 // Decode (T = a.rows activation rows, few): y rows at columns [n0, n1) = the products, one weight block at
 // a time in 256 bits; the scale d_w * d_a is a product of broadcasts, so no lane shuffles.
 //
-// Each weight byte is read once, so speed is the hardware prefetcher's: it serves a few sequential streams
-// (one per 4 KB page region), not rows interleaved within a page. Narrow inputs read the thread's rows as one
-// stream (two blocks in flight per row). Wide ones (activation records over SHARED_ACTS bytes, e.g. a 13696-wide
-// down projection, where reloading them for every row costs more than the weights) take R = 4 rows far apart,
-// one from each quarter of the range, so that every activation record loaded serves four rows.
+// Each weight byte is read once, so speed is the memory's: the hardware prefetcher serves a few sequential
+// streams (one per 4 KB page region), not rows interleaved within a page, so a thread reads R rows far apart,
+// one from each R-th of its range, each a stream of its own, with a software prefetch DECODE_PREFETCH bytes
+// ahead; every activation record loaded serves the R rows. R = 2 (narrow inputs) or 4 (activation records
+// over SHARED_ACTS bytes, e.g. a 13696-wide down projection, where reloading them costs more).
 template <int QT, int T, int R>
 void rows_decode_r(const uint8_t* raw, int64_t row_stride, const BlockActs& a, float* y, int64_t n_out, int64_t n0,
                    int64_t n1) {
@@ -331,7 +331,7 @@ void rows_decode(const uint8_t* raw, int64_t row_stride, const BlockActs& a, flo
   if (a.blocks * T * static_cast<int64_t>(sizeof(ActBlock)) > SHARED_ACTS) {
     return rows_decode_r<QT, T, 4>(raw, row_stride, a, y, n_out, n0, n1);
   }
-  rows_decode_r<QT, T, 1>(raw, row_stride, a, y, n_out, n0, n1);
+  rows_decode_r<QT, T, 2>(raw, row_stride, a, y, n_out, n0, n1);
 }
 
 template <int QT, int T = DECODE_ROWS>
