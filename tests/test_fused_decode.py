@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch
 from chatglm import load_model
 from chatglm.kernels import ggml
 from chatglm.kernels.ggml import GGMLLinear, fused_decoder
-from chatglm.quant import QTensor, QType
+from chatglm.quant import QTensor, QType, quantize
 
 from checkpoints import tiny_glm, tiny_llama
 
@@ -24,8 +23,7 @@ PROMPTS = [[5, 17, 3, 44, 9, 61, 2], [8, 30, 71], [12, 6, 90, 33, 1]]
 
 
 def blocks_of(w: torch.Tensor, qtype: QType) -> QTensor:
-    raw = gguf.quants.quantize(w.float().numpy(), gguf.GGMLQuantizationType(int(qtype)))
-    return QTensor(torch.from_numpy(raw.reshape(w.shape[0], -1)), qtype, tuple(w.shape))
+    return QTensor(torch.from_numpy(quantize(w.numpy(), qtype)), qtype, tuple(w.shape))
 
 
 def to_blocks(model, qtype: QType) -> None:

@@ -72,11 +72,11 @@ def fused_decoder(blocks: Sequence[nn.Module], cfg: ModelConfig) -> "_ggml.Fused
         linears = (block.qkv, block.o, block.gate_up, block.down)
         if not all(isinstance(m, GGMLLinear) and m.dtype == torch.float32 for m in linears):
             return None
+        # biases and norms are float32 like the activations (the C++ side checks, naming any that is not)
         (qkv, qkv_type, qkv_bias), (o, o_type, o_bias), (gate_up, gate_up_type, _), (down, down_type, _) = (
-            (list(m.parts), int(m.qtype), None if m.bias is None else m.bias.float().contiguous()) for m in linears)
+            (list(m.parts), int(m.qtype), m.bias) for m in linears)
         layers.append(_ggml.DecodeLayer(
-            block.attn_norm.data.float().contiguous(), block.ffn_norm.data.float().contiguous(),
-            qkv, qkv_type, qkv_bias, o, o_type, o_bias, cfg.num_heads * cfg.head_dim,
-            gate_up, gate_up_type, down, down_type, cfg.ffn_size))
+            block.attn_norm.data, block.ffn_norm.data, qkv, qkv_type, qkv_bias, o, o_type, o_bias,
+            cfg.num_heads * cfg.head_dim, gate_up, gate_up_type, down, down_type, cfg.ffn_size))
     return _ggml.FusedDecoder(layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_dim,
                               cfg.rope_interleaved, cfg.norm_eps, TILE_ROWS)
