@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run the model's Python in a sandboxed subprocess (ChatGLM3); off unless given")
     chat.add_argument("--mode", choices=["chat", "generate"], default="chat",
                       help="generate: continue the text as it is, no chat format (CodeGeeX2: '# language: Python\\n...')")
+    chat.add_argument("--parse-special", action="store_true",
+                      help="generate mode: read special-token text in the prompt ('<|user|>', '[gMASK]') as control "
+                           "tokens (GLM tokenizers otherwise keep it as text, as the official ones do)")
     chat.add_argument("--max-new-tokens", type=int, default=None)
     chat.add_argument("--max-length", type=int, default=2048, help="prompt + reply tokens at most (default 2048)")
     chat.add_argument("--temp", type=float, default=0.8, help="sampling temperature; 0 means greedy")

@@ -21,6 +21,7 @@ import torch
 from .loaders import resolve_path
 from .messages import ChatMessage
 from .pipeline import Pipeline
+from .tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger("chatglm")
 ROLE_HISTORY = ("chatglm3", "glm4")
@@ -28,11 +29,26 @@ ROLE_HISTORY = ("chatglm3", "glm4")
 
 class AutoTokenizer:
     @staticmethod
-    def from_pretrained(path: str | Path, trust_remote_code: bool = True, **_: Any):
-        """Our tokenizer for the folder or file; model.chat uses the model's own, so this one is informational."""
-        from .tokenizers import load_tokenizer
+    def from_pretrained(path: str | Path, trust_remote_code: bool = True, **_: Any) -> "THUDMTokenizer":
+        """The folder's or file's tokenizer with the official call shapes; model.chat uses the model's own."""
+        return THUDMTokenizer(load_tokenizer(resolve_path(path)))
 
-        return load_tokenizer(resolve_path(path))
+
+class THUDMTokenizer:
+    """Our tokenizer behind the Hugging Face methods THUDM's scripts call: ``encode`` adds the family's
+    decoration by default and keeps typed special-token text as text, as the official tokenizers do."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True, **_: Any) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, **_: Any) -> str:
+        return self.tokenizer.decode(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids))
+
+    def __getattr__(self, name: str) -> Any:  # vocab_size, specials, encode_chat, ... as our tokenizer has them
+        return getattr(self.tokenizer, name)
 
 
 class AutoModel:

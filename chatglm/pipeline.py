@@ -184,8 +184,13 @@ class Pipeline:
         reply = ChatStream(reply_text(self._tokens(prompt, sampling), self.tokenizer, stop, parser), parser)
         return reply if stream else reply.message()
 
-    def generate(self, prompt: str, *, stream: bool = False, stop: Sequence[str] = (), **sampling) -> str | Iterator[str]:
-        """Plain completion of text (CodeGeeX2's mode, base models)."""
-        ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+    def generate(self, prompt: str, *, stream: bool = False, stop: Sequence[str] = (), parse_special: bool | None = None,
+                 **sampling) -> str | Iterator[str]:
+        """Plain completion of text (CodeGeeX2's mode, base models).
+
+        parse_special=True reads special-token text in the prompt ("<|user|>", "[gMASK]") as control tokens, for
+        hand-built prompts; the default is the family's (GLM: plain text, as the official tokenizers).
+        """
+        ids = self.tokenizer.encode(prompt, add_special_tokens=True, parse_special=parse_special)
         deltas = detokenize(self._tokens(ids, sampling), self.tokenizer, stop)
         return deltas if stream else "".join(deltas)

@@ -1,4 +1,4 @@
-"""The sandbox that runs the Python ChatGLM3's code interpreter writes (``--code-interpreter``, issue 7).
+"""The sandbox that runs the Python ChatGLM3's code interpreter writes (``--code-interpreter``).
 
 ChatGLM3's demo runs the model's code in a Jupyter kernel, so variables and imports persist between cells and a
 final expression's value shows. Here a long-lived child ``python -I`` running ``sandbox_kernel.py`` plays that

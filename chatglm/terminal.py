@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TextIO
 
@@ -127,10 +128,11 @@ class Terminal:
             return self._error(e)
         return True
 
-    def complete(self, text: str) -> bool:
+    def complete(self, text: str, parse_special: bool | None = None) -> bool:
         """Plain completion (--mode generate): the text continued, not a conversation."""
         try:
-            self.show(Text(delta) for delta in self.agent.pipe.generate(text, stream=True, **self.sampling))
+            deltas = self.agent.pipe.generate(text, stream=True, parse_special=parse_special, **self.sampling)
+            self.show(Text(delta) for delta in deltas)
         except (ChatGLMError, ValueError) as e:
             return self._error(e)
         return True
@@ -191,7 +193,7 @@ def run_chat(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
     with ExitStack() as stack:
         box = stack.enter_context(_sandbox()) if args.code_interpreter else None
         term = Terminal(Agent(pipe, tools, functions, box), system=args.system, sampling=sampling)
-        act = term.complete if args.mode == "generate" else term.turn
+        act = partial(term.complete, parse_special=args.parse_special or None) if args.mode == "generate" else term.turn
         if args.prompt is not None:
             return 0 if act(args.prompt) else 1
         interactive = sys.stdin.isatty() and sys.stdout.isatty()

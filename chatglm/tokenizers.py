@@ -51,12 +51,15 @@ class Tokenizer:
     path: Path
     _prefix: Sequence[int] = ()            # decoration of encode(add_special_tokens=True)
     _suffix: Sequence[int] = ()
+    # Whether encode() reads special-token text ("<|user|>", "[gMASK]") as control ids by default. THUDM's
+    # official tokenizers keep it as text; llama.cpp and Hugging Face tokenizers parse it.
+    parse_special: bool = True
 
-    def _index_specials(self, specials: Mapping[str, int], parsed: Iterable[str]) -> None:
-        """Record the special tokens; those in ``parsed`` are recognised in raw text, longest first (as llama.cpp)."""
+    def _index_specials(self, specials: Mapping[str, int]) -> None:
+        """Record the special tokens, searched in raw text longest first (as llama.cpp) where parsing is asked."""
         self.specials: dict[str, int] = dict(specials)
         self._names = {i: name for name, i in self.specials.items()}
-        self._parsed = sorted(parsed, key=len, reverse=True)
+        self._parsed = sorted(self.specials, key=len, reverse=True)
 
     # ----- subclass hooks -----
 
@@ -100,13 +103,16 @@ class Tokenizer:
             parts = out
         return parts
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Ids of raw text; special-token text becomes special ids where the family allows it.
+    def encode(self, text: str, add_special_tokens: bool = False, *, parse_special: bool | None = None) -> list[int]:
+        """Ids of raw text, as the family's official tokenizer gives them.
 
         add_special_tokens=True adds the family's decoration: ChatGLM-6B appends [gMASK] <sop>, ChatGLM2/3,
         CodeGeeX2 and GLM-4 prefix them, GGUF files add bos (and eos) as their metadata says.
+        parse_special: whether special-token text in ``text`` becomes control ids; None takes the family's
+        default (``self.parse_special``: GLM families keep it as text, llama-family vocabularies parse it).
         """
-        ids = self._encode_segments(self.split_specials(text))
+        parse = self.parse_special if parse_special is None else parse_special
+        ids = self._encode_segments(self.split_specials(text) if parse else [text] if text else [])
         return [*self._prefix, *ids, *self._suffix] if add_special_tokens else ids
 
     def encode_chat(self, messages: Sequence[MessageLike], add_generation_prompt: bool = True) -> list[int]:
@@ -193,6 +199,8 @@ class SentencePieceGLM(Tokenizer):
     so that text typed by a user reads as whitespace, as it does in chatglm.cpp and transformers.
     """
 
+    parse_special = False  # THUDM's tokenizers (and chatglm.cpp's) encode typed special tokens as text
+
     def __init__(self, path: Path, sp: spm.SentencePieceProcessor, family: str):
         self.path, self.family, self._sp = path, family, sp
         self._pieces = n = sp.get_piece_size()
@@ -201,7 +209,7 @@ class SentencePieceGLM(Tokenizer):
         if family != "chatglm":
             extra = GLM2_SPECIALS + (GLM3_ROLES if family == "chatglm3" else ())
             specials.update({name: n + k for k, name in enumerate(extra)})
-        self._index_specials(specials, parsed=specials)
+        self._index_specials(specials)
         decoration = [specials["[gMASK]"], specials["<sop>"]]
         if family == "chatglm":
             self._suffix = decoration
@@ -251,13 +259,14 @@ class TiktokenGLM4(Tokenizer):
     """GLM-4: tiktoken BPE; special-token text in raw text stays text (encode_ordinary), as in GLM-4's tests."""
 
     family = "glm4"
+    parse_special = False
 
     def __init__(self, path: Path, ranks: dict[bytes, int]):
         self.path = path
         self._ranks = n = len(ranks)
         specials = {name: n + k for k, name in enumerate(GLM4_SPECIALS)}
         self._enc = tiktoken.Encoding("glm4", pat_str=GLM4_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-        self._index_specials(specials, parsed=())
+        self._index_specials(specials)
         self._prefix = [specials["[gMASK]"], specials["<sop>"]]
         self.vocab_size = n + len(specials)
         self.bos_id = specials["<sop>"]
@@ -401,7 +410,7 @@ class GGUFTokenizer(TemplateTokenizer):
         vocab = {t: i for i, t in enumerate(tokens)}
         types = _token_types(tokens, meta.get("tokenizer.ggml.token_type"))
         specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in _SPECIAL_TYPES}
-        self._index_specials(specials, parsed=specials)
+        self._index_specials(specials)
 
         if kind == "gpt2":
             merges = meta.get("tokenizer.ggml.merges")
@@ -504,7 +513,7 @@ class HFJsonTokenizer(TemplateTokenizer):
         self._backend = backend
         backend.encode_special_tokens = True  # text pieces stay plain; we cut special tokens out first
         added = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
-        self._index_specials(added, parsed=added)
+        self._index_specials(added)
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         # the decoration the file's post-processor adds, found by encoding one letter with and without it
         bare = backend.encode("a", add_special_tokens=False).ids
@@ -545,7 +554,7 @@ class SentencePieceTemplate(TemplateTokenizer):
         for id, token in (config.get("added_tokens_decoder") or {}).items():
             if str(id).isdigit() and int(id) < n and _token_content(token):
                 specials[_token_content(token)] = int(id)
-        self._index_specials(specials, parsed=specials)
+        self._index_specials(specials)
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
         if config.get("add_bos_token", True) and self.bos_id is not None:

@@ -9,6 +9,7 @@ from chatglm import load_model
 from chatglm.engine import BatchEngine, QueueFullError, SamplingParams, generate
 
 from checkpoints import tiny_llama
+from patience import PATIENCE
 
 GREEDY = dict(do_sample=False, max_new_tokens=12)
 
@@ -50,7 +51,7 @@ def test_concurrent_requests_match_sequential_generation(model):
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=60)
+            t.join(timeout=PATIENCE)
         for k, prompt in enumerate(PROMPTS):
             assert_greedy(model, prompt, results[k])
     finally:

@@ -15,6 +15,7 @@ import pytest
 from chatglm.compat import AutoModel, AutoTokenizer
 
 from checkpoints import thudm_config, thudm_state_dict, tiny_glm, write_folder
+from patience import PATIENCE
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,17 @@ def test_chatglm3_history_is_role_dicts(shared_dir, tmp_path):
     assert [h["role"] for h in history] == ["user", "assistant", "user", "assistant"]
 
 
+def test_drop_in_tokenizer_encodes_as_the_official_one(shared_dir, tmp_path):
+    """THUDM scripts call tokenizer.encode(text): the [gMASK] sop prefix by default, typed specials as text."""
+    tokenizer = AutoTokenizer.from_pretrained(shared_dir / "tokenizers" / "chatglm3-6b" / "tokenizer.model")
+    ids = tokenizer.encode("<|user|> and <|assistant|> as plain text")
+    assert ids == [64790, 64792, 906, 31007, 4865, 31007, 30994, 293, 906, 31007, 530, 18971, 31007, 30994, 362,
+                   9462, 2254]
+    assert tokenizer.decode(ids) == "<|user|> and <|assistant|> as plain text"
+    assert tokenizer.encode("你好", add_special_tokens=False) == [36474, 54591]
+    assert tokenizer.vocab_size == 64798
+
+
 def seed_003_script(shared_dir) -> str:
     """Seed 003's FastAPI SSE server, with only the import line and the model path changed."""
     text = (shared_dir / "seeds" / "003_f0653ef6d312db40.txt").read_text(encoding="utf-8")
@@ -77,7 +89,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: dict, timeout: float = 120):
+def post(url: str, body: dict, timeout: float = PATIENCE):
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     return urllib.request.urlopen(req, timeout=timeout)
 
@@ -90,10 +102,10 @@ def test_seed_003_server_runs_unchanged(shared_dir, default_gguf, tmp_path):
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + PATIENCE
         while True:
             try:
-                assert json.load(urllib.request.urlopen(base + "/", timeout=5)) == {"message": "started", "success": True}
+                assert json.load(urllib.request.urlopen(base + "/", timeout=PATIENCE)) == {"message": "started", "success": True}
                 break
             except (OSError, urllib.error.URLError):
                 if time.time() > deadline or proc.poll() is not None:
@@ -109,11 +121,11 @@ def test_seed_003_server_runs_unchanged(shared_dir, default_gguf, tmp_path):
         assert events[-1]["delta"] == "[EOS]" and events[-1]["finished"] is True
         assert "".join(e["delta"] for e in events[:-1]) == events[-1]["response"]
         assert events[-1]["history"][-1] == ["Say hello.", events[-1]["response"]]
-        assert json.load(urllib.request.urlopen(base + "/free_gc", timeout=30)) == {"success": True}
+        assert json.load(urllib.request.urlopen(base + "/free_gc", timeout=PATIENCE)) == {"success": True}
     finally:  # a reply still generating can hold uvicorn past SIGTERM: never leave the server running
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -333,15 +333,17 @@ GLM_NAMES = ["transformer.word_embeddings.weight"] + [
 ] + ["transformer.final_layernorm.weight", "transformer.final_layernorm.bias"]
 
 
+GLM_CONFIG = {"model_type": "chatglm", "position_encoding_2d": True, "num_layers": 1, "hidden_size": 32,
+              "num_attention_heads": 8, "inner_hidden_size": 128, "vocab_size": 5, "layernorm_epsilon": 1e-5,
+              "max_sequence_length": 16, "gmask_token_id": 1, "mask_token_id": 99, "bos_token_id": 2,
+              "eos_token_id": 4, "torch_dtype": "float32"}
+
+
 def test_chatglm6b_matches_official_code(shared_dir, tmp_path):
     """GLM v1: 2D positions, two-way context up to <sop>, alpha residuals, tied head; prefill and decode."""
     weights, steps = read_oracle("glm_model.data", GLM_SIZES)
     state = dict(zip(GLM_NAMES, weights))
-    cfg = {"model_type": "chatglm", "position_encoding_2d": True, "num_layers": 1, "hidden_size": 32,
-           "num_attention_heads": 8, "inner_hidden_size": 128, "vocab_size": 5, "layernorm_epsilon": 1e-5,
-           "max_sequence_length": 16, "gmask_token_id": 1, "mask_token_id": 99, "bos_token_id": 2,
-           "eos_token_id": 4, "torch_dtype": "float32"}
-    model = load_model(write_folder(tmp_path / "glm", cfg, state), dtype="f32")
+    model = load_model(write_folder(tmp_path / "glm", GLM_CONFIG, state), dtype="f32")
     expected = torch.cat([h for _, h in steps]) @ weights[0].T
     assert rel_err(model.logits([0, 1, 2, 3, 4]), expected) < 1e-4
     assert rel_err(steps_logits(model, [ids for ids, _ in steps]), expected) < 1e-4
@@ -556,13 +558,38 @@ def test_chatglm6b_ptuning_v2(shared_dir, tmp_path):
     g = torch.Generator().manual_seed(6)
     embedding = torch.randn(3, 1 * 2 * 8 * 4, generator=g)  # pre_seq_len 3, layers*2*heads*head_dim
     prefix = embedding.view(3, 2, 8, 4).permute(1, 0, 2, 3)  # [key/value, pre, heads, head_dim]
-    cfg = {"model_type": "chatglm", "position_encoding_2d": True, "num_layers": 1, "hidden_size": 32,
-           "num_attention_heads": 8, "inner_hidden_size": 128, "vocab_size": 5, "layernorm_epsilon": 1e-5,
-           "max_sequence_length": 16, "gmask_token_id": 1, "mask_token_id": 99, "bos_token_id": 2,
-           "eos_token_id": 4, "pre_seq_len": 3, "prefix_projection": False, "torch_dtype": "float32"}
     state["transformer.prefix_encoder.embedding.weight"] = embedding
-    model = load_model(write_folder(tmp_path, cfg, state), dtype="f32")
+    model = load_model(write_folder(tmp_path, dict(GLM_CONFIG, pre_seq_len=3, prefix_projection=False), state),
+                       dtype="f32")
     expected = glm_reference(state, [0, 1, 2, 3, 4], prefix, ctx=2, gmask_pos=1)
     assert rel_err(model.logits([0, 1, 2, 3, 4]), expected) < 1e-4
     assert rel_err(steps_logits(model, [[0, 1, 2], [3], [4]]), expected) < 1e-4
     assert rel_err(expected, plain) > 1e-3  # the prefix mattered
+
+
+@pytest.mark.parametrize("ids, mask_pos", [
+    ([0, 1, 3, 2, 3, 4], 1),  # [MASK] typed after [gMASK] and generated after <sop>: the first [gMASK] counts
+    ([0, 3, 0, 2, 3, 4], 1),  # no [gMASK]: the first [MASK]
+    ([0, 3, 1, 2, 3, 4], 2),  # a [gMASK] after a [MASK] still wins
+])
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_chatglm6b_mask_position_is_the_official_one(shared_dir, tmp_path, ids, mask_pos, with_prefix):
+    """The official code's `gMASK if gMASK in seq else MASK; seq.index(mask_token)`: the first [gMASK], else
+    the first [MASK], in prefill, in cached decode (the seq so far) and with a P-Tuning v2 prefix. Here id 3 is
+    [MASK]; the reference is the one checked against the oracle vectors above."""
+    weights, _ = read_oracle("glm_model.data", GLM_SIZES)
+    state = dict(zip(GLM_NAMES, weights))
+    cfg, prefix = dict(GLM_CONFIG, mask_token_id=3), None
+    if with_prefix:
+        embedding = torch.randn(3, 2 * 8 * 4, generator=torch.Generator().manual_seed(7))
+        state["transformer.prefix_encoder.embedding.weight"] = embedding
+        prefix = embedding.view(3, 2, 8, 4).permute(1, 0, 2, 3)
+        cfg.update(pre_seq_len=3, prefix_projection=False)
+    model = load_model(write_folder(tmp_path, cfg, state), dtype="f32")
+    expected = glm_reference(state, ids, prefix, ctx=ids.index(2), gmask_pos=mask_pos)
+    assert rel_err(model.logits(ids), expected) < 1e-4
+    assert rel_err(steps_logits(model, [ids[:4], ids[4:5], ids[5:]]), expected) < 1e-4
+    last_mark = max(k for k, t in enumerate(ids[:4]) if t in (1, 3))  # the rule this replaces
+    if last_mark != mask_pos:
+        wrong = glm_reference(state, ids, prefix, ctx=ids.index(2), gmask_pos=last_mark)
+        assert rel_err(wrong, expected) > 1e-3  # the sequence tells the two rules apart

@@ -13,6 +13,7 @@ from chatglm.engine import SamplingParams
 from chatglm.pipeline import Pipeline
 from chatglm.server import create_app
 
+from patience import PATIENCE
 from test_server_support import sse_events
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -196,7 +197,7 @@ def test_a_full_queue_answers_503_with_retry_after(pipeline):
     endless = SamplingParams(max_new_tokens=8000, do_sample=False)  # no stop ids: runs until cancelled
     with TestClient(app) as c:
         running = engine.submit([1, 2, 3], endless)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + PATIENCE
         while engine.queue_depth and time.monotonic() < deadline:
             time.sleep(0.01)
         waiting = engine.submit([1, 2, 3], endless)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from patience import PATIENCE
 from test_server_support import sse_events
 
-TIMEOUT = 120  # seconds: generous, never a measure of speed
 
 
 def free_port() -> int:
@@ -36,7 +36,7 @@ def base_url(default_gguf, tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-m", "chatglm", "serve", "--port", str(port), "--max-batch", "8",
                                  "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + PATIENCE
     try:
         while True:
             assert proc.poll() is None, f"the server exited:\n{log.read_text()}"
@@ -56,7 +56,7 @@ def base_url(default_gguf, tmp_path_factory):
 def openai_client(base_url):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=PATIENCE)
 
 
 def metrics(base_url: str) -> dict[str, float]:
@@ -128,7 +128,7 @@ def test_langchain_chatglm_llm_on_post_root(base_url):
 
 def test_chatglm2_sse_stream(base_url):
     body = {"query": "Say hello.", "history": [["Hi", "Hello!"]], "max_length": 120}
-    with httpx.stream("POST", f"{base_url}/stream", json=body, timeout=TIMEOUT) as r:
+    with httpx.stream("POST", f"{base_url}/stream", json=body, timeout=PATIENCE) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r.iter_lines())
     assert {name for name, _ in events} == {"delta"}
@@ -140,7 +140,7 @@ def test_chatglm2_sse_stream(base_url):
 
 
 def test_chatglm2_chat_body_on_chat(base_url):
-    r = httpx.post(f"{base_url}/chat", json={"query": "Say hello.", "history": [], "max_length": 100}, timeout=TIMEOUT)
+    r = httpx.post(f"{base_url}/chat", json={"query": "Say hello.", "history": [], "max_length": 100}, timeout=PATIENCE)
     body = r.json()
     assert body == {"query": "Say hello.", "response": body["response"], "success": True,
                     "history": [["Say hello.", body["response"]]]}
@@ -165,17 +165,17 @@ def test_glm_api_client_logic(base_url):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Say hello again."}]
     params = {**glm_api_params(messages), "max_length": 200, "top_p": 0.7, "temperature": 0.01}
-    body = httpx.post(f"{base_url}/chat", json=params, timeout=TIMEOUT).json()
+    body = httpx.post(f"{base_url}/chat", json=params, timeout=PATIENCE).json()
     assert set(body) == {"content", "prompt_tokens", "completion_tokens", "total_tokens", "model", "object"}
     assert body["total_tokens"] == body["prompt_tokens"] + body["completion_tokens"] and body["content"]
-    with httpx.stream("POST", f"{base_url}/chat-stream", json=params, timeout=TIMEOUT) as r:
+    with httpx.stream("POST", f"{base_url}/chat-stream", json=params, timeout=PATIENCE) as r:
         pieces = [json.loads(d) for _, d in sse_events(r.iter_lines())]
     assert pieces and all(p["object"] == "chat.completion" for p in pieces)
     assert "".join(p["content"] for p in pieces)  # the client appends each piece with +=
 
 
 def test_glm_api_embedding(base_url):
-    body = httpx.post(f"{base_url}/embedding", json={"prompt": ["hello world", "hello GPT"]}, timeout=TIMEOUT).json()
+    body = httpx.post(f"{base_url}/embedding", json={"prompt": ["hello world", "hello GPT"]}, timeout=PATIENCE).json()
     assert body["object"] == "embedding" and body["model"] == "all-MiniLM-L6-v2"
     assert np.array(body["data"]).shape == (2, 384)
 
@@ -191,7 +191,7 @@ def test_eight_concurrent_streams_all_complete(openai_client, base_url):
         return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
 
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(run, prompts, timeout=TIMEOUT))
+        results = list(pool.map(run, prompts, timeout=PATIENCE))
     assert all(text and finish in ("stop", "length") for text, finish in results)
     assert metrics(base_url)["chatglm_requests_total"] == before + 8
 
@@ -199,11 +199,11 @@ def test_eight_concurrent_streams_all_complete(openai_client, base_url):
 def test_a_client_that_disconnects_frees_its_slot(base_url):
     before = metrics(base_url)
     body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 4000, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=TIMEOUT) as r:
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=PATIENCE) as r:
         lines = r.iter_lines()
         received = [line for line, _ in zip(lines, range(6))]
     assert any(line.startswith("data:") for line in received)
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + PATIENCE
     while time.monotonic() < deadline:
         m = metrics(base_url)
         if m["chatglm_cancelled_requests_total"] == before["chatglm_cancelled_requests_total"] + 1 \

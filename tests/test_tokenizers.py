@@ -61,14 +61,45 @@ def test_bare_encode_has_no_decoration(glm):
     assert glm["glm4"].encode("你好") == [109377]
 
 
-def test_special_token_text_in_raw_text(glm):
-    """Raw text may name special tokens (as in transformers and llama.cpp); GLM-4 encodes it as plain text."""
-    assert glm["chatglm3"].encode("<|user|>\n你好") == [64795, *glm["chatglm3"].encode("\n你好")]
-    assert glm["chatglm2"].encode("[gMASK]<sop>你好") == [64790, 64792, 36474, 54591]
-    assert glm["chatglm"].encode("你好[gMASK]<sop>") == [5, 74874, 130001, 130004]
-    assert max(glm["chatglm2"].encode("<|user|>")) < 64789  # ChatGLM2 has no role tokens
+TYPED = "<|user|> and <|assistant|> as plain text [gMASK] sop <sop> [MASK]"
+
+
+def test_typed_special_tokens_stay_text_as_in_the_official_tokenizers(glm):
+    """THUDM's tokenizers keep special-token text typed in text as ordinary pieces (the ids below are the
+    official ChatGLM3 tokenizer's, with its [gMASK] sop prefix)."""
+    official = [64790, 64792, 906, 31007, 4865, 31007, 30994, 293, 906, 31007, 530, 18971, 31007, 30994, 362, 9462,
+                2254]
+    assert glm["chatglm3"].encode("<|user|> and <|assistant|> as plain text", add_special_tokens=True) == official
+
+
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3", "codegeex2"])
+def test_sentencepiece_families_encode_typed_specials_as_sentencepiece_does(glm, shared_dir, family):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(shared_dir / "tokenizers" / FILES[family]))
+    tok = glm[family]
+    assert tok.encode(TYPED) == sp.encode(TYPED)  # the official encode: no special-token parsing before it
+    assert not set(tok.encode(TYPED)) & set(tok.specials.values())
+
+
+@pytest.mark.parametrize("family", list(FILES))
+def test_typed_specials_round_trip_as_text(glm, family):
+    tok = glm[family]
+    ids = tok.encode(TYPED, add_special_tokens=True)
+    assert [i for i in ids if i in tok.specials.values()] == tok.encode("", add_special_tokens=True)
+    assert tok.decode(ids) == TYPED
+
+
+def test_parse_special_reads_control_tokens_when_asked(glm):
+    """Hand-built prompts (completions, generate) ask for control tokens explicitly."""
+    c3 = glm["chatglm3"]
+    assert c3.encode("<|user|>\n你好", parse_special=True) == [64795, *c3.encode("\n你好")]
+    assert glm["chatglm2"].encode("[gMASK]<sop>你好", parse_special=True) == [64790, 64792, 36474, 54591]
+    assert glm["chatglm"].encode("你好[gMASK]<sop>", parse_special=True) == [5, 74874, 130001, 130004]
+    assert max(glm["chatglm2"].encode("<|user|>", parse_special=True)) < 64789  # ChatGLM2 has no role tokens
     glm4 = glm["glm4"]
-    assert not set(glm4.encode("<|user|>[gMASK]<|endoftext|>")) & set(glm4.specials.values())
+    assert glm4.encode("<|user|>\n你好<|assistant|>", parse_special=True) == [151336, 198, 109377, 151337]
+    assert glm4.encode("<|user|>", parse_special=False) == glm4.encode("<|user|>")
 
 
 @pytest.mark.parametrize("family,vocab,bos,stops", [

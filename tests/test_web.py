@@ -24,13 +24,13 @@ from chatglm.pipeline import Pipeline
 from chatglm.server import create_app
 from chatglm.tokenizers import load_tokenizer
 
+from patience import PATIENCE
 from test_server_support import ScriptedModel, scripted_pipeline
 
 CODE = 'def greet(name):\n    print(f"你好，{name}！")  # 问候\n'
 REPLY = f"Here is **bold** text and a function:\n\n```python\n{CODE}```\n\n中文回答：这是一个很长的句子，用来测试换行。\n"
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}  # what Chromium sends
 END = "<|im_end|>"  # SmolLM2's end of turn: one of the default model's stop ids
-WAIT = 60  # seconds: generous, never a measure of speed
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +125,12 @@ def serving(app) -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
-        thread.join(timeout=WAIT)
+        thread.join(timeout=PATIENCE)
         sock.close()
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
+    deadline = time.monotonic() + PATIENCE
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
@@ -159,7 +159,7 @@ def send(page, text: str) -> None:
 def last_reply(page):
     """The newest assistant reply, once it has finished streaming and its final Markdown is rendered."""
     reply = page.locator(".msg.assistant").last
-    reply.and_(page.locator(":not([aria-busy])")).wait_for(timeout=WAIT * 1000)
+    reply.and_(page.locator(":not([aria-busy])")).wait_for(timeout=PATIENCE * 1000)
     return reply
 
 
@@ -183,7 +183,7 @@ def test_enter_sends_shift_enter_breaks_and_the_reply_renders(browser, tokenizer
     pipe = scripted_pipeline(tokenizer, REPLY, END)
     app = create_app(pipe, max_batch=1)
     with serving(app) as url, chat_page(browser, url) as page:
-        page.wait_for_function("document.querySelector('#model').innerText !== ''", timeout=WAIT * 1000)  # from /health
+        page.wait_for_function("document.querySelector('#model').innerText !== ''", timeout=PATIENCE * 1000)  # from /health
         assert page.locator("#model").inner_text() == app.state.server.model_id
         box = page.locator("#input")
         box.press_sequentially("Hello")
@@ -243,17 +243,17 @@ def test_stop_ends_a_long_reply_and_the_server_stops_generating(browser, tokeniz
     with serving(app) as url, chat_page(browser, url) as page:
         send(page, "count")
         streaming = page.locator(".msg.assistant[aria-busy]")
-        streaming.filter(has_text="Counting: one two three").wait_for(timeout=WAIT * 1000)  # text shows while it streams
+        streaming.filter(has_text="Counting: one two three").wait_for(timeout=PATIENCE * 1000)  # text shows while it streams
         page.locator("#stop").click()
-        page.locator("#send").wait_for(timeout=WAIT * 1000)
+        page.locator("#send").wait_for(timeout=PATIENCE * 1000)
         wait_until(lambda: server.cancelled == 1 and server.running() == 0, "the server to cancel the reply")
         assert server.engine.stats["tokens"] < len(pipe.model.script)
         shown = last_reply(page).inner_text()
         assert shown.startswith("Counting: one two three") and page.locator("#error").is_hidden()
         send(page, "again")  # the stopped reply stays in the conversation
-        streaming.filter(has_text="Counting: one").wait_for(timeout=WAIT * 1000)
+        streaming.filter(has_text="Counting: one").wait_for(timeout=PATIENCE * 1000)
         page.locator("#stop").click()
-        page.locator("#send").wait_for(timeout=WAIT * 1000)
+        page.locator("#send").wait_for(timeout=PATIENCE * 1000)
         expected = tokenizer.encode_chat([ChatMessage("user", "count"), ChatMessage("assistant", shown),
                                           ChatMessage("user", "again")])
         assert fed_prompt(pipe.model, expected) == expected + pipe.model.script[:1]
@@ -265,7 +265,7 @@ def test_a_refusal_is_a_line_on_the_page(browser, tokenizer):
         page.locator("#max_tokens").fill("100000000")
         send(page, "too long")
         error = page.locator("#error")
-        error.wait_for(timeout=WAIT * 1000)
+        error.wait_for(timeout=PATIENCE * 1000)
         assert "max_tokens" in error.inner_text() and "context" in error.inner_text()
         assert page.locator(".msg").count() == 0 and page.locator("#input").input_value() == "too long"
 
@@ -274,12 +274,12 @@ def test_with_an_api_key_the_page_asks_for_it_and_keeps_it(browser, tokenizer):
     with serving(create_app(scripted_pipeline(tokenizer, REPLY, END), api_key="s3cret", max_batch=1)) as url, \
             chat_page(browser, url) as page:
         send(page, "hi")
-        page.locator("#key").wait_for(timeout=WAIT * 1000)
+        page.locator("#key").wait_for(timeout=PATIENCE * 1000)
         page.wait_for_function("document.querySelector('#error').innerText.includes('API key')",
-                               timeout=WAIT * 1000)  # the field shows before the error line is written
+                               timeout=PATIENCE * 1000)  # the field shows before the error line is written
         page.locator("#key").fill("s3cret")
         page.locator("#key").press("Enter")
-        page.locator("#key-form").wait_for(state="hidden", timeout=WAIT * 1000)
+        page.locator("#key-form").wait_for(state="hidden", timeout=PATIENCE * 1000)
         page.locator("#input").press("Enter")  # the question came back into the box
         assert last_reply(page).locator("pre code").inner_text() == CODE
         assert page.evaluate("localStorage.getItem('chatglm.apiKey')") == "s3cret"

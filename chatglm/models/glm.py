@@ -137,22 +137,22 @@ class GLMDecoder(Decoder):
         """2D positions and the prefix mask, from where each sequence put [gMASK] and <sop>.
 
         Up to <sop> (the context) tokens see each other both ways; after it, generation is causal
-        with position id = the [gMASK] position and block position = 1, 2, ... .
+        with position id = the mask position and block position = 1, 2, ... . As in the official code, the
+        mask position is that of the first [gMASK] of the sequence so far, or else of its first [MASK].
         """
-        marks = (self.config.extra["gmask"], self.config.extra["mask"])
-        sop = self.config.bos_token_id
+        firsts = {"gmask": self.config.extra["gmask"], "mask": self.config.extra["mask"],
+                  "context": self.config.bos_token_id}  # where each of these ids first stands
         context, mask_pos = [], []
         for row_ids, row_pos, slot in zip(ids.tolist(), pos.tolist(), slots.tolist()):
-            seen = cache.meta.setdefault(slot, {"context": None, "mask": 0})
+            seen = cache.meta.setdefault(slot, dict.fromkeys(firsts))
             if row_pos[0] == 0:
-                seen.update(context=None, mask=0)
+                seen.update(dict.fromkeys(firsts))
             for token, p in zip(row_ids, row_pos):
-                if token in marks:
-                    seen["mask"] = p
-                elif token == sop and seen["context"] is None:
-                    seen["context"] = p
+                for name, id in firsts.items():
+                    if token == id and seen[name] is None:
+                        seen[name] = p
             context.append(seen["context"])
-            mask_pos.append(seen["mask"])
+            mask_pos.append(next((p for p in (seen["gmask"], seen["mask"]) if p is not None), 0))
         # before any <sop> a sequence is plain causal text: 2D positions (pos, 0), no two-way part
         ctx = torch.tensor([c if c is not None else 1 << 30 for c in context], device=pos.device)[:, None]
         both_ways = torch.tensor([c or 0 for c in context], device=pos.device)[:, None]

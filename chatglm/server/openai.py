@@ -118,6 +118,8 @@ class ChatRequest(GenerationRequest):
 class CompletionRequest(GenerationRequest):
     prompt: str | Annotated[list[str], Field(min_length=1)]
     max_tokens: int | None = Field(default=16, ge=1, description="at most the model's context")
+    parse_special: bool | None = Field(default=None, description="read special-token text in the prompt as control "
+                                       "tokens (default: the model family's own rule; GLM keeps it as text)")
 
 
 class EmbeddingRequest(BaseModel):
@@ -206,7 +208,7 @@ async def completions(body: CompletionRequest, server: Server = Depends(get_serv
     if len(prompts) != 1:
         raise APIError(400, "give one prompt: batches of prompts are not supported", param="prompt")
     params, stop = body.checked(server)
-    ids = server.tokenizer.encode(prompts[0], add_special_tokens=True)
+    ids = server.tokenizer.encode(prompts[0], add_special_tokens=True, parse_special=body.parse_special)
     if not ids:
         raise APIError(400, "the prompt is empty", param="prompt")
     gen = Generation(server, ids, params, stop)
