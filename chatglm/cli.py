@@ -23,6 +23,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.replicas:
+        return _serve_replicas(args)
     import uvicorn
 
     from .pipeline import Pipeline
@@ -32,6 +34,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(pipe, api_key=args.api_key, cors_origins=args.cors_origins, max_batch=args.max_batch,
                      max_queue=args.max_queue, embedding_model=args.embedding_model)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _serve_replicas(args: argparse.Namespace) -> int:
+    """`serve --replicas`: the same app on Ray Serve replicas (Ray is imported only here)."""
+    try:
+        from .server.replicas import ReplicaPlan, deploy
+    except ImportError as e:
+        raise ChatGLMError(f"--replicas needs Ray Serve: pip install 'ray[serve]' ({e})") from None
+    deploy(ReplicaPlan.from_options(vars(args)), args.host, args.port)
     return 0
 
 
@@ -84,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu", help="cpu or cuda")
     serve.add_argument("--dtype", default="auto", help="auto, f32, bf16 or f16")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--replicas", default=None, metavar="N|auto:MIN-MAX",
+                       help="serve from N Ray Serve replicas (auto:MIN-MAX scales with load); --threads is per replica")
+    serve.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="with --replicas: join this Ray cluster (auto, or ray://host:10001); default: start one here")
+    serve.add_argument("--routing", choices=["prefix", "balanced"], default="prefix",
+                       help="with --replicas: send a conversation's turns to the replica holding its prefix (default), "
+                            "or balance load only")
     serve.set_defaults(func=cmd_serve)
 
     from .bench import add_parser as add_bench_parser

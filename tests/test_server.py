@@ -212,3 +212,15 @@ def test_a_full_queue_answers_503_with_retry_after(pipeline):
             running.cancel()
         assert list(waiting) == [] and waiting.finish_reason == "cancelled"
         assert c.post("/v1/chat/completions", json={"messages": HI, **GREEDY}).status_code == 200
+
+
+def test_one_process_server_never_imports_ray(default_gguf):
+    """`chatglm serve` without --replicas stays as it was: the app and the command line load no Ray."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from chatglm.cli import build_parser; from chatglm.server import create_app; "
+            "from chatglm.pipeline import Pipeline; create_app(Pipeline('default'));"
+            "build_parser().parse_args(['serve']); assert 'ray' not in sys.modules, 'ray was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=PATIENCE)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -224,25 +224,46 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-class EngineMetrics:
-    """Prometheus collector reading the engine and server counters at scrape time."""
+class ReplicaHeader:
+    """Names the answering replica in every response (pure ASGI: streams pass untouched)."""
 
-    def __init__(self, server: Server):
+    def __init__(self, app, replica: str):
+        self.app, self.header = app, (b"x-chatglm-replica", replica.encode())
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def named(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, named if scope["type"] == "http" else send)
+
+
+class EngineMetrics:
+    """Prometheus collector reading the engine and server counters at scrape time; a replica labels its own."""
+
+    def __init__(self, server: Server, replica: str | None):
         self.server = server
+        self.labels = {"replica": replica} if replica else {}
+
+    def _family(self, kind, name: str, documentation: str, value: float):
+        family = kind(name, documentation, labels=list(self.labels))
+        family.add_metric(list(self.labels.values()), value)
+        return family
 
     def collect(self):
         s, stats = self.server, self.server.engine.stats
-        yield CounterMetricFamily("chatglm_requests", "Requests accepted by the batch engine", value=stats["requests"])
-        yield CounterMetricFamily("chatglm_generated_tokens", "Tokens generated", value=stats["tokens"])
-        yield CounterMetricFamily("chatglm_prefill_tokens", "Prompt tokens computed", value=stats["prefill_tokens"])
-        yield CounterMetricFamily("chatglm_reused_tokens", "Prompt tokens reused from a cached prefix",
-                                  value=stats["reused_tokens"])
-        yield CounterMetricFamily("chatglm_cancelled_requests", "Replies cut short (client gone, stop string)",
-                                  value=s.cancelled)
-        yield CounterMetricFamily("chatglm_rejected_requests", "Requests refused because the queue was full",
-                                  value=s.rejected)
-        yield GaugeMetricFamily("chatglm_queue_depth", "Requests waiting for a batch slot", value=s.engine.queue_depth)
-        yield GaugeMetricFamily("chatglm_batch_size", "Sequences in the running batch", value=s.running())
+        for name, documentation, value in (
+                ("chatglm_requests", "Requests accepted by the batch engine", stats["requests"]),
+                ("chatglm_generated_tokens", "Tokens generated", stats["tokens"]),
+                ("chatglm_prefill_tokens", "Prompt tokens computed", stats["prefill_tokens"]),
+                ("chatglm_reused_tokens", "Prompt tokens reused from a cached prefix", stats["reused_tokens"]),
+                ("chatglm_cancelled_requests", "Replies cut short (client gone, stop string)", s.cancelled),
+                ("chatglm_rejected_requests", "Requests refused because the queue was full", s.rejected)):
+            yield self._family(CounterMetricFamily, name, documentation, value)
+        yield self._family(GaugeMetricFamily, "chatglm_queue_depth", "Requests waiting for a batch slot",
+                           s.engine.queue_depth)
+        yield self._family(GaugeMetricFamily, "chatglm_batch_size", "Sequences in the running batch", s.running())
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -274,12 +295,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(pipeline, *, api_key: str | None = None, cors_origins: Sequence[str] = (), max_batch: int = 8,
-               max_queue: int = 64, embedding_model: str | Path | None = None) -> FastAPI:
+               max_queue: int = 64, embedding_model: str | Path | None = None, replica: str | None = None) -> FastAPI:
     """The FastAPI app serving `pipeline` over every protocol.
 
     api_key (or the CHATGLM_API_KEY variable) turns on Bearer auth for every route but /health and the web page's
     files; CORS stays off unless cors_origins are given. ``app.state.web_page`` is the hook for a browser page on
-    ``GET /`` (web.py installs the chat page there).
+    ``GET /`` (web.py installs the chat page there). ``replica`` (Ray Serve replicas) names this copy of the app
+    in /health, in a header on every response and as a label on its metrics.
     """
     from . import chatglm_api, glm_api, openai, web
 
@@ -298,11 +320,12 @@ def create_app(pipeline, *, api_key: str | None = None, cors_origins: Sequence[s
     web.install(app)
 
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(EngineMetrics(server))
+    registry.register(EngineMetrics(server, replica))
+    where = {"replica": replica, "pid": os.getpid()} if replica else {}
 
     @app.get("/health", tags=["server"])
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "model": server.model_id}
+    async def health() -> dict[str, str | int]:
+        return {"status": "ok", "model": server.model_id, **where}
 
     @app.get("/metrics", tags=["server"], response_class=Response)
     async def metrics() -> Response:
@@ -311,7 +334,9 @@ def create_app(pipeline, *, api_key: str | None = None, cors_origins: Sequence[s
     api_key = api_key if api_key is not None else os.environ.get("CHATGLM_API_KEY")
     if api_key:
         app.add_middleware(BearerAuth, key=api_key, public=web.is_public)
-    if cors_origins:  # added last, so it runs first: preflight requests carry no key
+    if cors_origins:  # added after auth, so it runs first: preflight requests carry no key
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
+    if replica:
+        app.add_middleware(ReplicaHeader, replica=replica)
     return app
