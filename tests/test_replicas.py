@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,6 +43,7 @@ def server(default_gguf, tmp_path_factory):
                                  "--port", str(port), "--api-key", KEY, "--max-batch", "4"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    proc.log = log
     try:
         deadline = time.monotonic() + PATIENCE
         while not _healthy(url):
@@ -160,6 +162,21 @@ def test_auth_and_bad_input_behave_as_in_one_process(server):
     assert httpx.get(f"{url}/no/such/route", headers=AUTH, timeout=PATIENCE).status_code == 404
     metrics = httpx.get(f"{url}/metrics", headers=AUTH, timeout=PATIENCE).text
     assert 'chatglm_requests_total{replica="' in metrics
+
+
+def test_ray_metrics_carry_every_replicas_counters_beside_ray_serves(server):
+    proc, url = server
+    metrics_url = re.search(r"counters with Ray Serve's own: (http://\S+/metrics)", proc.log.read_text()).group(1)
+    replicas = set(replicas_seen(url))
+    assert len(replicas) == 2
+    deadline = time.monotonic() + PATIENCE
+    while True:
+        text = httpx.get(metrics_url, timeout=PATIENCE).text
+        labelled = set(re.findall(r'^ray_chatglm_requests_total\{[^}]*replica="(\w+)"', text, re.M))
+        if replicas <= labelled and "ray_serve_" in text:
+            break
+        assert time.monotonic() < deadline, f"replicas in Ray's metrics: {labelled}, expected {replicas}"
+        time.sleep(1)
 
 
 def test_openai_client_streams_through_the_replicas(server):

@@ -32,7 +32,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from .app import error_response
+from .app import EngineMetrics, error_response
 
 log = logging.getLogger("chatglm")
 APP_NAME = "chatglm"
@@ -149,6 +149,9 @@ class ModelReplica:
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.app = create_app(Pipeline(model, **options), replica=self.replica_id, **app_options)
+        self.stopped = threading.Event()
+        threading.Thread(target=_mirror_metrics, daemon=True, name="chatglm-metrics",
+                         args=(EngineMetrics(self.app.state.server, self.replica_id), self.stopped)).start()
 
     async def __call__(self, request: Routed) -> AsyncIterator[dict[str, Any] | bytes]:
         """The response as it is written: first {"status", "headers"}, then body chunks."""
@@ -185,7 +188,22 @@ class ModelReplica:
 
     def __del__(self) -> None:  # Ray Serve drains the requests in flight first, then drops the replica
         if hasattr(self, "app"):
+            self.stopped.set()
             self.app.state.server.engine.close()
+
+
+def _mirror_metrics(collector: EngineMetrics, stop: threading.Event, every_s: float = 2.0) -> None:
+    """Copy a replica's counters into Ray's metrics (exported as ray_chatglm_*{replica=...} by every node's Ray
+    metrics port, beside Ray Serve's own ray_serve_*), so that one scrape sees every replica."""
+    from ray.util.metrics import Gauge
+
+    gauges: dict[str, Gauge] = {}
+    while not stop.wait(every_s):
+        for family in collector.collect():
+            for sample in family.samples:
+                if sample.name not in gauges:
+                    gauges[sample.name] = Gauge(sample.name, family.documentation, tag_keys=tuple(sample.labels))
+                gauges[sample.name].set(sample.value, tags=sample.labels)
 
 
 async def _next_message(sent: asyncio.Queue, task: asyncio.Task) -> dict[str, Any] | None:
@@ -329,8 +347,12 @@ def deploy(plan: ReplicaPlan, host: str, port: int) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    here = next((n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == ray.util.get_node_ip_address()),
+                {})
     print(f"chatglm: serving {plan.model} on http://{host}:{port} from {plan.replicas} Ray Serve replicas "
           f"({plan.threads} threads each); Ctrl-C stops", flush=True)
+    print(f"chatglm: every replica's counters with Ray Serve's own: http://{here.get('NodeManagerAddress')}:"
+          f"{here.get('MetricsExportPort')}/metrics (ray_chatglm_*, ray_serve_*)", flush=True)
     stop.wait()
     serve.delete(APP_NAME)  # waits for the replies in flight (graceful_shutdown_timeout_s), then stops them
     serve.shutdown()
