@@ -40,7 +40,7 @@ def server(default_gguf, tmp_path_factory):
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "chatglm", "serve", "--replicas", "2", "--threads", "1",
-                                 "--port", str(port), "--api-key", KEY, "--max-batch", "4"],
+                                 "--port", str(port), "--api-key", KEY, "--max-batch", "2", "--max-queue", "2"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     proc.log = log
@@ -191,6 +191,20 @@ def test_openai_client_streams_through_the_replicas(server):
     assert "Berlin" in text and chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_full_service_answers_503_with_retry_after(server):
+    """Two replicas x (2 running + 2 queued) and 4 waiting in Ray: 24 requests at once overflow it."""
+    _, url = server
+    body = {"temperature": 0, "max_tokens": 48}
+    with ThreadPoolExecutor(24) as pool:
+        replies = list(pool.map(lambda k: httpx.post(
+            f"{url}/v1/chat/completions", headers=AUTH, timeout=PATIENCE,
+            json={**body, "messages": [{"role": "user", "content": f"Write a poem about the number {k}."}]}),
+            range(24)))
+    busy = [r for r in replies if r.status_code == 503]
+    assert busy and all(r.headers["retry-after"] and r.json()["error"]["code"] == "queue_full" for r in busy)
+    assert {r.status_code for r in replies} == {200, 503}
+
+
 def _outcome(url: str, k: int) -> str:
     """'ok', or how a request on a replica that died ended: a 503 error object or an SSE error event."""
     body = {"messages": [{"role": "user", "content": f"Write a long story about the number {k}."}],
@@ -215,8 +229,8 @@ def test_a_killed_replica_fails_only_its_requests_and_is_replaced(server):
     before = replicas_seen(url)
     assert len(before) == 2
     victim, victim_pid = next(iter(before.items()))
-    with ThreadPoolExecutor(8) as pool:
-        running = [pool.submit(_outcome, url, k) for k in range(8)]
+    with ThreadPoolExecutor(4) as pool:  # what one replica can hold (2 running, 2 queued): retries fit
+        running = [pool.submit(_outcome, url, k) for k in range(4)]
         time.sleep(2)  # let the replies start on both replicas
         os.kill(victim_pid, signal.SIGKILL)
         killed_at = time.monotonic()

@@ -318,8 +318,10 @@ def application(plan: ReplicaPlan) -> Application:
                                                        "target_ongoing_requests": max(1, plan.max_ongoing // 2)}})
     if plan.routing == "prefix":
         options["request_router_config"] = RequestRouterConfig(request_router_class=PrefixAffinityRouter)
+    # each replica takes what its own batch and queue hold; past that many more waiting in Ray, 503 + Retry-After
     model = serve.deployment(ModelReplica, name="model", ray_actor_options={"num_cpus": plan.threads},
-                             max_ongoing_requests=plan.max_ongoing, health_check_period_s=2,
+                             max_ongoing_requests=plan.max_ongoing, max_queued_requests=plan.max_ongoing,
+                             health_check_period_s=2,
                              graceful_shutdown_timeout_s=300, **options)
     ingress = serve.deployment(Ingress, name="ingress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=10_000, graceful_shutdown_timeout_s=300)
