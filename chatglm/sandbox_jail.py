@@ -152,7 +152,7 @@ def _exit_like(code: int) -> None:
 
 
 def _build_root(workdir: str) -> None:
-    """Make the mount namespace's root a read-only tmpfs with the view, the working folder and a fresh /proc."""
+    """Make the mount namespace's root a tmpfs with the view, the working folder and a fresh /proc."""
     view = readable_paths()  # before the root changes
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
@@ -167,8 +167,13 @@ def _build_root(workdir: str) -> None:
     _bind(workdir, writable=True)
     os.mkdir("/proc")
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def _seal() -> None:
+    """Detach the old root and make the new root and /proc read-only (so no sysctl, sysrq or pid_max changes)."""
     _check(_libc.umount2(b"/oldroot", MNT_DETACH), "umount /oldroot")
     os.rmdir("/oldroot")
+    _mount(None, "/proc", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
@@ -176,7 +181,9 @@ def enter_namespaces(workdir: str) -> None:
     """Return in a process inside the jail (see the module docstring); the calling process only waits and exits.
 
     Three processes: this one (outside the new PID namespace) waits for the namespace's first process, which
-    builds the root, drops its capabilities and reaps orphans until its child, the one that returns, exits.
+    builds and seals the root, drops its capabilities and reaps orphans until its child, the one that returns,
+    exits. /proc is read-only because the user namespace maps our own uid: where that is the host's root, a
+    writable /proc would let code without capabilities still write sysctls (core_pattern) and sysrq-trigger.
     Each exits as the one it waited for did, so the parent sees the kernel's own exit status."""
     uid, gid = os.geteuid(), os.getegid()
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
@@ -187,11 +194,13 @@ def enter_namespaces(workdir: str) -> None:
     first = os.fork()
     if first:
         os.closerange(3, 1 << 16)
+        _drop_capabilities()
         _exit_like(_wait_for(first, reap_all=False))
     _die_with_parent()
     _build_root(workdir)
     _write("/proc/sys/kernel/pid_max", str(PID_MAX))
     _write("/proc/sys/user/max_user_namespaces", "0")
+    _seal()
     _drop_capabilities()
     os.chdir(workdir)
     kernel = os.fork()
