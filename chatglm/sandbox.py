@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ChatGLMError
+from .sandbox_jail import PROTECTIONS, readable_paths
 
 KERNEL = Path(__file__).with_name("sandbox_kernel.py")
 OUTPUT_HEAD = OUTPUT_TAIL = 2048  # bytes kept from each end of what a cell prints
@@ -55,7 +56,6 @@ DRAIN_LIMIT = 1 << 20  # bytes read after a reply, so a printing grandchild cann
 # RLIMIT_AS counts the address space every thread reserves (malloc arenas, BLAS buffers): keep threads few.
 CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 JAIL = KERNEL.with_name("sandbox_jail.py")
-PROTECTIONS = ("namespace", "landlock", "audit-hook")  # strongest first, as sandbox_jail.PROTECTIONS
 SAFE = PROTECTIONS[:2]  # those that hold against any code, ctypes included
 DESCRIPTIONS = {
     "namespace": "namespace sandbox (own root, read-only Python, no network, at most ~300 processes)",
@@ -286,6 +286,10 @@ class Sandbox:
             raise ChatGLMError(f"sandbox memory limit must be a positive number of MB, got {memory_mb!r}")
         if workdir is not None and not Path(workdir).is_dir():
             raise ChatGLMError(f"{workdir}: not a folder; the sandbox runs code in an existing folder")
+        if workdir is not None and (held := [p for p in readable_paths() if Path(p).resolve().is_relative_to(
+                Path(workdir).resolve())]):
+            raise ChatGLMError(f"{workdir}: holds {held[0]}, which the sandbox keeps read-only; share a folder "
+                               "that holds none of Python's or the system's files")
         if protection is None:
             protection = strongest_protection() or "audit-hook"
             if protection == "audit-hook" and not unsafe:
