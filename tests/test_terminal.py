@@ -126,8 +126,19 @@ def test_cli_code_interpreter_runs_in_the_sandbox(shared_dir, monkeypatch, capsy
     code = ["\n", "<|assistant|>", "interpreter\n```python\nprint(sum(range(10)))\n```", "<|observation|>"]
     monkeypatch.setattr("chatglm.pipeline.Pipeline", lambda *args, **kwargs: scripted(chatglm3, code, ["\n", "45."]))
     assert cli.main(["chat", "--code-interpreter", "--temp", "0", "-p", "Sum 0..9"]) == 0
-    assert capsys.readouterr().out == ("[running code:\nprint(sum(range(10)))]\n[interpreter returned]\n"
-                                       "```result\n45\n```\n45.\n")
+    shown = capsys.readouterr()
+    assert shown.out == ("[running code:\nprint(sum(range(10)))]\n[interpreter returned]\n"
+                         "```result\n45\n```\n45.\n")
+    assert shown.err.startswith("[code interpreter: ") and "sandbox (" in shown.err and "writing only in" in shown.err
+
+
+def test_banner_names_the_sandbox_protection(shared_dir):
+    sandbox = pytest.importorskip("chatglm.sandbox", reason="chatglm.sandbox is not written yet")
+    with sandbox.Sandbox(timeout=10, unsafe=True) as box:
+        term = Terminal(Agent(scripted(glm_tokenizer(shared_dir, "chatglm3"), ["hi"]), interpreter=box))
+        banner = term.banner(interactive=False)
+        assert "\n" not in banner and f"code interpreter: {box.description}" in banner
+        assert box.protection.split("-")[0] in banner.lower()
 
 
 @pytest.mark.parametrize("argv, message", [
