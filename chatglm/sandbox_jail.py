@@ -34,11 +34,10 @@ PID_MAX = 301  # the smallest pid_max a PID namespace takes: at most about 300 p
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x4000000, 0x8000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_BIND, MS_REC, MS_PRIVATE, MNT_DETACH = 0x1000, 0x4000, 1 << 18, 2
-# mount flags a read-only remount must keep: the kernel refuses to drop flags locked by the outer namespace
-KEPT_FLAGS = {os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS_NOEXEC, os.ST_NOATIME: 1024,
-              os.ST_NODIRATIME: 2048, os.ST_RELATIME: 1 << 21}
+MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE = 442, -100, 0x8000  # mount_setattr(2), Linux 5.12, same on every arch
+READ_ONLY, NO_SUID_OR_DEVICES = 1, 2 | 4  # MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG = 24, 38, 1
 CAPABILITY_VERSION_3 = 0x20080522
 PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}
@@ -111,12 +110,15 @@ def _bind(path: str, *, writable: bool = False) -> None:
     else:
         open(path, "a").close()
     _mount(source, path, None, MS_BIND | MS_REC)
-    if path in DEVICES:
-        return
-    flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (0 if writable else MS_RDONLY)
-    kept = os.statvfs(path).f_flag
-    flags |= sum(ms for st, ms in KEPT_FLAGS.items() if kept & st)
-    _mount(None, path, None, flags)
+    if path not in DEVICES:
+        _restrict_mount(path, NO_SUID_OR_DEVICES | (0 if writable else READ_ONLY))
+
+
+def _restrict_mount(path: str, attributes: int, *, recursive: bool = True) -> None:
+    """Set mount attributes on `path` and every mount below it (a plain remount would miss those)."""
+    attr = struct.pack("QQQQ", attributes, 0, 0, 0)  # struct mount_attr: set, clear, propagation, userns fd
+    _check(_libc.syscall(MOUNT_SETATTR, AT_FDCWD, path.encode(), AT_RECURSIVE if recursive else 0, attr,
+                         ctypes.c_size_t(len(attr))), f"mount_setattr {path}")
 
 
 def _drop_capabilities() -> None:
@@ -173,8 +175,8 @@ def _seal() -> None:
     """Detach the old root and make the new root and /proc read-only (so no sysctl, sysrq or pid_max changes)."""
     _check(_libc.umount2(b"/oldroot", MNT_DETACH), "umount /oldroot")
     os.rmdir("/oldroot")
-    _mount(None, "/proc", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    _restrict_mount("/proc", READ_ONLY | NO_SUID_OR_DEVICES)
+    _restrict_mount("/", READ_ONLY, recursive=False)  # the root tmpfs alone: the working folder stays writable
 
 
 def enter_namespaces(workdir: str) -> None:

@@ -153,13 +153,13 @@ def host_processes_with(marker: str) -> list[int]:
 
 def test_close_kills_the_processes_the_cells_started_even_in_sessions_of_their_own() -> None:
     needs("namespace")
-    marker = f"{600 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 1000}"  # a unique sleep length to look for
+    marker = f"600.{uuid.uuid4().int % 10**15:015d}"  # a sleep length no other process has, to look for
     box = Sandbox(timeout=10, protection="namespace")
     try:
         started = box.run(f"import subprocess\nfor new_session in (False, True):\n"
                           f"    subprocess.Popen(['sleep', '{marker}'], start_new_session=new_session)")
         assert started.ok, started.output
-        assert len(host_processes_with(marker)) == 2
+        assert len(host_processes_with(marker)) == 2, (marker, host_processes_with(marker))
     finally:
         box.close()
     deadline = time.monotonic() + PATIENCE  # SIGKILL is sent; the kernel takes a moment to finish the processes
