@@ -19,9 +19,9 @@ Set up before any cell runs:
   namespace at most PROCESSES processes (RLIMIT_NPROC; the namespace's pid_max stops root too);
 - a wall-clock limit per cell: on expiry the child's whole process group is killed and the next cell starts a
   fresh Python (its state is lost, and the output says so);
-- no network: the namespace has none, and an audit hook refuses connects and name lookups in every mode
-  (a network namespace still reaches the host's Unix sockets by path; outside a namespace, starting processes
-  is refused too, since they would not carry the hook).
+- no network: the namespace has no interfaces and, with a root of its own, none of the host's Unix sockets;
+  Landlock closes TCP; an audit hook refuses connects and name lookups in every mode (outside a namespace it
+  refuses starting processes too, since they would not carry the hook).
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ChatGLMError
+from . import sandbox_jail
 from .sandbox_jail import PROTECTIONS, readable_paths
 
 KERNEL = Path(__file__).with_name("sandbox_kernel.py")
@@ -55,7 +56,7 @@ REPLY_LIMIT = 4 << 20  # bytes of one reply before the child counts as broken
 DRAIN_LIMIT = 1 << 20  # bytes read after a reply, so a printing grandchild cannot keep us draining forever
 # RLIMIT_AS counts the address space every thread reserves (malloc arenas, BLAS buffers): keep threads few.
 CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-JAIL = KERNEL.with_name("sandbox_jail.py")
+JAIL = Path(sandbox_jail.__file__)
 SAFE = PROTECTIONS[:2]  # those that hold against any code, ctypes included
 DESCRIPTIONS = {
     "namespace": "namespace sandbox (own root, read-only Python, no network, at most ~300 processes)",
@@ -93,6 +94,21 @@ def refusal(protection: str) -> str | None:
 def strongest_protection() -> str | None:
     """The strongest protection this system allows of those that hold against any code, or None."""
     return next((kind for kind in SAFE if refusal(kind) is None), None)
+
+
+def choose_protection(protection: str | None, unsafe: bool) -> str:
+    """`protection` if this system allows it, else the strongest safe one; the audit hook only if `unsafe`."""
+    if protection is not None:
+        if (why := refusal(protection)) is not None:
+            raise ChatGLMError(f"this system refuses the {protection} sandbox: {why}")
+        return protection
+    chosen = strongest_protection()
+    if chosen is None and not unsafe:
+        reasons = "; ".join(f"{kind}: {refusal(kind)}" for kind in SAFE)
+        raise ChatGLMError(f"this system allows no safe sandbox for model-written code ({reasons}); pass "
+                           "--unsafe-code-interpreter (Sandbox(unsafe=True)) to run it under a best-effort audit "
+                           "hook that code using ctypes can get past")
+    return chosen or "audit-hook"
 
 
 def _kill_group(pgid: int) -> None:
@@ -290,16 +306,7 @@ class Sandbox:
                 Path(workdir).resolve())]):
             raise ChatGLMError(f"{workdir}: holds {held[0]}, which the sandbox keeps read-only; share a folder "
                                "that holds none of Python's or the system's files")
-        if protection is None:
-            protection = strongest_protection() or "audit-hook"
-            if protection == "audit-hook" and not unsafe:
-                reasons = "; ".join(f"{kind}: {refusal(kind)}" for kind in SAFE)
-                raise ChatGLMError(f"this system allows no safe sandbox for model-written code ({reasons}); "
-                                   "pass --unsafe-code-interpreter (Sandbox(unsafe=True)) to run it under a "
-                                   "best-effort audit hook that code using ctypes can get past")
-        elif (why := refusal(protection)) is not None:
-            raise ChatGLMError(f"this system refuses the {protection} sandbox: {why}")
-        self.protection = protection
+        self.protection = choose_protection(protection, unsafe)
         self.timeout = timeout
         self.memory_mb = memory_mb
         self.workdir = Path(tempfile.mkdtemp(prefix="chatglm-sandbox-") if workdir is None else workdir).resolve()
