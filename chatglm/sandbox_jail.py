@@ -148,7 +148,8 @@ def _exit_like(code: int) -> None:
     """Exit as the waited-for process did: by its signal if it was killed (128 + signal), else with its code."""
     if code > 128 and code - 128 in signal.valid_signals():
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        signal.signal(code - 128, signal.SIG_DFL)
+        if code - 128 != signal.SIGKILL:  # which has no handler to reset
+            signal.signal(code - 128, signal.SIG_DFL)
         os.kill(os.getpid(), code - 128)
     os._exit(code)
 

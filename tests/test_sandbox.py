@@ -361,3 +361,12 @@ def test_code_flags_without_the_interpreter_are_one_line_errors(capsys) -> None:
         assert cli.main(["chat", *flags]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "need --code-interpreter" in err and err.count("\n") == 1
+
+
+def test_how_the_kernel_ended_reaches_the_parent_through_the_jail(protected_box: Sandbox) -> None:
+    """In a namespace two waiting processes stand between us and the kernel: each passes its end on."""
+    killed = protected_box.run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert not killed.ok and "was killed by SIGKILL" in killed.output
+    exited = protected_box.run("import os\nos._exit(3)")
+    assert not exited.ok and "exited with status 3" in exited.output
+    assert protected_box.run("1 + 1").output == "2"
