@@ -11,6 +11,8 @@ standard library, installed packages) and the system files it needs, and write o
   then drops every capability; the kernel runs as its child. When that first process dies, all die.
 - ``landlock``: Landlock rules on the same view (other paths can be stat'ed, not read or listed), TCP closed,
   and, from Landlock ABI 6, no signals or abstract Unix sockets outside the sandbox.
+
+Both join a session keyring of their own, so keys the user's session holds cannot be read.
 - ``audit-hook``: an audit hook that refuses opening files outside the view. Best effort: ctypes gets past it.
 """
 from __future__ import annotations
@@ -40,7 +42,9 @@ MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE = 442, -100, 0x8000  # mount_setattr(2), L
 READ_ONLY, NO_SUID_OR_DEVICES = 1, 2 | 4  # MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG = 24, 38, 1
 CAPABILITY_VERSION_3 = 0x20080522
-PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}
+# (pivot_root, keyctl) system call numbers: older calls differ between architectures
+SYSCALLS = {"x86_64": (155, 250), "aarch64": (41, 219), "riscv64": (41, 219)}
+KEYCTL_JOIN_SESSION_KEYRING = 1
 LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF = 444, 445, 446  # same on every arch
 LANDLOCK_CREATE_RULESET_VERSION, LANDLOCK_RULE_PATH_BENEATH = 1, 1
 # filesystem rights each Landlock ABI handles (execute, write, read, read dir, remove/make all kinds; refer,
@@ -154,16 +158,25 @@ def _exit_like(code: int) -> None:
     os._exit(code)
 
 
+def _syscalls() -> tuple[int, int]:
+    machine = platform.machine()
+    if machine not in SYSCALLS:
+        raise JailError(0, f"no pivot_root and keyctl system call numbers known for {machine}")
+    return SYSCALLS[machine]
+
+
+def _leave_session_keyring() -> None:
+    """Join a new session keyring: the one inherited may hold the user's keys (Kerberos, ecryptfs, tokens)."""
+    _check(_libc.syscall(_syscalls()[1], KEYCTL_JOIN_SESSION_KEYRING, None), "keyctl(join session keyring)")
+
+
 def _build_root(workdir: str) -> None:
     """Make the mount namespace's root a tmpfs with the view, the working folder and a fresh /proc."""
     view = readable_paths()  # before the root changes
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
     os.mkdir("/tmp/oldroot")
-    machine = platform.machine()
-    if machine not in PIVOT_ROOT:
-        raise JailError(0, f"pivot_root: no syscall number known for {machine}")
-    _check(_libc.syscall(PIVOT_ROOT[machine], b"/tmp", b"/tmp/oldroot"), "pivot_root")
+    _check(_libc.syscall(_syscalls()[0], b"/tmp", b"/tmp/oldroot"), "pivot_root")
     os.chdir("/")
     for path in view:
         _bind(path)
@@ -204,6 +217,7 @@ def enter_namespaces(workdir: str) -> None:
     _write("/proc/sys/kernel/pid_max", str(PID_MAX))
     _write("/proc/sys/user/max_user_namespaces", "0")
     _seal()
+    _leave_session_keyring()
     _drop_capabilities()
     os.chdir(workdir)
     kernel = os.fork()
@@ -249,6 +263,7 @@ def restrict_landlock(workdir: str) -> None:
                 os.close(fd)
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
         _check(_libc.syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
+        _leave_session_keyring()
     finally:
         os.close(ruleset)
 

@@ -5,6 +5,7 @@ own refusal as the reason, where it does not. Tests run as root in CI: the view 
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import socket
@@ -370,3 +371,30 @@ def test_how_the_kernel_ended_reaches_the_parent_through_the_jail(protected_box:
     exited = protected_box.run("import os\nos._exit(3)")
     assert not exited.ok and "exited with status 3" in exited.output
     assert protected_box.run("1 + 1").output == "2"
+
+
+KEY_SYSCALLS = {"x86_64": (248, 250), "aarch64": (217, 219)}  # add_key, keyctl
+KEYCTL_READ, KEYCTL_UNLINK, SESSION_KEYRING = 11, 9, -3
+
+
+@pytest.mark.parametrize("protection", ["namespace", "landlock"])
+def test_a_key_in_our_session_keyring_cannot_be_read(protection: str) -> None:
+    """The kernel's keyrings are outside any filesystem: the sandbox joins a session keyring of its own."""
+    needs(protection)
+    if os.uname().machine not in KEY_SYSCALLS:
+        pytest.skip(f"no add_key/keyctl numbers here for {os.uname().machine}")
+    add_key, keyctl = KEY_SYSCALLS[os.uname().machine]
+    libc = ctypes.CDLL(None, use_errno=True)
+    token = uuid.uuid4().hex.encode()
+    key = libc.syscall(add_key, b"user", b"chatglm-sandbox-test", token, len(token), ctypes.c_long(SESSION_KEYRING))
+    if key < 0:
+        pytest.skip(f"no session keyring to put a key in: {os.strerror(ctypes.get_errno())}")
+    try:
+        buffer = ctypes.create_string_buffer(64)
+        assert libc.syscall(keyctl, KEYCTL_READ, key, buffer, 64) == len(token) and buffer.value == token
+        with Sandbox(timeout=10, protection=protection) as box:
+            read = box.run(f"import ctypes\nbuffer = ctypes.create_string_buffer(64)\n"
+                           f"ctypes.CDLL(None).syscall({keyctl}, {KEYCTL_READ}, {key}, buffer, 64), buffer.value")
+            assert read.ok and read.output == "(-1, b'')", read.output
+    finally:
+        libc.syscall(keyctl, KEYCTL_UNLINK, key, ctypes.c_long(SESSION_KEYRING))
