@@ -111,6 +111,16 @@ def choose_protection(protection: str | None, unsafe: bool) -> str:
     return chosen or "audit-hook"
 
 
+def _check_shared(folder: Path) -> None:
+    """A shared working folder may neither hold nor lie in what the sandbox keeps read-only."""
+    for path in readable_paths():
+        real = Path(path).resolve()
+        where = "holds" if real.is_relative_to(folder) else "lies in" if folder.is_relative_to(real) else None
+        if where:
+            raise ChatGLMError(f"{folder}: {where} {path}, which the sandbox keeps read-only; share a folder "
+                               "apart from Python's and the system's files")
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -302,10 +312,8 @@ class Sandbox:
             raise ChatGLMError(f"sandbox memory limit must be a positive number of MB, got {memory_mb!r}")
         if workdir is not None and not Path(workdir).is_dir():
             raise ChatGLMError(f"{workdir}: not a folder; the sandbox runs code in an existing folder")
-        if workdir is not None and (held := [p for p in readable_paths() if Path(p).resolve().is_relative_to(
-                Path(workdir).resolve())]):
-            raise ChatGLMError(f"{workdir}: holds {held[0]}, which the sandbox keeps read-only; share a folder "
-                               "that holds none of Python's or the system's files")
+        if workdir is not None:
+            _check_shared(Path(workdir).resolve())
         self.protection = choose_protection(protection, unsafe)
         self.timeout = timeout
         self.memory_mb = memory_mb

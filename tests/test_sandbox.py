@@ -223,7 +223,8 @@ def test_the_child_environment_lacks_our_variables(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize("options", [{"timeout": 0}, {"memory_mb": -1}, {"workdir": sys.executable}, {"workdir": "/"},
-                                     {"workdir": sys.prefix}, {"protection": "chroot"}])
+                                     {"workdir": sys.prefix}, {"workdir": sysconfig.get_paths()["purelib"]},
+                                     {"protection": "chroot"}])
 def test_bad_options_are_one_clear_error(options: dict) -> None:
     with pytest.raises(ChatGLMError):
         Sandbox(**options)
