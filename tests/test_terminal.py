@@ -132,13 +132,16 @@ def test_cli_code_interpreter_runs_in_the_sandbox(shared_dir, monkeypatch, capsy
     assert shown.err.startswith("[code interpreter: ") and "sandbox (" in shown.err and "writing only in" in shown.err
 
 
-def test_banner_names_the_sandbox_protection(shared_dir):
+def test_the_chat_banner_names_the_sandbox_protection(shared_dir, monkeypatch, capsys):
     sandbox = pytest.importorskip("chatglm.sandbox", reason="chatglm.sandbox is not written yet")
-    with sandbox.Sandbox(timeout=10, unsafe=True) as box:
-        term = Terminal(Agent(scripted(glm_tokenizer(shared_dir, "chatglm3"), ["hi"]), interpreter=box))
-        banner = term.banner(interactive=False)
-        assert "\n" not in banner and f"code interpreter: {box.description}" in banner
-        assert box.protection.split("-")[0] in banner.lower()
+    chatglm3 = glm_tokenizer(shared_dir, "chatglm3")
+    monkeypatch.setattr("chatglm.pipeline.Pipeline", lambda *args, **kwargs: scripted(chatglm3, ["hi"]))
+    monkeypatch.setattr("sys.stdin", io.StringIO("stop\n"))
+    assert cli.main(["chat", "--code-interpreter", "--unsafe-code-interpreter"]) == 0
+    banner = capsys.readouterr().out.splitlines()[0]
+    protection = sandbox.strongest_protection() or "audit-hook"
+    assert banner.startswith("chatglm: ") and "; code interpreter: " in banner
+    assert sandbox.DESCRIPTIONS[protection].split(" (")[0] in banner and "writing only in /" in banner
 
 
 @pytest.mark.parametrize("argv, message", [
