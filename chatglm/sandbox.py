@@ -43,7 +43,7 @@ from typing import Any
 
 from .errors import ChatGLMError
 from . import sandbox_jail
-from .sandbox_jail import PID_MAX, PROTECTIONS, readable_paths
+from .sandbox_jail import PID_MAX, PROTECTIONS, pid_max_per_namespace, readable_paths
 
 KERNEL = Path(__file__).with_name("sandbox_kernel.py")
 OUTPUT_HEAD = OUTPUT_TAIL = 2048  # bytes kept from each end of what a cell prints
@@ -59,7 +59,7 @@ CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THRE
 JAIL = Path(sandbox_jail.__file__)
 SAFE = PROTECTIONS[:2]  # those that hold against any code, ctypes included
 DESCRIPTIONS = {
-    "namespace": "namespace sandbox (own root, read-only Python, no network, at most {processes} processes)",
+    "namespace": "namespace sandbox (own root, read-only Python, no network, {processes})",
     "landlock": "Landlock sandbox (read-only Python, no TCP, no new processes)",
     "audit-hook": "UNSAFE audit-hook sandbox (best effort: code using ctypes can reach your files)",
 }
@@ -109,6 +109,13 @@ def choose_protection(protection: str | None, unsafe: bool) -> str:
                            "--unsafe-code-interpreter (Sandbox(unsafe=True)) to run it under a best-effort audit "
                            "hook that code using ctypes can get past")
     return chosen or "audit-hook"
+
+
+def process_bound() -> str:
+    """How many processes a namespace sandbox may hold: RLIMIT_NPROC does not bind root, the pid_max may."""
+    if os.geteuid() != 0:
+        return f"at most {PROCESSES} processes"
+    return f"at most {PID_MAX - 1} processes" if pid_max_per_namespace() else "processes unbounded (root, Linux < 6.14)"
 
 
 def _check_shared(folder: Path) -> None:
@@ -339,8 +346,7 @@ class Sandbox:
     @property
     def description(self) -> str:
         """One line for the chat's banner: which protection holds and where the code may write."""
-        processes = PID_MAX - 1 if os.geteuid() == 0 else PROCESSES  # RLIMIT_NPROC does not bind root
-        return f"{DESCRIPTIONS[self.protection].format(processes=processes)}, writing only in {self.workdir}"
+        return f"{DESCRIPTIONS[self.protection].format(processes=process_bound())}, writing only in {self.workdir}"
 
     def run(self, code: str) -> CellResult:
         """Run one cell; a timeout or a crash of the child is reported in the result, never raised."""

@@ -7,7 +7,8 @@ standard library, installed packages) and the system files it needs, and write o
 - ``namespace``: new user, mount, PID, network, IPC and UTS namespaces. The root is a read-only tmpfs holding
   read-only binds of that view, the working folder bound writable, a fresh /proc of the sandbox's own
   processes, and a few devices; nothing else of the host exists there. The first process in the new PID
-  namespace sets its pid_max (the smallest the kernel accepts, about 300) and allows no nested user namespaces,
+  namespace sets its pid_max (the smallest the kernel accepts, about 300; Linux 6.14 and later, where it is
+  the namespace's own) and allows no nested user namespaces,
   then drops every capability; the kernel runs as its child. When that first process dies, all die.
 - ``landlock``: Landlock rules on the same view (other paths can be stat'ed, not read or listed), TCP closed,
   and, from Landlock ABI 6, no signals or abstract Unix sockets outside the sandbox.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import re
 import resource
 import signal
 import struct
@@ -33,6 +35,7 @@ ETC_ENTRIES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezo
                "group", "hosts", "ssl", "ca-certificates", "mime.types", "fonts", "alternatives", "os-release")
 DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 PID_MAX = 301  # the smallest pid_max a PID namespace takes: at most about 300 processes and threads
+PID_MAX_PER_NAMESPACE = (6, 14)  # Linux release from which pid_max is per PID namespace (before: host-wide!)
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x4000000, 0x8000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -60,6 +63,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 class JailError(OSError):
     """A protection this system does not allow; the message says which step failed."""
+
+
+def pid_max_per_namespace() -> bool:
+    """Whether this kernel keeps pid_max per PID namespace; before, writing it would limit the whole host."""
+    release = re.match(r"(\d+)\.(\d+)", platform.release())
+    return release is not None and tuple(map(int, release.groups())) >= PID_MAX_PER_NAMESPACE
 
 
 def _check(result: int, what: str) -> int:
@@ -214,7 +223,8 @@ def enter_namespaces(workdir: str) -> None:
         _exit_like(_wait_for(first, reap_all=False))
     _die_with_parent()
     _build_root(workdir)
-    _write("/proc/sys/kernel/pid_max", str(PID_MAX))
+    if pid_max_per_namespace():  # else only RLIMIT_NPROC bounds processes, and not for root
+        _write("/proc/sys/kernel/pid_max", str(PID_MAX))
     _write("/proc/sys/user/max_user_namespaces", "0")
     _seal()
     _leave_session_keyring()
