@@ -125,7 +125,7 @@ def test_cli_code_interpreter_runs_in_the_sandbox(shared_dir, monkeypatch, capsy
     chatglm3 = glm_tokenizer(shared_dir, "chatglm3")
     code = ["\n", "<|assistant|>", "interpreter\n```python\nprint(sum(range(10)))\n```", "<|observation|>"]
     monkeypatch.setattr("chatglm.pipeline.Pipeline", lambda *args, **kwargs: scripted(chatglm3, code, ["\n", "45."]))
-    assert cli.main(["chat", "--code-interpreter", "--temp", "0", "-p", "Sum 0..9"]) == 0
+    assert cli.main(["chat", "--code-interpreter", "--unsafe-code-interpreter", "--temp", "0", "-p", "Sum 0..9"]) == 0
     shown = capsys.readouterr()
     assert shown.out == ("[running code:\nprint(sum(range(10)))]\n[interpreter returned]\n"
                          "```result\n45\n```\n45.\n")
