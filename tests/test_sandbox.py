@@ -15,7 +15,7 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -159,12 +159,18 @@ def test_close_kills_the_processes_the_cells_started_even_in_sessions_of_their_o
         started = box.run(f"import subprocess\nfor new_session in (False, True):\n"
                           f"    subprocess.Popen(['sleep', '{marker}'], start_new_session=new_session)")
         assert started.ok, started.output
-        assert len(host_processes_with(marker)) == 2, (marker, host_processes_with(marker))
+        # exec(2) lets Popen return a moment before the new command line shows in /proc
+        wait_until(lambda: len(host_processes_with(marker)) == 2, f"two 'sleep {marker}' processes")
     finally:
         box.close()
-    deadline = time.monotonic() + PATIENCE  # SIGKILL is sent; the kernel takes a moment to finish the processes
-    while host_processes_with(marker):
-        assert time.monotonic() < deadline, f"sleep {marker} started in the sandbox outlived close()"
+    # SIGKILL is sent; the kernel takes a moment to finish the processes
+    wait_until(lambda: not host_processes_with(marker), f"'sleep {marker}' gone after close()")
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {PATIENCE} s for {what}"
         time.sleep(0.05)
 
 
