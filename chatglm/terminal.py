@@ -19,7 +19,7 @@ import sys
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, TextIO
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
@@ -28,6 +28,9 @@ from prompt_toolkit.key_binding import KeyBindings
 from .agent import Agent, Call, Event, Notice, Observation, Text, load_tool_module, load_tool_specs
 from .errors import ChatGLMError
 from .messages import ChatMessage
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
 
 EXIT_WORDS = {"stop", "exit", "quit"}
 KEYS = "Enter sends, Alt+Enter new line, Ctrl-C stops a reply, 'clear' starts over, 'stop' or Ctrl-D ends"
@@ -211,7 +214,7 @@ def run_chat(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
     return 0
 
 
-def open_sandbox(args: argparse.Namespace):
+def open_sandbox(args: argparse.Namespace) -> Sandbox:
     """The code interpreter's sandbox for --code-interpreter; refuses an unsafe one unless the user said so."""
     try:
         from .sandbox import Sandbox
