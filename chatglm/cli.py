@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dotted name or .py file whose functions (named as the tools) run the calls")
     chat.add_argument("--code-interpreter", action="store_true",
                       help="run the model's Python in a sandboxed subprocess (ChatGLM3); off unless given")
+    chat.add_argument("--code-workdir", metavar="DIR",
+                      help="share this folder with the code interpreter: the only place its code may write "
+                           "(default: a fresh temporary folder, removed at exit)")
+    chat.add_argument("--unsafe-code-interpreter", action="store_true",
+                      help="run the code interpreter where this system allows neither namespaces nor Landlock: "
+                           "under an audit hook only, which code using ctypes can get past")
     chat.add_argument("--mode", choices=["chat", "generate"], default="chat",
                       help="generate: continue the text as it is, no chat format (CodeGeeX2: '# language: Python\\n...')")
     chat.add_argument("--parse-special", action="store_true",

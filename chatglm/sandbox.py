@@ -7,19 +7,21 @@ the child's stdout and stderr, which share a third pipe so that they interleave 
 
 Set up before any cell runs:
 
-- a fresh temporary working folder (also HOME and TMPDIR), removed on close;
+- a working folder (also HOME and TMPDIR): a fresh temporary one, removed on close, or one the user shares;
+- a filesystem view (sandbox_jail.py): this Python (interpreter, standard library, installed packages) and the
+  system files it needs are read-only, the working folder is the only place it can write, and nothing else of
+  the user's (home folder, the project, other users' files) can be read. ``Sandbox.protection`` says how:
+  ``"namespace"`` (user, mount, PID and network namespaces: a read-only root of its own; processes are counted
+  and die with the sandbox), ``"landlock"`` (Landlock rules; TCP closed), or ``"audit-hook"`` (an audit hook:
+  best effort, ctypes gets past it, so only with ``unsafe=True`` or when asked for by name);
 - an environment with nothing of ours but PATH and LANG, so no secrets leak;
-- resource limits: address space (``memory_mb``), CPU time, file size, open files, no core files, and processes
-  where they are counted per sandbox;
+- resource limits: address space (``memory_mb``), CPU time, file size, open files, no core files, and in a
+  namespace at most PROCESSES processes (RLIMIT_NPROC; the namespace's pid_max stops root too);
 - a wall-clock limit per cell: on expiry the child's whole process group is killed and the next cell starts a
   fresh Python (its state is lost, and the output says so);
-- no network: new user and network namespaces through ``unshare`` where the system allows them
-  (``Sandbox.network_isolation == "namespace"``), else an audit hook that refuses sockets and new processes
-  (``"audit-hook"``: best effort, ctypes gets past it). Both also refuse connects, since a network namespace
-  still reaches the host's Unix sockets.
-
-It is not a jail: the code can read whatever files our user can read, and a process it starts in a session of
-its own outlives the cell (still without network, under the same limits).
+- no network: the namespace has no interfaces and, with a root of its own, none of the host's Unix sockets;
+  Landlock closes TCP; an audit hook refuses connects and name lookups in every mode (outside a namespace it
+  refuses starting processes too, since they would not carry the hook).
 """
 from __future__ import annotations
 
@@ -40,20 +42,27 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ChatGLMError
+from . import sandbox_jail
+from .sandbox_jail import PID_MAX, PROTECTIONS, pid_max_per_namespace, readable_paths
 
 KERNEL = Path(__file__).with_name("sandbox_kernel.py")
 OUTPUT_HEAD = OUTPUT_TAIL = 2048  # bytes kept from each end of what a cell prints
 VALUE_LIMIT = ERROR_LIMIT = 2048  # characters shown of a final value (its start) and of a traceback (its end)
 FILE_LIMIT_MB = 64
 OPEN_FILES = 256
-PROCESSES = 256  # processes and threads, set only inside a user namespace, where the kernel counts them per sandbox
+PROCESSES = 64  # processes and threads, set only in a namespace, where the kernel counts them per sandbox
 START_TIMEOUT = 15.0  # seconds for a fresh child to say it is ready
 REPLY_LIMIT = 4 << 20  # bytes of one reply before the child counts as broken
 DRAIN_LIMIT = 1 << 20  # bytes read after a reply, so a printing grandchild cannot keep us draining forever
 # RLIMIT_AS counts the address space every thread reserves (malloc arenas, BLAS buffers): keep threads few.
 CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-# No PID namespace: the child would be its init, which ignores SIGXCPU and signals it sends itself.
-UNSHARE_FLAGS = ("--user", "--map-root-user", "--net")
+JAIL = Path(sandbox_jail.__file__)
+SAFE = PROTECTIONS[:2]  # those that hold against any code, ctypes included
+DESCRIPTIONS = {
+    "namespace": "namespace sandbox (own root, read-only Python, no network, {processes})",
+    "landlock": "Landlock sandbox (read-only Python, no TCP, no new processes)",
+    "audit-hook": "UNSAFE audit-hook sandbox (best effort: code using ctypes can reach your files)",
+}
 
 
 @dataclass(frozen=True)
@@ -66,18 +75,57 @@ class CellResult:
 
 
 @functools.cache
-def namespace_command() -> tuple[str, ...]:
-    """The ``unshare`` prefix that gives the child its own network, or () where this system forbids it."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return ()
-    command = (unshare, *UNSHARE_FLAGS)
-    try:
-        probe = subprocess.run([*command, "true"], check=False, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=START_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired):
-        return ()
-    return command if probe.returncode == 0 else ()
+def refusal(protection: str) -> str | None:
+    """Why this system refuses `protection` (a probe child puts it up on itself), or None where it holds."""
+    if protection not in PROTECTIONS:
+        raise ChatGLMError(f"sandbox protection must be one of {', '.join(PROTECTIONS)}, got {protection!r}")
+    with tempfile.TemporaryDirectory(prefix="chatglm-probe-") as folder:
+        try:
+            probe = subprocess.run([sys.executable, "-I", str(JAIL), protection, folder], check=False,
+                                   stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=START_TIMEOUT,
+                                   env={"PATH": os.environ.get("PATH", os.defpath)})
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return str(exc)
+        if probe.returncode == 0 and Path(folder, "probe").is_file():
+            return None
+        return probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else f"exit status {probe.returncode}"
+
+
+def strongest_protection() -> str | None:
+    """The strongest protection this system allows of those that hold against any code, or None."""
+    return next((kind for kind in SAFE if refusal(kind) is None), None)
+
+
+def choose_protection(protection: str | None, unsafe: bool) -> str:
+    """`protection` if this system allows it, else the strongest safe one; the audit hook only if `unsafe`."""
+    if protection is not None:
+        if (why := refusal(protection)) is not None:
+            raise ChatGLMError(f"this system refuses the {protection} sandbox: {why}")
+        return protection
+    chosen = strongest_protection()
+    if chosen is None and not unsafe:
+        reasons = "; ".join(f"{kind}: {refusal(kind)}" for kind in SAFE)
+        raise ChatGLMError(f"this system allows no safe sandbox for model-written code ({reasons}); pass "
+                           "--unsafe-code-interpreter (Sandbox(unsafe=True)) to run it under a best-effort audit "
+                           "hook that code using ctypes can get past")
+    return chosen or "audit-hook"
+
+
+def process_bound() -> str:
+    """How many processes a namespace sandbox may hold: RLIMIT_NPROC does not bind root, the pid_max may."""
+    if os.geteuid() != 0:
+        return f"at most {PROCESSES} processes"
+    return f"at most {PID_MAX - 1} processes" if pid_max_per_namespace() else "processes unbounded (root, Linux < 6.14)"
+
+
+def _check_shared(folder: Path) -> None:
+    """A shared working folder may neither hold nor lie in what the sandbox keeps read-only."""
+    for path in readable_paths():
+        real = Path(path).resolve()
+        where = "holds" if real.is_relative_to(folder) else "lies in" if folder.is_relative_to(real) else None
+        if where:
+            raise ChatGLMError(f"{folder}: {where} {path}, which the sandbox keeps read-only; share a folder "
+                               "apart from Python's and the system's files")
 
 
 def _kill_group(pgid: int) -> None:
@@ -260,14 +308,20 @@ class _Kernel:
 class Sandbox:
     """One conversation's Python: cells share state until a cell fails hard; see the module docstring."""
 
-    def __init__(self, *, timeout: float = 30.0, memory_mb: int = 1024, workdir: Path | None = None) -> None:
-        """`workdir`: the folder the code runs in, kept on close; by default a fresh temporary one, removed."""
+    def __init__(self, *, timeout: float = 30.0, memory_mb: int = 1024, workdir: Path | None = None,
+                 protection: str | None = None, unsafe: bool = False) -> None:
+        """`workdir`: the folder the code runs in (and the only one it may write), kept on close; by default a
+        fresh temporary one, removed. `protection`: one of PROTECTIONS, by default the strongest this system
+        allows; where neither a namespace nor Landlock is allowed, only `unsafe` accepts the audit hook."""
         if not timeout > 0:
             raise ChatGLMError(f"sandbox timeout must be a positive number of seconds, got {timeout!r}")
         if not memory_mb > 0:
             raise ChatGLMError(f"sandbox memory limit must be a positive number of MB, got {memory_mb!r}")
         if workdir is not None and not Path(workdir).is_dir():
             raise ChatGLMError(f"{workdir}: not a folder; the sandbox runs code in an existing folder")
+        if workdir is not None:
+            _check_shared(Path(workdir).resolve())
+        self.protection = choose_protection(protection, unsafe)
         self.timeout = timeout
         self.memory_mb = memory_mb
         self.workdir = Path(tempfile.mkdtemp(prefix="chatglm-sandbox-") if workdir is None else workdir).resolve()
@@ -275,8 +329,6 @@ class Sandbox:
         self._remove_workdir = weakref.finalize(self, shutil.rmtree, self.workdir, ignore_errors=True)
         if workdir is not None:
             self._remove_workdir.detach()
-        self._prefix = namespace_command()
-        self.network_isolation = "namespace" if self._prefix else "audit-hook"
         self._kernel: _Kernel | None = None
         self._closed = False
         try:
@@ -290,6 +342,11 @@ class Sandbox:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    @property
+    def description(self) -> str:
+        """One line for the chat's banner: which protection holds and where the code may write."""
+        return f"{DESCRIPTIONS[self.protection].format(processes=process_bound())}, writing only in {self.workdir}"
 
     def run(self, code: str) -> CellResult:
         """Run one cell; a timeout or a crash of the child is reported in the result, never raised."""
@@ -326,17 +383,16 @@ class Sandbox:
         self._remove_workdir()
 
     def _start(self) -> _Kernel:
-        namespaced = bool(self._prefix)
         config = {
             "memory_bytes": int(self.memory_mb * (1 << 20)), "cpu_seconds": math.ceil(self.timeout) + 1,
-            "file_bytes": FILE_LIMIT_MB << 20, "open_files": OPEN_FILES,
-            "processes": PROCESSES if namespaced else None, "refuse_processes": not namespaced,
+            "file_bytes": FILE_LIMIT_MB << 20, "open_files": OPEN_FILES, "processes": PROCESSES,
+            "protection": self.protection, "workdir": str(self.workdir),
         }
         env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(self.workdir), "TMPDIR": str(self.workdir),
                **CHILD_ENV}
         if "LANG" in os.environ:
             env["LANG"] = os.environ["LANG"]
-        argv = [*self._prefix, sys.executable, "-I", "-u", "-X", "utf8", str(KERNEL)]
+        argv = [sys.executable, "-I", "-u", "-X", "utf8", str(KERNEL)]
         kernel = _Kernel(argv, config, self.workdir, env)
         stream = _Clipped(OUTPUT_HEAD, OUTPUT_TAIL)
         try:

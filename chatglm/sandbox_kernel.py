@@ -1,8 +1,9 @@
 """The child side of chatglm.sandbox: a tiny notebook kernel that runs the cells it is sent.
 
 The parent starts this file by path (``python -I -u sandbox_kernel.py CONFIG``), so it imports only the standard
-library and never the package. Before it says it is ready it sets its resource limits and an audit hook that
-refuses network access, so no cell runs without them. Then it reads ``{"code": ...}`` lines from the command fd and
+library and never the package (sandbox_jail.py beside it is loaded by path). Before it says it is ready it puts
+up the protection the parent chose (sandbox_jail.py), its resource limits and an audit hook that refuses network
+access, so no cell runs without them. Then it reads ``{"code": ...}`` lines from the command fd and
 answers each with ``{"ok", "value", "error"}`` on the reply fd. What a cell prints goes straight to fds 1 and 2,
 which the parent reads as one stream; the value of a final expression and an error's traceback come in the reply.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import importlib.util
 import json
 import linecache
 import math
@@ -21,6 +23,7 @@ import traceback
 import types
 from typing import Any, BinaryIO
 
+JAIL = os.path.join(os.path.dirname(__file__), "sandbox_jail.py")
 REPLY_LIMIT = 1 << 20  # characters of a value or a traceback sent back; the parent shows far fewer
 
 # Socket calls that reach another endpoint. Creating sockets stays allowed: asyncio's self-pipe is a socketpair.
@@ -28,7 +31,7 @@ NETWORK_EVENTS = frozenset({
     "socket.bind", "socket.connect", "socket.sendmsg", "socket.sendto", "socket.getaddrinfo",
     "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo",
 })
-# New processes would not carry the audit hook, so without a network namespace they are refused too.
+# New processes would not carry the audit hook, so outside a PID namespace they are refused too.
 PROCESS_EVENTS = frozenset({
     "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen",
 })
@@ -65,13 +68,21 @@ def refuse(events: frozenset[str]) -> None:
     sys.addaudithook(hook)
 
 
+def load_jail() -> types.ModuleType:
+    """sandbox_jail.py, imported by path: the package itself is never imported here."""
+    spec = importlib.util.spec_from_file_location("sandbox_jail", JAIL)
+    jail = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jail)
+    return jail
+
+
 def user_traceback(exc: BaseException) -> str:
-    """The traceback without this file's frames (the cell runner, the audit hook), which say nothing of the cell."""
+    """The traceback without our frames (the cell runner, the audit hooks), which say nothing of the cell."""
     shown = traceback.TracebackException.from_exception(exc)
     pending = [shown]
     while pending:
         part = pending.pop()
-        part.stack = traceback.StackSummary.from_list([f for f in part.stack if f.filename != __file__])
+        part.stack = traceback.StackSummary.from_list([f for f in part.stack if f.filename not in (__file__, JAIL)])
         pending += [chained for chained in (part.__cause__, part.__context__) if chained is not None]
     return "".join(shown.format())
 
@@ -102,6 +113,12 @@ def main() -> None:
     config = json.loads(sys.argv[1])
     for fd in (config["command_fd"], config["reply_fd"]):
         os.set_inheritable(fd, False)  # processes the cells start must not see the protocol
+    jail = load_jail()
+    namespaced = config["protection"] == "namespace"
+    if namespaced:
+        jail.enter_namespaces(config["workdir"])  # returns in the jailed grandchild; the others wait
+    elif config["protection"] == "landlock":
+        jail.restrict_landlock(config["workdir"])
     commands = os.fdopen(config["command_fd"], "rb")
     replies = os.fdopen(config["reply_fd"], "wb")
 
@@ -109,10 +126,12 @@ def main() -> None:
     set_limit(resource.RLIMIT_FSIZE, config["file_bytes"])
     set_limit(resource.RLIMIT_NOFILE, config["open_files"])
     set_limit(resource.RLIMIT_CORE, 0)
-    if config["processes"] is not None:
+    if namespaced:  # counted per namespace; root is exempt, which the namespace's pid_max covers
         set_limit(resource.RLIMIT_NPROC, config["processes"])
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write raises OSError instead of killing us
-    refuse(NETWORK_EVENTS | (PROCESS_EVENTS if config["refuse_processes"] else frozenset()))
+    if config["protection"] == "audit-hook":
+        jail.guard_files(config["workdir"])
+    refuse(NETWORK_EVENTS | (frozenset() if namespaced else PROCESS_EVENTS))
 
     sys.argv = [""]
     sys.path.insert(0, "")  # like a notebook: modules the cells write to the working folder import

@@ -19,7 +19,7 @@ import sys
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, TextIO
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
@@ -28,6 +28,9 @@ from prompt_toolkit.key_binding import KeyBindings
 from .agent import Agent, Call, Event, Notice, Observation, Text, load_tool_module, load_tool_specs
 from .errors import ChatGLMError
 from .messages import ChatMessage
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
 
 EXIT_WORDS = {"stop", "exit", "quit"}
 KEYS = "Enter sends, Alt+Enter new line, Ctrl-C stops a reply, 'clear' starts over, 'stop' or Ctrl-D ends"
@@ -104,7 +107,7 @@ class Terminal:
         pipe = self.agent.pipe
         extras = [f"tools: {', '.join(f['name'] for f in self.agent.specs)}"] if self.agent.specs else []
         if self.agent.interpreter is not None:
-            extras.append("code interpreter on")
+            extras.append(f"code interpreter: {getattr(self.agent.interpreter, 'description', 'on')}")
         extra = "; ".join(extras)
         return (f"chatglm: {pipe.path.name} ({pipe.format}, {pipe.config.arch}, {pipe.model.device})"
                 f"{'; ' + extra if extra else ''}. {KEYS if interactive else PIPED}.")
@@ -184,14 +187,18 @@ def run_chat(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
         raise ChatGLMError("--tool-module needs --tools FILE: the JSON list of the functions the model may call")
     if args.mode == "generate" and (args.tools or args.code_interpreter):
         raise ChatGLMError("tools and the code interpreter need --mode chat")
+    if (args.code_workdir or args.unsafe_code_interpreter) and not args.code_interpreter:
+        raise ChatGLMError("--code-workdir and --unsafe-code-interpreter need --code-interpreter")
     tools = load_tool_specs(args.tools) if args.tools else []
     functions = load_tool_module(args.tool_module) if args.tool_module else None
     if tools and functions is None:
         raise ChatGLMError("--tools needs --tool-module: the module (dotted name or .py file) whose functions "
                            "run the calls")
-    pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
     with ExitStack() as stack:
-        box = stack.enter_context(_sandbox()) if args.code_interpreter else None
+        box = stack.enter_context(open_sandbox(args)) if args.code_interpreter else None
+        if box is not None and args.prompt is not None:
+            print(f"[code interpreter: {box.description}]", file=sys.stderr, flush=True)
+        pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
         term = Terminal(Agent(pipe, tools, functions, box), system=args.system, sampling=sampling)
         act = partial(term.complete, parse_special=args.parse_special or None) if args.mode == "generate" else term.turn
         if args.prompt is not None:
@@ -207,10 +214,11 @@ def run_chat(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
     return 0
 
 
-def _sandbox():
-    """The code interpreter's sandbox (a subprocess with time and memory limits); state lasts the session."""
+def open_sandbox(args: argparse.Namespace) -> Sandbox:
+    """The code interpreter's sandbox for --code-interpreter; refuses an unsafe one unless the user said so."""
     try:
         from .sandbox import Sandbox
     except ImportError as e:
         raise ChatGLMError(f"the code interpreter is unavailable: {e}") from None
-    return Sandbox(timeout=30.0, memory_mb=1024)
+    workdir = Path(args.code_workdir) if args.code_workdir else None
+    return Sandbox(timeout=30.0, memory_mb=1024, workdir=workdir, unsafe=args.unsafe_code_interpreter)

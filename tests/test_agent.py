@@ -266,7 +266,7 @@ def test_the_real_sandbox_keeps_state_between_cells(tokenizers):
     second = ["\n", "<|assistant|>", "interpreter\n```python\nprint(x + 1)\n```", "<|observation|>"]
     pipe = scripted(tokenizers["chatglm3"], first, second, ["\n", "Done."])
     history = [ChatMessage("user", "Compute.")]
-    with sandbox.Sandbox(timeout=30.0, memory_mb=1024) as box:
+    with sandbox.Sandbox(timeout=30.0, memory_mb=1024, unsafe=True) as box:  # unsafe: only where no other holds
         events = list(Agent(pipe, interpreter=box).run(history, do_sample=False))
     assert [e.content for e in events if isinstance(e, Observation)] == ["```result\n42\n```", "```result\n43\n```"]
 

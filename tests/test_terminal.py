@@ -125,9 +125,23 @@ def test_cli_code_interpreter_runs_in_the_sandbox(shared_dir, monkeypatch, capsy
     chatglm3 = glm_tokenizer(shared_dir, "chatglm3")
     code = ["\n", "<|assistant|>", "interpreter\n```python\nprint(sum(range(10)))\n```", "<|observation|>"]
     monkeypatch.setattr("chatglm.pipeline.Pipeline", lambda *args, **kwargs: scripted(chatglm3, code, ["\n", "45."]))
-    assert cli.main(["chat", "--code-interpreter", "--temp", "0", "-p", "Sum 0..9"]) == 0
-    assert capsys.readouterr().out == ("[running code:\nprint(sum(range(10)))]\n[interpreter returned]\n"
-                                       "```result\n45\n```\n45.\n")
+    assert cli.main(["chat", "--code-interpreter", "--unsafe-code-interpreter", "--temp", "0", "-p", "Sum 0..9"]) == 0
+    shown = capsys.readouterr()
+    assert shown.out == ("[running code:\nprint(sum(range(10)))]\n[interpreter returned]\n"
+                         "```result\n45\n```\n45.\n")
+    assert shown.err.startswith("[code interpreter: ") and "sandbox (" in shown.err and "writing only in" in shown.err
+
+
+def test_the_chat_banner_names_the_sandbox_protection(shared_dir, monkeypatch, capsys):
+    sandbox = pytest.importorskip("chatglm.sandbox", reason="chatglm.sandbox is not written yet")
+    chatglm3 = glm_tokenizer(shared_dir, "chatglm3")
+    monkeypatch.setattr("chatglm.pipeline.Pipeline", lambda *args, **kwargs: scripted(chatglm3, ["hi"]))
+    monkeypatch.setattr("sys.stdin", io.StringIO("stop\n"))
+    assert cli.main(["chat", "--code-interpreter", "--unsafe-code-interpreter"]) == 0
+    banner = capsys.readouterr().out.splitlines()[0]
+    protection = sandbox.strongest_protection() or "audit-hook"
+    assert banner.startswith("chatglm: ") and "; code interpreter: " in banner
+    assert sandbox.DESCRIPTIONS[protection].split(" (")[0] in banner and "writing only in /" in banner
 
 
 @pytest.mark.parametrize("argv, message", [
