@@ -177,7 +177,9 @@ def quantized_weights(ckpt: Checkpoint, qtype: str | QType) -> dict[str, Weight]
     for canon in tqdm(ckpt.layout, desc=f"quantizing to {qt.name.lower()}", unit="tensor", delay=2, leave=False):
         w = assemble({canon: ckpt.layout[canon]}, ckpt.get, ckpt.path, ckpt.transforms)[canon]
         target = target_type(tuple(w.shape), qt)
-        if target == qt and not canon.startswith("prefix_") and not (isinstance(w, QTensor) and w.qtype == qt):
+        # MoE routers stay float, as llama.cpp keeps them: a rounded score can send a token to another expert
+        keep = canon.startswith("prefix_") or canon.endswith(".router")
+        if target == qt and not keep and not (isinstance(w, QTensor) and w.qtype == qt):
             w = QTensor(torch.from_numpy(encode(w, qt)), qt, tuple(w.shape))
         weights[canon] = w
     return weights

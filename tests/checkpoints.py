@@ -170,8 +170,8 @@ def tiny_glm4_moe_lite(layers: int = 3, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     cfg = Glm4MoeLiteConfig(**dict(_MOE, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                                   kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16,
-                                   v_head_dim=12, **overrides))
+                                   kv_lora_rank=32, q_lora_rank=64, qk_rope_head_dim=8, qk_nope_head_dim=24,
+                                   v_head_dim=16, **overrides))
     model = Glm4MoeLiteForCausalLM(cfg).eval()
     _randomize_moe(model)
     return model

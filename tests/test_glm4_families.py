@@ -38,19 +38,20 @@ BUILDERS = {"glm4": tiny_glm4, "glm4_moe": tiny_glm4_moe, "glm4_moe_lite": tiny_
 def pair(request, tmp_path_factory):
     """(transformers model, our model loaded from its save_pretrained folder)."""
     ref = BUILDERS[request.param]()
-    ours = saved(ref, tmp_path_factory.mktemp(request.param))
+    folder = tmp_path_factory.mktemp(request.param)
+    ours = saved(ref, folder)
     assert ours.config.arch == request.param
-    return ref, ours
+    return ref, ours, folder
 
 
 def test_prefill_matches_transformers(pair):
-    ref, ours = pair
+    ref, ours, _ = pair
     assert rel_err(ours.logits(IDS), reference(ref, IDS)) < TOL
 
 
 def test_cached_decode_matches_transformers(pair):
     """Prefill 5 tokens, then one token at a time through the cache."""
-    ref, ours = pair
+    ref, ours, _ = pair
     cache = ours.new_cache(1, len(IDS))
     slots = torch.zeros(1, dtype=torch.long)
     out = [ours(torch.tensor([IDS[:5]]), torch.arange(5)[None], cache, slots)[0]]
@@ -61,7 +62,7 @@ def test_cached_decode_matches_transformers(pair):
 
 def test_batched_decode_at_mixed_positions(pair):
     """Two sequences of different lengths in slots 1 and 0 decode their next tokens in one batched step."""
-    ref, ours = pair
+    ref, ours, _ = pair
     first, second = IDS, OTHER
     cache = ours.new_cache(2, 16)
     for slot, ids in ((1, first[:-1]), (0, second[:-1])):
@@ -70,3 +71,72 @@ def test_batched_decode_at_mixed_positions(pair):
                 cache, torch.tensor([1, 0]))
     assert rel_err(step[0, 0].numpy(), reference(ref, first)[-1]) < TOL
     assert rel_err(step[1, 0].numpy(), reference(ref, second)[-1]) < TOL
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_block_quantized_at_load(pair, qtype):
+    """Quantized as it loads: every linear holds ggml blocks (experts included), MoE routers stay float32
+    as in the file, and the logits stay near the float reference."""
+    from chatglm.convert import quantized_weights
+    from chatglm.kernels.cpu import FloatLinear
+    from chatglm.loaders import open_checkpoint
+
+    ref, ours, folder = pair
+    quantized = load_model(folder, dtype=qtype)
+    floats = [n for n, m in quantized.named_modules() if isinstance(m, FloatLinear)]
+    assert floats == [], f"float linears left: {floats}"
+    for name, buf in quantized.named_buffers():
+        if name.endswith("router.weight"):
+            layer = name.split(".")[1]
+            expected = ref.state_dict()[f"model.layers.{layer}.mlp.gate.weight"]
+            assert buf.dtype == torch.float32 and torch.equal(buf, expected)
+    expected = reference(rounded(ref, qtype), IDS)
+    assert rel_err(quantized.logits(IDS), expected) < 1e-1  # 8-bit activations (llama.cpp's), which may reroute
+    exact = type(ours)(ours.config, quantized_weights(open_checkpoint(folder), qtype), torch.float32)
+    assert rel_err(exact.logits(IDS), expected) < TOL  # the same blocks with float32 activations
+
+
+def rounded(ref, qtype: str):
+    """A copy of the reference whose matrices (all but the routers) hold their ggml-rounded values."""
+    import copy
+
+    from chatglm.quant import dequantize, quantize
+
+    out = copy.deepcopy(ref)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if p.dim() >= 2 and not name.endswith("mlp.gate.weight"):  # experts: [experts, rows, cols]
+                rows = p.reshape(-1, p.shape[-1]).numpy()
+                p.copy_(torch.from_numpy(dequantize(quantize(rows, qtype), qtype, rows.shape)).view_as(p))
+    return out
+
+
+def test_a_token_runs_only_its_experts(pair):
+    """One decode step runs num_experts_per_tok experts per MoE layer; a batch runs each chosen expert once."""
+    ref, ours, _ = pair
+    if ours.config.moe is None:
+        pytest.skip("a dense family")
+    calls: list[int] = []
+    hooks = [expert.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+             for layer in ours.layers if hasattr(layer.ffn, "experts") for expert in layer.ffn.experts]
+    try:
+        cache = ours.new_cache(3, 4)
+        ours(torch.tensor([[5], [9], [7]]), torch.zeros(3, 1, dtype=torch.long), cache, torch.arange(3))
+    finally:
+        for h in hooks:
+            h.remove()
+    moe_layers = ours.config.num_layers - len(ours.config.moe.dense_layers)
+    k = ours.config.moe.experts_per_token
+    assert sum(calls) == 3 * k * moe_layers           # every (token, choice) pair once
+    assert len(calls) <= moe_layers * ours.config.moe.experts  # each expert at most once per layer
+
+
+def test_latent_cache_holds_latent_and_rotary_key_per_token(pair):
+    """GLM-4.7-Flash caches kv_lora_rank + qk_rope_head_dim values per token and layer, not keys and values."""
+    ref, ours, _ = pair
+    if ours.config.latent is None:
+        pytest.skip("no latent attention")
+    cache = ours.new_cache(2, 10)
+    assert isinstance(cache, LatentCache)
+    c = ref.config
+    assert cache.kv.numel() == c.num_hidden_layers * 2 * 10 * (c.kv_lora_rank + c.qk_rope_head_dim)
