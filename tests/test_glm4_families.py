@@ -141,3 +141,22 @@ def test_latent_cache_holds_latent_and_rotary_key_per_token(pair):
     assert isinstance(cache, LatentCache)
     c = ref.config
     assert cache.kv.numel() == c.num_hidden_layers * 2 * 10 * (c.kv_lora_rank + c.qk_rope_head_dim)
+
+
+def test_engines_generate_what_transformers_generates(pair):
+    """Greedy replies: ours one at a time, ours continuously batched, and transformers' generate."""
+    from chatglm.engine import BatchEngine, SamplingParams, generate
+
+    ref, ours, _ = pair
+    prompts = [IDS[:4], OTHER, IDS[3:9]]
+    greedy = SamplingParams(do_sample=False, max_new_tokens=6)
+    with torch.no_grad():
+        expected = [ref.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, min_new_tokens=6,
+                                 eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+    assert [list(generate(ours, p, greedy)) for p in prompts] == expected
+    engine = BatchEngine(ours, max_batch=3, max_queue=3)
+    try:
+        requests = [engine.submit(p, greedy) for p in prompts]
+        assert [list(r) for r in requests] == expected
+    finally:
+        engine.close()
