@@ -107,11 +107,14 @@ def vocab_stop_ids(vocab: Mapping[str, int], eos_ids: Iterable[int | None], cont
     return frozenset(ids)
 
 
-def build_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> list[Segment]:
-    """The prompt segments of a conversation in the tokenizer's family."""
+def build_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage], add_generation_prompt: bool,
+                 tools: Sequence[Mapping[str, Any]] = ()) -> list[Segment]:
+    """The prompt segments of a conversation in the tokenizer's family (tools: for a template that takes them)."""
     if not messages:
         raise ChatFormatError("the conversation is empty: give at least one message")
     family = tokenizer.family
+    if tools and family != "llama":
+        raise ChatFormatError(f"tools go to a chat template; a model of family {family!r} takes them as messages")
     specials = tokenizer.specials
     if family == "chatglm":
         return [chatglm_text(messages, add_generation_prompt), specials["[gMASK]"], specials["<sop>"]]
@@ -120,7 +123,7 @@ def build_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage], add_gene
     if family in ROLE_FAMILIES:
         return role_prompt(messages, specials, add_generation_prompt)
     if family == "llama":
-        return template_prompt(tokenizer, messages, add_generation_prompt)
+        return template_prompt(tokenizer, messages, add_generation_prompt, tools)
     raise ChatFormatError(f"no chat format for tokenizer family {family!r}")
 
 
@@ -205,12 +208,13 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 def render_template(source: str, messages: list[dict[str, Any]], *, bos_token: str = "", eos_token: str = "",
-                    add_generation_prompt: bool = True) -> str:
-    """Render a chat template the way transformers and llama.cpp call it (no ``tools`` variable)."""
+                    add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] = ()) -> str:
+    """Render a chat template the way transformers and llama.cpp call it (``tools`` only when there are some)."""
     template = compile_template(source)
+    extra = {"tools": [dict(t) for t in tools]} if tools else {}
     try:
         return template.render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                               add_generation_prompt=add_generation_prompt)
+                               add_generation_prompt=add_generation_prompt, **extra)
     except ChatFormatError:
         raise
     except jinja2.TemplateError as e:
@@ -240,8 +244,28 @@ def _place_contents(rendered: str, pieces: list[str], order: list[int], contents
     return found if rendered[pos:] == pieces[-1] else None
 
 
+def template_message(m: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it: a call's arguments as an object (templates iterate them), as
+    transformers passes them."""
+    d = m.to_dict()
+    if m.tool_calls:
+        d["tool_calls"] = [_with_object_arguments(c) for c in m.tool_calls]
+    return d
+
+
+def _with_object_arguments(call: Mapping[str, Any]) -> dict[str, Any]:
+    function = call.get("function")
+    if not isinstance(function, Mapping) or not isinstance(function.get("arguments"), str):
+        return dict(call)
+    try:
+        arguments = json.loads(function["arguments"] or "{}")
+    except json.JSONDecodeError as e:
+        raise ChatFormatError(f"the arguments of the call to {function.get('name')!r} are not JSON: {e}") from None
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
 def template_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage],
-                    add_generation_prompt: bool) -> list[Segment]:
+                    add_generation_prompt: bool, tools: Sequence[Mapping[str, Any]] = ()) -> list[Segment]:
     """Segments of a rendered Jinja template, with special tokens only from the template's own text.
 
     The template is rendered twice: with the real contents and with a unique sentinel in place of each
@@ -250,11 +274,11 @@ def template_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage],
     together, stays one segment, so it is tokenized exactly as llama.cpp tokenizes the rendered prompt.
     """
     source = tokenizer.chat_template or CHATML_TEMPLATE
-    dicts = [m.to_dict() for m in messages]
+    dicts = [template_message(m) for m in messages]
     nonce = secrets.token_hex(8)
     marks = [f"@@content-{nonce}-{k}@@" for k in range(len(dicts))]
     kwargs = dict(bos_token=tokenizer.bos_text, eos_token=tokenizer.eos_text,
-                  add_generation_prompt=add_generation_prompt)
+                  add_generation_prompt=add_generation_prompt, tools=tools)
     try:
         real = render_template(source, dicts, **kwargs)
         marked = render_template(source, [{**d, "content": mark} for d, mark in zip(dicts, marks)], **kwargs)

@@ -27,11 +27,13 @@ from prompt_toolkit.key_binding import KeyBindings
 
 from .agent import Agent, Call, Event, Notice, Observation, Text, load_tool_module, load_tool_specs
 from .errors import ChatGLMError
+from .markup import Reasoning
 from .messages import ChatMessage
 
 EXIT_WORDS = {"stop", "exit", "quit"}
 KEYS = "Enter sends, Alt+Enter new line, Ctrl-C stops a reply, 'clear' starts over, 'stop' or Ctrl-D ends"
 PIPED = "One message per line; 'clear' starts over, 'stop' or end of input ends"
+DIM, UNDIM = "\x1b[2m", "\x1b[0m"  # a reasoning model's thoughts, on a terminal
 
 
 def history_file() -> Path:
@@ -99,6 +101,7 @@ class Terminal:
         self.sampling = sampling or {}
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self._line_start = True
+        self._thinking = False  # the last text shown was reasoning
 
     def banner(self, interactive: bool) -> str:
         pipe = self.agent.pipe
@@ -155,7 +158,12 @@ class Terminal:
 
     def _show(self, event: Event) -> None:
         if isinstance(event, Text):
-            self._write(event.text)
+            thinking = isinstance(event.text, Reasoning)
+            if self._thinking and not thinking:
+                self._end_line()  # the answer starts on a line of its own
+            self._thinking = thinking
+            dim = thinking and self.out.isatty()
+            self._write(f"{DIM}{event.text}{UNDIM}" if dim else event.text)
         elif isinstance(event, Call):
             self._end_line()
             self._write(f"[{event}]\n")

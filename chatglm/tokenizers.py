@@ -29,6 +29,7 @@ from tokenizers import Regex, models, normalizers, pre_tokenizers
 from . import chat_format
 from .chat_format import Segment
 from .errors import ModelFileError
+from .markup import MARKUP_TOKENS
 from .messages import MessageLike, as_messages
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4", "codegeex2", "llama")
@@ -115,9 +116,11 @@ class Tokenizer:
         ids = self._encode_segments(self.split_specials(text) if parse else [text] if text else [])
         return [*self._prefix, *ids, *self._suffix] if add_special_tokens else ids
 
-    def encode_chat(self, messages: Sequence[MessageLike], add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids of a conversation; message content always stays plain text."""
-        segments = chat_format.build_prompt(self, as_messages(list(messages)), add_generation_prompt)
+    def encode_chat(self, messages: Sequence[MessageLike], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] = ()) -> list[int]:
+        """Prompt ids of a conversation; message content always stays plain text. tools (OpenAI's
+        ``{"type": "function", "function": ...}`` entries) go to a chat template that offers them."""
+        segments = chat_format.build_prompt(self, as_messages(list(messages)), add_generation_prompt, tools)
         return self._encode_segments(segments)
 
     def _encode_segments(self, segments: Iterable[Segment]) -> list[int]:
@@ -525,12 +528,16 @@ class HFJsonTokenizer(TemplateTokenizer):
         self.eos_id = vocab.get(_token_content(config.get("eos_token")) or "")
         self.chat_template = _chat_template(path.parent, config)
         self._set_stop_ids(_as_ids(generation.get("eos_token_id")), added, vocab)
+        # special tokens decode to nothing, except the tags of reasoning and tool calls, which replies are read by
+        self._hidden = frozenset(i for i, t in backend.get_added_tokens_decoder().items()
+                                 if t.special and t.content not in MARKUP_TOKENS)
 
     def _encode_text(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._backend.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+        return self._backend.decode([i for i in ids if 0 <= i < self.vocab_size and i not in self._hidden],
+                                    skip_special_tokens=False)
 
     def token_text(self, id: int) -> str:
         _check_id(self, id)
