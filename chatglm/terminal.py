@@ -154,16 +154,16 @@ class Terminal:
             events.close()
             self._write(" [stopped]")
         finally:
+            if self._thinking:
+                self._shade(False)
             self._end_line()
 
     def _show(self, event: Event) -> None:
+        thinking = isinstance(event, Text) and isinstance(event.text, Reasoning)
+        if thinking != self._thinking:
+            self._shade(thinking)
         if isinstance(event, Text):
-            thinking = isinstance(event.text, Reasoning)
-            if self._thinking and not thinking:
-                self._end_line()  # the answer starts on a line of its own
-            self._thinking = thinking
-            dim = thinking and self.out.isatty()
-            self._write(f"{DIM}{event.text}{UNDIM}" if dim else event.text)
+            self._write(event.text)
         elif isinstance(event, Call):
             self._end_line()
             self._write(f"[{event}]\n")
@@ -172,6 +172,14 @@ class Terminal:
         elif isinstance(event, Notice):
             self._end_line()
             self._write(f"[{event.text}]\n")
+
+    def _shade(self, thinking: bool) -> None:
+        """Reasoning starts (dim, on a terminal) or ends (normal again; what follows starts a line)."""
+        self._thinking = thinking
+        if self.out.isatty():
+            self.out.write(DIM if thinking else UNDIM)
+        if not thinking:
+            self._end_line()
 
     def _write(self, text: str) -> None:
         if text:
