@@ -133,12 +133,12 @@ def permute_for_gguf(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def tiny_glm4(layers: int = 2, seed: int = 0):
+def tiny_glm4(layers: int = 2, seed: int = 0, vocab: int = 96):
     """A random transformers Glm4ForCausalLM (GLM-4-0414 / GLM-Z1): post norms, partial interleaved rotary."""
     from transformers import Glm4Config, Glm4ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Glm4Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+    cfg = Glm4Config(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                      num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
                      rms_norm_eps=1e-5, attention_bias=True, pad_token_id=0, eos_token_id=[1, 2])
     model = Glm4ForCausalLM(cfg).eval()

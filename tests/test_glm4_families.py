@@ -160,3 +160,25 @@ def test_engines_generate_what_transformers_generates(pair):
         assert [list(r) for r in requests] == expected
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_glm4_gguf_written_here_loads_in_llama_cpp_with_the_same_logits(tmp_path, llama_cpp, qtype):
+    """GLM-4-0414 as llama.cpp's `glm4` GGUF: llama.cpp computes what transformers computes, and so do we
+    reading the file back."""
+    from chatglm.convert import convert
+
+    from test_convert import llama_cpp_logits, write_bpe_tokenizer
+
+    ref = tiny_glm4(vocab=write_bpe_tokenizer(tmp_path))
+    ref.save_pretrained(tmp_path)
+    out = convert(tmp_path, tmp_path / "m.gguf", qtype, progress=False)
+    expected = reference(ref if qtype == "f32" else rounded(ref, qtype), IDS)
+    ours = load_model(out, dtype="f32")
+    assert ours.config.arch == "glm4" and ours.config.post_norms
+    assert rel_err(ours.logits(IDS), expected) < TOL
+    llm = llama_cpp.Llama(str(out), logits_all=True, verbose=False, n_ctx=64)
+    try:
+        assert rel_err(llama_cpp_logits(llm, IDS), expected) < (2e-3 if qtype == "f32" else 3e-2)
+    finally:
+        llm.close()

@@ -10,19 +10,19 @@ through the template (tokenizer family "llama").
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, as_ids, need
 from ..kernels import make_linear
 from .glm2 import config_from_transformers
 from .layers import Decoder, KVCache, Step, Weight, _float, apply_rope_, attend, decoder_shapes, rms_norm
 
 ARCH = "glm4"
-GGUF_ARCHS: tuple[str, ...] = ()
+GGUF_ARCHS = ("glm4",)
 
 _L = "model.layers.(\\d+)."
 HF_NAMES = {
@@ -43,7 +43,27 @@ HF_NAMES = {
     _L + "mlp.down_proj.weight": "layers.{}.down",
     _L + "post_mlp_layernorm.weight": "layers.{}.ffn_post_norm",
 }
-GGUF_NAMES: dict[str, str] = {}
+_B = "blk.(\\d+)."
+GGUF_NAMES = {  # llama.cpp's glm4: q, k, v apart (or fused), gate and up fused in ffn_up
+    "token_embd.weight": "embed",
+    "output_norm.weight": "norm",
+    "output.weight": "head",
+    _B + "attn_norm.weight": "layers.{}.attn_norm",
+    _B + "attn_qkv.weight": "layers.{}.qkv",
+    _B + "attn_qkv.bias": "layers.{}.qkv_bias",
+    _B + "attn_q.weight": "layers.{}.qkv#0",
+    _B + "attn_k.weight": "layers.{}.qkv#1",
+    _B + "attn_v.weight": "layers.{}.qkv#2",
+    _B + "attn_q.bias": "layers.{}.qkv_bias#0",
+    _B + "attn_k.bias": "layers.{}.qkv_bias#1",
+    _B + "attn_v.bias": "layers.{}.qkv_bias#2",
+    _B + "attn_output.weight": "layers.{}.o",
+    _B + "post_attention_norm.weight": "layers.{}.attn_post_norm",
+    _B + "ffn_norm.weight": "layers.{}.ffn_norm",
+    _B + "ffn_up.weight": "layers.{}.gate_up",
+    _B + "ffn_down.weight": "layers.{}.down",
+    _B + "post_ffw_norm.weight": "layers.{}.ffn_post_norm",
+}
 
 
 def accepts_hf(cfg: Mapping[str, Any]) -> bool:
@@ -52,6 +72,40 @@ def accepts_hf(cfg: Mapping[str, Any]) -> bool:
 
 def config_from_hf(cfg: Mapping[str, Any], source: object) -> ModelConfig:
     return replace(config_from_transformers(cfg, source), arch=ARCH, family="llama", post_norms=True)
+
+
+def gguf_key(meta: Mapping[str, Any], source: object) -> Callable[..., Any]:
+    """meta[f"{architecture}.{name}"], or its default, or a clear error."""
+    arch = meta["general.architecture"]
+    return lambda name, **default: need(meta, source, f"{arch}.{name}", **default)
+
+
+def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
+    """llama.cpp's glm4 metadata: GLM-4-0414 and GLM-Z1."""
+    key = gguf_key(meta, source)
+    hidden, heads = key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length", default=hidden // heads)
+    return ModelConfig(
+        arch=ARCH,
+        family="gguf",
+        vocab_size=shapes["token_embd.weight"][0] if "token_embd.weight" in shapes else 0,
+        hidden_size=hidden,
+        num_layers=key("block_count"),
+        num_heads=heads,
+        num_kv_heads=key("attention.head_count_kv", default=heads),
+        head_dim=head_dim,
+        ffn_size=key("feed_forward_length"),
+        norm_eps=key("attention.layer_norm_rms_epsilon", default=1e-5),
+        rope_theta=float(key("rope.freq_base", default=10000.0)),
+        rope_dim=key("rope.dimension_count", default=head_dim // 2),
+        rope_interleaved=True,
+        qkv_bias="blk.0.attn_q.bias" in shapes or "blk.0.attn_qkv.bias" in shapes,
+        max_position=key("context_length", default=32768),
+        tie_embeddings="output.weight" not in shapes,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=as_ids(meta.get("tokenizer.ggml.eos_token_id")),
+        post_norms=True,
+    )
 
 
 def norm_weight(t: Weight, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
