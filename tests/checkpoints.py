@@ -156,9 +156,9 @@ def tiny_glm4_moe(layers: int = 3, seed: int = 0, **overrides):
     from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Glm4MoeConfig(**dict(_MOE, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
-                               head_dim=8, n_group=2, topk_group=1, first_k_dense_replace=1, use_qk_norm=True,
-                               attention_bias=True, **overrides))
+    settings = dict(_MOE, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                    n_group=2, topk_group=1, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True)
+    cfg = Glm4MoeConfig(**{**settings, **overrides})
     model = Glm4MoeForCausalLM(cfg).eval()
     _randomize_moe(model)
     return model
@@ -169,9 +169,9 @@ def tiny_glm4_moe_lite(layers: int = 3, seed: int = 0, **overrides):
     from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Glm4MoeLiteConfig(**dict(_MOE, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                                   kv_lora_rank=32, q_lora_rank=64, qk_rope_head_dim=8, qk_nope_head_dim=24,
-                                   v_head_dim=16, **overrides))
+    settings = dict(_MOE, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+                    q_lora_rank=64, qk_rope_head_dim=8, qk_nope_head_dim=24, v_head_dim=16)
+    cfg = Glm4MoeLiteConfig(**{**settings, **overrides})
     model = Glm4MoeLiteForCausalLM(cfg).eval()
     _randomize_moe(model)
     return model

@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as QType
 
 from ..config import ModelConfig
 from ..errors import ModelFileError
-from ..models.layers import Decoder
+from ..models.layers import Decoder, _float
 from ..quant import QTensor
 from .names import Weight, assemble
 
@@ -45,6 +45,7 @@ class OutTensor:
 SPLITS: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
     "qkv": lambda c: (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim),
     "gate_up": lambda c: (c.ffn_size, c.ffn_size),
+    "shared_gate_up": lambda c: (c.moe.shared_ffn_size, c.moe.shared_ffn_size),
 }
 SPLITS["qkv_bias"] = SPLITS["qkv"]
 # heads of the parts whose rows rotate: q and k
@@ -108,14 +109,57 @@ def _part(read: Callable[[], Weight], rows: slice | None, heads: int | None) -> 
     return w if heads is None else halves_to_pairs(w, heads)
 
 
+# MoE experts: llama.cpp stacks each layer's experts into one 3-D tensor per matrix, gate and up apart
+EXPERT = re.compile(r"layers\.(\d+)\.experts(?:\.\d+\.(?:gate_up|down)|_gate|_up|_down)")
+STACKS = {"experts_gate": ("gate_up", 0), "experts_up": ("gate_up", 1), "experts_down": ("down", None)}
+
+
+def _stack(ckpt: Any, layer: int, stack: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """One stack [experts, rows, cols] in float32, from per-expert tensors or from a stack already (GGUF)."""
+    if f"layers.{layer}.{stack}" in ckpt.layout:
+        return _float(_canonical(ckpt, f"layers.{layer}.{stack}"), torch.float32, "cpu").reshape(shape)
+    kind, part = STACKS[stack]
+    rows = shape[1]
+    pieces = []
+    for e in range(shape[0]):
+        w = _canonical(ckpt, f"layers.{layer}.experts.{e}.{kind}")
+        pieces.append(_float(w if part is None else take_rows(w, slice(part * rows, (part + 1) * rows)),
+                             torch.float32, "cpu"))
+    return torch.stack(pieces)
+
+
+def expert_stacks(ckpt: Any, rules: list[tuple[re.Pattern[str], str, int | None]]) -> Iterator[OutTensor]:
+    """Each MoE layer's experts as llama.cpp's stacks, read (one stack in float32 at a time) when written."""
+    cfg, spec = ckpt.config, ckpt.config.moe
+    layers = sorted({int(m.group(1)) for canon in ckpt.layout if (m := EXPERT.fullmatch(canon))})
+    for i in layers:
+        for stack, (kind, _) in STACKS.items():
+            name, _ = names_for(rules, f"layers.{i}.{stack}")
+            if name is None:
+                raise ModelFileError(ckpt.path, "MoE experts have no name in the output format")
+            ffn, h = spec.expert_ffn_size, cfg.hidden_size
+            shape = (spec.experts, ffn, h) if kind == "gate_up" else (spec.experts, h, ffn)
+            yield OutTensor(name, shape, partial(_stack, ckpt, i, stack, shape))
+
+
 def file_tensors(ckpt: Any, table: Mapping[str, str], skip: Callable[[str], bool] = lambda _: False,
                  pairs: bool = False) -> Iterator[OutTensor]:
     """The checkpoint's tensors under `table`'s names, each read only when written.
 
     A fused tensor whose target has parts is split by rows (read part by part when the source holds
-    the same parts); with `pairs`, q and k rows go from halves to llama.cpp's interleaved pairs.
+    the same parts); with `pairs`, q and k rows go from halves to llama.cpp's interleaved pairs. MoE
+    experts come last, stacked per layer.
     """
     rules = reverse(table)
+    if ckpt.config.moe is None:
+        yield from _tensors(ckpt, rules, skip, pairs)
+        return
+    yield from _tensors(ckpt, rules, lambda canon: skip(canon) or bool(EXPERT.fullmatch(canon)), pairs)
+    yield from expert_stacks(ckpt, rules)
+
+
+def _tensors(ckpt: Any, rules: list[tuple[re.Pattern[str], str, int | None]], skip: Callable[[str], bool],
+             pairs: bool) -> Iterator[OutTensor]:
     cfg = ckpt.config
     expected = getattr(ckpt.family, "DECODER", Decoder).expected_shapes(cfg)
     for canon, names in ckpt.layout.items():
@@ -162,8 +206,10 @@ FILE_TYPES = {q: LlamaFileType.ALL_F32 if q == QType.F32 else LlamaFileType[f"MO
 def write_gguf(path: Path, arch: str, cfg: ModelConfig, name: str, file_type: QType,
                add_vocab: Callable[[gguf.GGUFWriter], None], tensors: list[OutTensor],
                encode: Callable[[OutTensor], np.ndarray],
-               progress: Callable[[list[OutTensor]], Iterable[OutTensor]] = iter) -> None:
-    """Header, metadata and tensor table first, then each tensor's data as it is encoded."""
+               progress: Callable[[list[OutTensor]], Iterable[OutTensor]] = iter,
+               extra: Mapping[str, Any] = {}) -> None:
+    """Header, metadata and tensor table first, then each tensor's data as it is encoded; `extra` holds more
+    architecture metadata as GGUFWriter method name -> value (a family's own keys: experts, MoE routing)."""
     w = gguf.GGUFWriter(None, arch)
     try:
         w.add_name(name)
@@ -171,6 +217,8 @@ def write_gguf(path: Path, arch: str, cfg: ModelConfig, name: str, file_type: QT
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for method, value in ARCH_KEYS:
             getattr(w, method)(value(cfg))
+        for method, value in extra.items():
+            getattr(w, method)(value)
         add_vocab(w)
         for t in tensors:
             w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)

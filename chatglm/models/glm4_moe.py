@@ -16,16 +16,18 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+from gguf import ExpertGatingFuncType
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, MoESpec, as_ids, need
 from ..errors import ModelFileError
-from .glm4 import Glm4Block, Glm4Decoder, SwiGLU, glm4_shapes
+from ..quant import QTensor
+from .glm4 import Glm4Block, Glm4Decoder, SwiGLU, glm4_shapes, gguf_key
 from .layers import Weight, _float
 
 ARCH = "glm4_moe"
-GGUF_ARCHS: tuple[str, ...] = ()
+GGUF_ARCHS = ("glm4moe",)
 
 _L = "model.layers.(\\d+)."
 # the feed-forward names GLM-4.5 and GLM-4.7-Flash share
@@ -59,7 +61,36 @@ HF_NAMES = {
     _L + "post_attention_layernorm.weight": "layers.{}.ffn_norm",
     **MOE_NAMES,
 }
-GGUF_NAMES: dict[str, str] = {}
+_B = "blk.(\\d+)."
+GGUF_NAMES = {  # llama.cpp's glm4moe
+    "token_embd.weight": "embed",
+    "output_norm.weight": "norm",
+    "output.weight": "head",
+    _B + "attn_norm.weight": "layers.{}.attn_norm",
+    _B + "attn_q.weight": "layers.{}.qkv#0",
+    _B + "attn_k.weight": "layers.{}.qkv#1",
+    _B + "attn_v.weight": "layers.{}.qkv#2",
+    _B + "attn_q.bias": "layers.{}.qkv_bias#0",
+    _B + "attn_k.bias": "layers.{}.qkv_bias#1",
+    _B + "attn_v.bias": "layers.{}.qkv_bias#2",
+    _B + "attn_q_norm.weight": "layers.{}.q_norm",
+    _B + "attn_k_norm.weight": "layers.{}.k_norm",
+    _B + "attn_output.weight": "layers.{}.o",
+    _B + "post_attention_norm.weight": "layers.{}.ffn_norm",
+    _B + "ffn_gate.weight": "layers.{}.gate_up#0",
+    _B + "ffn_up.weight": "layers.{}.gate_up#1",
+    _B + "ffn_down.weight": "layers.{}.down",
+    _B + "ffn_gate_inp.weight": "layers.{}.router",
+    _B + "exp_probs_b.bias": "layers.{}.router_bias",
+    _B + "ffn_gate_exps.weight": "layers.{}.experts_gate",
+    _B + "ffn_up_exps.weight": "layers.{}.experts_up",
+    _B + "ffn_down_exps.weight": "layers.{}.experts_down",
+    _B + "ffn_gate_shexp.weight": "layers.{}.shared_gate_up#0",
+    _B + "ffn_up_shexp.weight": "layers.{}.shared_gate_up#1",
+    _B + "ffn_down_shexp.weight": "layers.{}.shared_down",
+}
+GGUF_ROPE_HALVES = True  # llama.cpp's glm4moe rotates each head's halves, as transformers does: no q/k reordering
+SIGMOID = ExpertGatingFuncType.SIGMOID  # llama.cpp's expert_gating_func for sigmoid scores (2)
 
 
 def accepts_hf(cfg: Mapping[str, Any]) -> bool:
@@ -131,6 +162,91 @@ def config_from_hf(cfg: Mapping[str, Any], source: object) -> ModelConfig:
         eos_token_ids=as_ids(cfg.get("eos_token_id")),
         moe=moe_spec(cfg, source, tuple(range(min(layers, need(cfg, source, "first_k_dense_replace", default=1))))),
     )
+
+
+def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
+    """llama.cpp's glm4moe metadata; its block count includes the multi-token-prediction layers, left out here."""
+    key = gguf_key(meta, source)
+    if key("expert_gating_func", default=SIGMOID) != SIGMOID:
+        raise ModelFileError(source, f"metadata {meta['general.architecture']}.expert_gating_func is "
+                                     f"{key('expert_gating_func')}; GLM-4.5 routes with sigmoid scores ({SIGMOID})")
+    hidden, heads = key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length", default=hidden // heads)
+    layers = key("block_count") - key("nextn_predict_layers", default=0)
+    ffn = key("expert_feed_forward_length")
+    return ModelConfig(
+        arch=ARCH,
+        family="gguf",
+        vocab_size=shapes["token_embd.weight"][0] if "token_embd.weight" in shapes else 0,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=key("attention.head_count_kv", default=heads),
+        head_dim=head_dim,
+        ffn_size=key("feed_forward_length"),
+        norm_eps=key("attention.layer_norm_rms_epsilon", default=1e-5),
+        rope_theta=float(key("rope.freq_base", default=10000.0)),
+        rope_dim=key("rope.dimension_count", default=head_dim // 2),
+        rope_interleaved=False,
+        qkv_bias="blk.0.attn_q.bias" in shapes,
+        qk_norm="blk.0.attn_q_norm.weight" in shapes,
+        max_position=key("context_length", default=131072),
+        tie_embeddings="output.weight" not in shapes,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=as_ids(meta.get("tokenizer.ggml.eos_token_id")),
+        moe=MoESpec(experts=key("expert_count"), experts_per_token=key("expert_used_count"), expert_ffn_size=ffn,
+                    shared_ffn_size=ffn * key("expert_shared_count", default=0),
+                    groups=key("expert_group_count", default=1), groups_per_token=key("expert_group_used_count", default=1),
+                    scaling=float(key("expert_weights_scale", default=1.0)),
+                    normalize=bool(key("expert_weights_norm", default=False)),
+                    dense_layers=tuple(range(min(layers, key("leading_dense_block_count", default=0))))),
+    )
+
+
+def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
+    """The MoE keys llama.cpp's glm4moe reads (GGUFWriter method -> value), besides the shared ones."""
+    spec = cfg.moe
+    dense = spec.dense_layers
+    if dense != tuple(range(len(dense))):
+        raise ValueError(f"llama.cpp's glm4moe takes dense layers only first; these are {list(dense)}")
+    if spec.groups > 1:
+        raise ValueError("llama.cpp's glm4moe does not group experts (n_group must be 1)")
+    return {"add_expert_count": spec.experts, "add_expert_used_count": spec.experts_per_token,
+            "add_expert_feed_forward_length": spec.expert_ffn_size,
+            "add_expert_shared_count": spec.shared_ffn_size // spec.expert_ffn_size,
+            "add_leading_dense_block_count": len(dense), "add_expert_gating_func": SIGMOID,
+            "add_expert_weights_scale": spec.scaling, "add_expert_weights_norm": spec.normalize,
+            "add_nextn_predict_layers": 0}
+
+
+def sanitize(weights: dict[str, Weight], cfg: ModelConfig, source: object) -> dict[str, Weight]:
+    """A GGUF file's expert stacks ([experts * rows, cols], gate and up apart) as each expert's own tensors,
+    views of the file's blocks (no copy); a Hugging Face folder's per-expert tensors pass as they are."""
+    from ..loaders.names import concat_rows  # the loaders import the models: imported when called
+
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        stacks = [weights.pop(p + k, None) for k in ("experts_gate", "experts_up", "experts_down")]
+        if all(w is None for w in stacks):
+            continue
+        if any(w is None for w in stacks):
+            raise ModelFileError(source, f"layer {i} has only some of ffn_gate_exps, ffn_up_exps and ffn_down_exps")
+        gate, up, down = (_expert_views(w, cfg.moe.experts, i, source) for w in stacks)
+        for e in range(cfg.moe.experts):
+            weights[f"{p}experts.{e}.gate_up"] = concat_rows([gate[e], up[e]], [f"{p}gate[{e}]", f"{p}up[{e}]"], source)
+            weights[f"{p}experts.{e}.down"] = down[e]
+    return weights
+
+
+def _expert_views(w: Weight, experts: int, layer: int, source: object) -> list[Weight]:
+    rows = w.shape[0] * (w.shape[1] if len(w.shape) == 3 else 1) // experts
+    if len(w.shape) == 3:
+        w = w.reshape(-1, w.shape[-1])
+    if rows * experts != w.shape[0]:
+        raise ModelFileError(source, f"layer {layer}'s expert stack has {w.shape[0]} rows, not {experts} experts' worth")
+    if isinstance(w, torch.Tensor):
+        return list(w.split(rows))
+    return [QTensor(w.raw[e * rows : (e + 1) * rows], w.qtype, (rows, w.shape[1])) for e in range(experts)]
 
 
 class Router(nn.Module):
