@@ -164,14 +164,16 @@ def test_engines_generate_what_transformers_generates(pair):
 
 GGUF_MODELS = {"glm4": lambda vocab: tiny_glm4(vocab=vocab),
                # llama.cpp's glm4moe routes without expert groups, and the file here has no MTP layer
-               "glm4_moe": lambda vocab: tiny_glm4_moe(vocab_size=vocab, n_group=1, num_nextn_predict_layers=0)}
+               "glm4_moe": lambda vocab: tiny_glm4_moe(vocab_size=vocab, n_group=1, num_nextn_predict_layers=0),
+               "glm4_moe_lite": lambda vocab: tiny_glm4_moe_lite(vocab_size=vocab)}  # as llama.cpp's deepseek2
 
 
 @pytest.mark.parametrize("qtype", ["f32", "q8_0"])
 @pytest.mark.parametrize("arch", list(GGUF_MODELS))
 def test_gguf_written_here_loads_in_llama_cpp_with_the_same_logits(tmp_path, llama_cpp, arch, qtype):
-    """GLM-4-0414 as llama.cpp's `glm4` GGUF, GLM-4.5 as its `glm4moe` (experts in 3-D stacks, router f32):
-    llama.cpp computes what transformers computes, and so do we reading the file back."""
+    """GLM-4-0414 as llama.cpp's `glm4` GGUF, GLM-4.5 as `glm4moe` (experts in 3-D stacks, router f32),
+    GLM-4.7-Flash as `deepseek2` (kv_b split for absorption): llama.cpp (float32 KV cache) computes what we
+    compute reading the file back, and in float32 what transformers computes."""
     import gguf
 
     from chatglm.convert import convert
@@ -183,12 +185,19 @@ def test_gguf_written_here_loads_in_llama_cpp_with_the_same_logits(tmp_path, lla
     out = convert(tmp_path, tmp_path / "m.gguf", qtype, progress=False)
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(out)).tensors}
     assert types.get("blk.1.ffn_gate_inp.weight", gguf.GGMLQuantizationType.F32) == gguf.GGMLQuantizationType.F32
-    expected = reference(ref if qtype == "f32" else rounded(ref, qtype), IDS)
     ours = load_model(out, dtype="f32")
     assert ours.config.arch == arch
-    assert rel_err(ours.logits(IDS), expected) < TOL
-    llm = llama_cpp.Llama(str(out), logits_all=True, verbose=False, n_ctx=64)
-    try:
-        assert rel_err(llama_cpp_logits(llm, IDS), expected) < (2e-3 if qtype == "f32" else 3e-2)
+    logits = ours.logits(IDS)
+    if qtype == "f32":
+        assert rel_err(logits, reference(ref, IDS)) < TOL
+    elif arch == "glm4_moe_lite":
+        # its attn_k_b is transposed before it is rounded (no simple reference), and llama.cpp's 8-bit activations
+        # reroute tokens of this tiny random model (measured: 0.04 between our own exact and 8-bit runs)
+        pytest.skip("q8_0 latent attention is checked in float32 here and with runtime quantization above")
+    else:
+        assert rel_err(logits, reference(rounded(ref, qtype), IDS)) < TOL
+    llm = llama_cpp.Llama(str(out), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)  # f32 cache
+    try:  # llama.cpp rounds activations to 8 bits for q8_0 weights
+        assert rel_err(llama_cpp_logits(llm, IDS), logits) < (1e-4 if qtype == "f32" else 2e-2)
     finally:
         llm.close()

@@ -142,6 +142,26 @@ def expert_stacks(ckpt: Any, rules: list[tuple[re.Pattern[str], str, int | None]
             yield OutTensor(name, shape, partial(_stack, ckpt, i, stack, shape))
 
 
+def _latent_part(read: Callable[[], Weight], cfg: ModelConfig, key: bool) -> torch.Tensor:
+    spec = cfg.latent
+    kv_b = _float(read(), torch.float32, "cpu").view(cfg.num_heads, spec.nope_dim + spec.value_dim, spec.kv_rank)
+    return kv_b[:, : spec.nope_dim].transpose(1, 2).contiguous() if key else kv_b[:, spec.nope_dim :].contiguous()
+
+
+def latent_parts(ckpt: Any, rules: list[tuple[re.Pattern[str], str, int | None]], canon: str,
+                 read: Callable[[], Weight]) -> Iterator[OutTensor]:
+    """Latent attention's kv_b [heads * (nope + value), rank] as llama.cpp's deepseek2 splits it for absorbing
+    it into the queries: attn_k_b [heads, rank, nope] (each head's key part, transposed), attn_v_b [heads, value, rank]."""
+    cfg = ckpt.config
+    spec, layer = cfg.latent, canon.rsplit(".", 1)[0]
+    for part, shape in (("k_b", (cfg.num_heads, spec.kv_rank, spec.nope_dim)),
+                        ("v_b", (cfg.num_heads, spec.value_dim, spec.kv_rank))):
+        name, _ = names_for(rules, f"{layer}.{part}")
+        if name is None:
+            raise ModelFileError(ckpt.path, f"tensor {canon!r} has no name in the output format")
+        yield OutTensor(name, shape, partial(_latent_part, read, cfg, part == "k_b"))
+
+
 def file_tensors(ckpt: Any, table: Mapping[str, str], skip: Callable[[str], bool] = lambda _: False,
                  pairs: bool = False) -> Iterator[OutTensor]:
     """The checkpoint's tensors under `table`'s names, each read only when written.
@@ -169,6 +189,9 @@ def _tensors(ckpt: Any, rules: list[tuple[re.Pattern[str], str, int | None]], sk
         read = partial(_canonical, ckpt, canon)
         shape = expected.get(canon) or tuple(read().shape)
         kind = canon.rsplit(".", 1)[-1]
+        if whole is None and kind == "kv_b":
+            yield from latent_parts(ckpt, rules, canon, read)
+            continue
         if whole is None and kind not in SPLITS:
             raise ModelFileError(ckpt.path, f"tensor {canon!r} has no name in the output format")
         if whole is not None:
@@ -216,7 +239,8 @@ def write_gguf(path: Path, arch: str, cfg: ModelConfig, name: str, file_type: QT
         w.add_file_type(FILE_TYPES[file_type])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for method, value in ARCH_KEYS:
-            getattr(w, method)(value(cfg))
+            if method not in extra:  # a family's own value wins (latent attention's key and value lengths)
+                getattr(w, method)(value(cfg))
         for method, value in extra.items():
             getattr(w, method)(value)
         add_vocab(w)

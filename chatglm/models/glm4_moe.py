@@ -13,7 +13,7 @@ once over all the tokens routed to it.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from gguf import ExpertGatingFuncType
@@ -164,16 +164,21 @@ def config_from_hf(cfg: Mapping[str, Any], source: object) -> ModelConfig:
     )
 
 
+def check_gating(meta: Mapping[str, Any], source: object, default: int) -> None:
+    """Refuse a file whose experts are not routed by sigmoid scores (llama.cpp's `default` when the key is absent)."""
+    found = meta.get(f"{meta['general.architecture']}.expert_gating_func", default)
+    if found != SIGMOID:
+        raise ModelFileError(source, f"metadata {meta['general.architecture']}.expert_gating_func is {found} (or "
+                                     f"absent, meaning {default}); GLM's experts route by sigmoid scores ({int(SIGMOID)})")
+
+
 def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
     """llama.cpp's glm4moe metadata; its block count includes the multi-token-prediction layers, left out here."""
     key = gguf_key(meta, source)
-    if key("expert_gating_func", default=SIGMOID) != SIGMOID:
-        raise ModelFileError(source, f"metadata {meta['general.architecture']}.expert_gating_func is "
-                                     f"{key('expert_gating_func')}; GLM-4.5 routes with sigmoid scores ({SIGMOID})")
+    check_gating(meta, source, SIGMOID)
     hidden, heads = key("embedding_length"), key("attention.head_count")
     head_dim = key("attention.key_length", default=hidden // heads)
     layers = key("block_count") - key("nextn_predict_layers", default=0)
-    ffn = key("expert_feed_forward_length")
     return ModelConfig(
         arch=ARCH,
         family="gguf",
@@ -194,23 +199,29 @@ def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[st
         tie_embeddings="output.weight" not in shapes,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=as_ids(meta.get("tokenizer.ggml.eos_token_id")),
-        moe=MoESpec(experts=key("expert_count"), experts_per_token=key("expert_used_count"), expert_ffn_size=ffn,
-                    shared_ffn_size=ffn * key("expert_shared_count", default=0),
-                    groups=key("expert_group_count", default=1), groups_per_token=key("expert_group_used_count", default=1),
-                    scaling=float(key("expert_weights_scale", default=1.0)),
-                    normalize=bool(key("expert_weights_norm", default=False)),
-                    dense_layers=tuple(range(min(layers, key("leading_dense_block_count", default=0))))),
+        moe=moe_from_gguf(key, layers),
     )
 
 
+def moe_from_gguf(key: Callable[..., Any], layers: int) -> MoESpec:
+    """The experts' settings from llama.cpp's metadata (glm4moe and deepseek2 share the keys)."""
+    ffn = key("expert_feed_forward_length")
+    return MoESpec(experts=key("expert_count"), experts_per_token=key("expert_used_count"), expert_ffn_size=ffn,
+                   shared_ffn_size=ffn * key("expert_shared_count", default=0),
+                   groups=key("expert_group_count", default=1), groups_per_token=key("expert_group_used_count", default=1),
+                   scaling=float(key("expert_weights_scale", default=1.0)),
+                   normalize=bool(key("expert_weights_norm", default=False)),
+                   dense_layers=tuple(range(min(layers, key("leading_dense_block_count", default=0)))))
+
+
 def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
-    """The MoE keys llama.cpp's glm4moe reads (GGUFWriter method -> value), besides the shared ones."""
+    """The MoE keys llama.cpp's glm4moe (and deepseek2) read (GGUFWriter method -> value), besides the shared ones."""
     spec = cfg.moe
     dense = spec.dense_layers
     if dense != tuple(range(len(dense))):
-        raise ValueError(f"llama.cpp's glm4moe takes dense layers only first; these are {list(dense)}")
+        raise ValueError(f"llama.cpp takes GLM's dense layers only first; these are {list(dense)}")
     if spec.groups > 1:
-        raise ValueError("llama.cpp's glm4moe does not group experts (n_group must be 1)")
+        raise ValueError("llama.cpp does not group GLM's experts (n_group must be 1)")
     return {"add_expert_count": spec.experts, "add_expert_used_count": spec.experts_per_token,
             "add_expert_feed_forward_length": spec.expert_ffn_size,
             "add_expert_shared_count": spec.shared_ffn_size // spec.expert_ffn_size,

@@ -16,13 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LatentSpec, ModelConfig, as_ids, need
+from ..errors import ModelFileError
 from ..kernels import make_linear
-from .glm4 import glm4_shapes, norm_weight
-from .glm4_moe import MOE_NAMES, Glm4MoeDecoder, MoEBlock, moe_shapes, moe_spec, rope_parameters
+from . import glm4_moe
+from .glm4 import gguf_key, glm4_shapes, norm_weight
+from .glm4_moe import (MOE_NAMES, SIGMOID, Glm4MoeDecoder, MoEBlock, check_gating, moe_from_gguf, moe_shapes, moe_spec,
+                       rope_parameters)
 from .layers import KVCache, Step, Weight, _float, apply_rope_, rms_norm
 
 ARCH = "glm4_moe_lite"
-GGUF_ARCHS: tuple[str, ...] = ()
+GGUF_ARCHS = ("deepseek2",)
 
 _L = "model.layers.(\\d+)."
 HF_NAMES = {
@@ -44,7 +47,24 @@ HF_NAMES = {
     _L + "post_attention_layernorm.weight": "layers.{}.ffn_norm",
     **MOE_NAMES,
 }
-GGUF_NAMES: dict[str, str] = {}
+_B = "blk.(\\d+)."
+GGUF_NAMES = {  # llama.cpp's deepseek2, which its converter writes GLM-4.7-Flash as
+    "token_embd.weight": "embed",
+    "output_norm.weight": "norm",
+    "output.weight": "head",
+    _B + "attn_norm.weight": "layers.{}.attn_norm",
+    _B + "attn_q.weight": "layers.{}.q",
+    _B + "attn_q_a.weight": "layers.{}.q_a",
+    _B + "attn_q_a_norm.weight": "layers.{}.q_a_norm",
+    _B + "attn_q_b.weight": "layers.{}.q_b",
+    _B + "attn_kv_a_mqa.weight": "layers.{}.kv_a",
+    _B + "attn_kv_a_norm.weight": "layers.{}.kv_a_norm",
+    _B + "attn_k_b.weight": "layers.{}.k_b",  # kv_b's key half per head, transposed: [heads, rank, nope]
+    _B + "attn_v_b.weight": "layers.{}.v_b",  # its value half: [heads, value, rank]
+    _B + "attn_output.weight": "layers.{}.o",
+    _B + "ffn_norm.weight": "layers.{}.ffn_norm",
+    **{k: v for k, v in glm4_moe.GGUF_NAMES.items() if "ffn_" in k or "exp_probs" in k},
+}
 
 
 def accepts_hf(cfg: Mapping[str, Any]) -> bool:
@@ -83,6 +103,77 @@ def config_from_hf(cfg: Mapping[str, Any], source: object) -> ModelConfig:
                           nope_dim=nope, value_dim=need(cfg, source, "v_head_dim"),
                           scale=(nope + rope_dim) ** -0.5),
     )
+
+
+SOFTMAX = 1  # what llama.cpp's deepseek2 routes by when a file does not say
+
+
+def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
+    """llama.cpp's deepseek2 metadata (GLM-4.7-Flash): key_length_mla / value_length_mla are the heads' own sizes,
+    key_length and value_length the latent's."""
+    key = gguf_key(meta, source)
+    check_gating(meta, source, SOFTMAX)
+    scaling = meta.get(f"{meta['general.architecture']}.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise ModelFileError(source, f"rope scaling {scaling!r} is not supported; expected none")
+    heads, rope_dim = key("attention.head_count"), key("rope.dimension_count")
+    head_dim = key("attention.key_length_mla")
+    layers = key("block_count") - key("nextn_predict_layers", default=0)
+    return ModelConfig(
+        arch=ARCH,
+        family="gguf",
+        vocab_size=shapes["token_embd.weight"][0] if "token_embd.weight" in shapes else 0,
+        hidden_size=key("embedding_length"),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        ffn_size=key("feed_forward_length"),
+        norm_eps=key("attention.layer_norm_rms_epsilon", default=1e-5),
+        rope_theta=float(key("rope.freq_base", default=10000.0)),
+        rope_dim=rope_dim,
+        rope_interleaved=True,
+        max_position=key("context_length", default=202752),
+        tie_embeddings="output.weight" not in shapes,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=as_ids(meta.get("tokenizer.ggml.eos_token_id")),
+        moe=moe_from_gguf(key, layers),
+        latent=LatentSpec(kv_rank=key("attention.kv_lora_rank"), q_rank=key("attention.q_lora_rank", default=0),
+                          nope_dim=head_dim - rope_dim, value_dim=key("attention.value_length_mla"),
+                          scale=head_dim ** -0.5),
+    )
+
+
+def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
+    """deepseek2's keys: latent attention is one key/value head of the latent's size, the MoE keys as GLM-4.5's."""
+    spec = cfg.latent
+    if cfg.o_bias or not cfg.rope_interleaved:
+        raise ValueError("llama.cpp's deepseek2 has no attention biases and rotates interleaved pairs")
+    keys = {k: v for k, v in glm4_moe.gguf_metadata(cfg).items() if k != "add_nextn_predict_layers"}
+    keys.update({"add_head_count_kv": 1, "add_key_length": spec.kv_rank + cfg.rope_dim, "add_value_length": spec.kv_rank,
+                 "add_key_length_mla": cfg.head_dim, "add_value_length_mla": spec.value_dim,
+                 "add_kv_lora_rank": spec.kv_rank, "add_expert_gating_func": SIGMOID})
+    if spec.q_rank:
+        keys["add_q_lora_rank"] = spec.q_rank
+    return keys
+
+
+def sanitize(weights: dict[str, Weight], cfg: ModelConfig, source: object) -> dict[str, Weight]:
+    """GLM-4.5's expert stacks, and a GGUF file's attn_k_b / attn_v_b joined back into kv_b (float: it is
+    folded into the queries and values anyway)."""
+    weights = glm4_moe.sanitize(weights, cfg, source)
+    spec = cfg.latent
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        k_b, v_b = weights.pop(p + "k_b", None), weights.pop(p + "v_b", None)
+        if k_b is None and v_b is None:
+            continue
+        if k_b is None or v_b is None:
+            raise ModelFileError(source, f"layer {i} has only one of attn_k_b and attn_v_b")
+        keys = _float(k_b, torch.float32, "cpu").reshape(cfg.num_heads, spec.kv_rank, spec.nope_dim).transpose(1, 2)
+        values = _float(v_b, torch.float32, "cpu").reshape(cfg.num_heads, spec.value_dim, spec.kv_rank)
+        weights[p + "kv_b"] = torch.cat([keys, values], dim=1).reshape(-1, spec.kv_rank)
+    return weights
 
 
 class LatentCache(KVCache):
