@@ -428,7 +428,9 @@ class GGUFTokenizer(TemplateTokenizer):
             self._backend = _spm_backend(vocab, scores)
             self._space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
             add_bos_default = True
-        self._pieces = [self._piece_bytes(t, ty, kind == "gpt2") for t, ty in zip(tokens, types)]
+        # control tokens decode to nothing, except the tags of reasoning and tool calls, which replies are read by
+        self._pieces = [t.encode() if t in MARKUP_TOKENS else self._piece_bytes(t, ty, kind == "gpt2")
+                        for t, ty in zip(tokens, types)]
 
         self.bos_id = self._known_id(meta.get("tokenizer.ggml.bos_token_id"))
         self.eos_id = self._known_id(meta.get("tokenizer.ggml.eos_token_id"))

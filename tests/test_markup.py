@@ -229,3 +229,22 @@ def test_the_terminal_dims_reasoning(tokenizer, tty):
     out = Screen()
     Terminal(Agent(pipe, [], None), out=out, err=io.StringIO()).turn("Weather?")
     assert out.getvalue() == (f"{DIM}Hmm.{UNDIM}\nSunny.\n" if tty else "Hmm.\nSunny.\n")
+
+
+def test_a_gguf_written_from_the_folder_keeps_the_tags_and_the_template(tokenizer, tmp_path):
+    """Converted to GGUF (where the tags are control tokens), the reply's tags still decode, and the chat
+    template that writes them travels in the file."""
+    import shutil
+
+    from chatglm.convert import convert
+    from chatglm.loaders import open_checkpoint
+
+    from checkpoints import tiny_glm4
+
+    folder = tmp_path / "model"
+    shutil.copytree(tokenizer.path.parent, folder)
+    tiny_glm4(vocab=tokenizer.vocab_size).save_pretrained(folder)
+    gguf_tok = open_checkpoint(convert(folder, tmp_path / "m.gguf", "f32", progress=False)).load_tokenizer()
+    reply = ids(tokenizer, "<think>", "Let me look.", "</think>", "Sunny.", "<|user|>")
+    assert gguf_tok.decode(reply) == "<think>Let me look.</think>Sunny."
+    assert speaks_markup(gguf_tok.chat_template) and gguf_tok.family == tokenizer.family
