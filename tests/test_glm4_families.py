@@ -201,3 +201,38 @@ def test_gguf_written_here_loads_in_llama_cpp_with_the_same_logits(tmp_path, lla
         assert rel_err(llama_cpp_logits(llm, IDS), logits) < (1e-4 if qtype == "f32" else 2e-2)
     finally:
         llm.close()
+
+
+def test_gguf_experts_are_read_in_place_and_only_when_chosen(tmp_path):
+    """A GLM-4.5 GGUF in q8_0: each expert's linear is a view of the file's stack (expert e's blocks right after
+    expert e-1's, nothing copied), and one decode step reads the non-expert weights once plus the blocks of
+    num_experts_per_tok experts per MoE layer: bytes per token follow the active parameters."""
+    from chatglm.convert import convert
+    from chatglm.kernels.ggml import GGMLLinear, available
+
+    from test_convert import write_bpe_tokenizer
+
+    if not available():
+        pytest.skip("the C++ kernels are not built (make install builds them)")
+    ref = GGUF_MODELS["glm4_moe"](write_bpe_tokenizer(tmp_path))
+    ref.save_pretrained(tmp_path)
+    model = load_model(convert(tmp_path, tmp_path / "m.gguf", "q8_0", progress=False))
+    spec = model.config.moe
+    experts = model.layers[1].ffn.experts
+    for name in ("gate_up", "down"):
+        firsts = [getattr(e, name).parts[0] for e in experts]
+        step = firsts[0].numel()
+        assert [t.data_ptr() - firsts[0].data_ptr() for t in firsts] == [e * step for e in range(spec.experts)]
+    read: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, args, out: read.append(sum(p.numel() for p in m.parts)))
+             for m in model.modules() if isinstance(m, GGMLLinear)]
+    cache = model.new_cache(1, 4)
+    model(torch.tensor([[5]]), torch.zeros(1, 1, dtype=torch.long), cache, torch.zeros(1, dtype=torch.long))
+    for h in hooks:
+        h.remove()
+    expert_bytes = sum(p.numel() for m in (experts[0].gate_up, experts[0].down) for p in m.parts)
+    all_linear = sum(sum(p.numel() for p in m.parts) for m in model.modules() if isinstance(m, GGMLLinear))
+    moe_layers = model.config.num_layers - len(spec.dense_layers)
+    embed = sum(p.numel() for p in model.embed.table.parts)  # one row looked up, not multiplied
+    inactive = moe_layers * (spec.experts - spec.experts_per_token) * expert_bytes
+    assert sum(read) == all_linear - embed - inactive
