@@ -236,3 +236,26 @@ def test_gguf_experts_are_read_in_place_and_only_when_chosen(tmp_path):
     embed = sum(p.numel() for p in model.embed.table.parts)  # one row looked up, not multiplied
     inactive = moe_layers * (spec.experts - spec.experts_per_token) * expert_bytes
     assert sum(read) == all_linear - embed - inactive
+
+
+def test_the_multi_token_prediction_layer_is_not_read(tmp_path):
+    """GLM-4.5 folders carry one more layer (num_nextn_predict_layers) after the decoder's: it is left unread."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from chatglm.loaders import open_checkpoint
+
+    ref = tiny_glm4_moe()
+    ref.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    last = ref.config.num_hidden_layers - 1
+    # NaN weights: reading them would be refused (damaged file) or poison the logits
+    extra = {k.replace(f"layers.{last}.", f"layers.{last + 1}."): torch.full_like(v, float("nan"))
+             for k, v in state.items() if f"layers.{last}." in k}
+    extra[f"model.layers.{last + 1}.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file({**state, **extra}, tmp_path / "model.safetensors")
+    assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    ckpt = open_checkpoint(tmp_path)
+    assert not any(c.startswith(f"layers.{last + 1}.") for c in ckpt.layout)
+    assert rel_err(load_model(tmp_path, dtype="f32").logits(IDS), reference(ref, IDS)) < TOL

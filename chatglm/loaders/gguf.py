@@ -23,7 +23,7 @@ from gguf import GGUFValueType as VType
 from ..errors import ModelFileError
 from ..models import family_for_gguf
 from ..quant import FLOAT_TYPES, QTensor
-from .names import plan
+from .names import main_layers, plan
 
 if TYPE_CHECKING:
     from . import Checkpoint
@@ -235,7 +235,7 @@ def open_gguf(path: Path) -> Checkpoint:
         raise
     except (ValueError, TypeError, ArithmeticError) as e:  # a string or 0 where a size belongs
         raise ModelFileError(path, f"bad metadata value ({type(e).__name__}: {e})") from None
-    layout = plan(file.tensors, family.GGUF_NAMES)
+    layout = main_layers(plan(file.tensors, family.GGUF_NAMES), config.num_layers)
 
     def tokenizer():
         from ..tokenizers import tokenizer_from_gguf
