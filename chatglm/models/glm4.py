@@ -25,7 +25,7 @@ ARCH = "glm4"
 GGUF_ARCHS = ("glm4",)
 
 _L = "model.layers.(\\d+)."
-HF_NAMES = {
+HF_ATTENTION = {  # what GLM-4-0414 and GLM-4.5 name alike
     "model.embed_tokens.weight": "embed",
     "model.norm.weight": "norm",
     "lm_head.weight": "head",
@@ -37,6 +37,9 @@ HF_NAMES = {
     _L + "self_attn.k_proj.bias": "layers.{}.qkv_bias#1",
     _L + "self_attn.v_proj.bias": "layers.{}.qkv_bias#2",
     _L + "self_attn.o_proj.weight": "layers.{}.o",
+}
+HF_NAMES = {
+    **HF_ATTENTION,
     _L + "post_self_attn_layernorm.weight": "layers.{}.attn_post_norm",
     _L + "post_attention_layernorm.weight": "layers.{}.ffn_norm",
     _L + "mlp.gate_up_proj.weight": "layers.{}.gate_up",
@@ -44,13 +47,11 @@ HF_NAMES = {
     _L + "post_mlp_layernorm.weight": "layers.{}.ffn_post_norm",
 }
 _B = "blk.(\\d+)."
-GGUF_NAMES = {  # llama.cpp's glm4: q, k, v apart (or fused), gate and up fused in ffn_up
+GGUF_ATTENTION = {  # llama.cpp's names for the same, in glm4 and glm4moe (q, k, v apart, as its converter writes)
     "token_embd.weight": "embed",
     "output_norm.weight": "norm",
     "output.weight": "head",
     _B + "attn_norm.weight": "layers.{}.attn_norm",
-    _B + "attn_qkv.weight": "layers.{}.qkv",
-    _B + "attn_qkv.bias": "layers.{}.qkv_bias",
     _B + "attn_q.weight": "layers.{}.qkv#0",
     _B + "attn_k.weight": "layers.{}.qkv#1",
     _B + "attn_v.weight": "layers.{}.qkv#2",
@@ -58,6 +59,11 @@ GGUF_NAMES = {  # llama.cpp's glm4: q, k, v apart (or fused), gate and up fused 
     _B + "attn_k.bias": "layers.{}.qkv_bias#1",
     _B + "attn_v.bias": "layers.{}.qkv_bias#2",
     _B + "attn_output.weight": "layers.{}.o",
+}
+GGUF_NAMES = {  # llama.cpp's glm4: gate and up fused in ffn_up; q, k, v fused too in some files
+    **GGUF_ATTENTION,
+    _B + "attn_qkv.weight": "layers.{}.qkv",
+    _B + "attn_qkv.bias": "layers.{}.qkv_bias",
     _B + "post_attention_norm.weight": "layers.{}.attn_post_norm",
     _B + "ffn_norm.weight": "layers.{}.ffn_norm",
     _B + "ffn_up.weight": "layers.{}.gate_up",
@@ -80,17 +86,18 @@ def gguf_key(meta: Mapping[str, Any], source: object) -> Callable[..., Any]:
     return lambda name, **default: need(meta, source, f"{arch}.{name}", **default)
 
 
-def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
-    """llama.cpp's glm4 metadata: GLM-4-0414 and GLM-Z1."""
+def gguf_config(meta: Mapping[str, Any], source: object, shapes: Mapping[str, tuple[int, ...]],
+                **fields: Any) -> ModelConfig:
+    """A config from the metadata llama.cpp's architectures spell alike (a block count that includes
+    multi-token-prediction layers, left out); `fields` are the family's own and win."""
     key = gguf_key(meta, source)
     hidden, heads = key("embedding_length"), key("attention.head_count")
     head_dim = key("attention.key_length", default=hidden // heads)
-    return ModelConfig(
-        arch=ARCH,
+    common = dict(
         family="gguf",
         vocab_size=shapes["token_embd.weight"][0] if "token_embd.weight" in shapes else 0,
         hidden_size=hidden,
-        num_layers=key("block_count"),
+        num_layers=gguf_layers(key),
         num_heads=heads,
         num_kv_heads=key("attention.head_count_kv", default=heads),
         head_dim=head_dim,
@@ -98,14 +105,22 @@ def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[st
         norm_eps=key("attention.layer_norm_rms_epsilon", default=1e-5),
         rope_theta=float(key("rope.freq_base", default=10000.0)),
         rope_dim=key("rope.dimension_count", default=head_dim // 2),
-        rope_interleaved=True,
         qkv_bias="blk.0.attn_q.bias" in shapes or "blk.0.attn_qkv.bias" in shapes,
         max_position=key("context_length", default=32768),
         tie_embeddings="output.weight" not in shapes,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=as_ids(meta.get("tokenizer.ggml.eos_token_id")),
-        post_norms=True,
     )
+    return ModelConfig(**{**common, **fields})
+
+
+def gguf_layers(key: Callable[..., Any]) -> int:
+    return key("block_count") - key("nextn_predict_layers", default=0)
+
+
+def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
+    """llama.cpp's glm4 metadata: GLM-4-0414 and GLM-Z1."""
+    return gguf_config(meta, source, shapes, arch=ARCH, rope_interleaved=True, post_norms=True)
 
 
 def norm_weight(t: Weight, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:

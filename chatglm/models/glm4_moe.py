@@ -16,14 +16,15 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import torch
-from gguf import ExpertGatingFuncType
 import torch.nn.functional as F
+from gguf import ExpertGatingFuncType
 from torch import nn
 
 from ..config import ModelConfig, MoESpec, as_ids, need
 from ..errors import ModelFileError
 from ..quant import QTensor
-from .glm4 import Glm4Block, Glm4Decoder, SwiGLU, glm4_shapes, gguf_key
+from .glm4 import (GGUF_ATTENTION, HF_ATTENTION, Glm4Block, Glm4Decoder, SwiGLU, gguf_config, gguf_key, gguf_layers,
+                   glm4_shapes)
 from .layers import Weight, _float
 
 ARCH = "glm4_moe"
@@ -45,37 +46,17 @@ MOE_NAMES = {
     _L + "mlp.shared_experts.down_proj.weight": "layers.{}.shared_down",
 }
 HF_NAMES = {
-    "model.embed_tokens.weight": "embed",
-    "model.norm.weight": "norm",
-    "lm_head.weight": "head",
-    _L + "input_layernorm.weight": "layers.{}.attn_norm",
-    _L + "self_attn.q_proj.weight": "layers.{}.qkv#0",
-    _L + "self_attn.k_proj.weight": "layers.{}.qkv#1",
-    _L + "self_attn.v_proj.weight": "layers.{}.qkv#2",
-    _L + "self_attn.q_proj.bias": "layers.{}.qkv_bias#0",
-    _L + "self_attn.k_proj.bias": "layers.{}.qkv_bias#1",
-    _L + "self_attn.v_proj.bias": "layers.{}.qkv_bias#2",
+    **HF_ATTENTION,
     _L + "self_attn.q_norm.weight": "layers.{}.q_norm",
     _L + "self_attn.k_norm.weight": "layers.{}.k_norm",
-    _L + "self_attn.o_proj.weight": "layers.{}.o",
     _L + "post_attention_layernorm.weight": "layers.{}.ffn_norm",
     **MOE_NAMES,
 }
 _B = "blk.(\\d+)."
 GGUF_NAMES = {  # llama.cpp's glm4moe
-    "token_embd.weight": "embed",
-    "output_norm.weight": "norm",
-    "output.weight": "head",
-    _B + "attn_norm.weight": "layers.{}.attn_norm",
-    _B + "attn_q.weight": "layers.{}.qkv#0",
-    _B + "attn_k.weight": "layers.{}.qkv#1",
-    _B + "attn_v.weight": "layers.{}.qkv#2",
-    _B + "attn_q.bias": "layers.{}.qkv_bias#0",
-    _B + "attn_k.bias": "layers.{}.qkv_bias#1",
-    _B + "attn_v.bias": "layers.{}.qkv_bias#2",
+    **GGUF_ATTENTION,
     _B + "attn_q_norm.weight": "layers.{}.q_norm",
     _B + "attn_k_norm.weight": "layers.{}.k_norm",
-    _B + "attn_output.weight": "layers.{}.o",
     _B + "post_attention_norm.weight": "layers.{}.ffn_norm",
     _B + "ffn_gate.weight": "layers.{}.gate_up#0",
     _B + "ffn_up.weight": "layers.{}.gate_up#1",
@@ -173,34 +154,11 @@ def check_gating(meta: Mapping[str, Any], source: object, default: int) -> None:
 
 
 def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
-    """llama.cpp's glm4moe metadata; its block count includes the multi-token-prediction layers, left out here."""
-    key = gguf_key(meta, source)
+    """llama.cpp's glm4moe metadata (rotating each head's halves)."""
     check_gating(meta, source, SIGMOID)
-    hidden, heads = key("embedding_length"), key("attention.head_count")
-    head_dim = key("attention.key_length", default=hidden // heads)
-    layers = key("block_count") - key("nextn_predict_layers", default=0)
-    return ModelConfig(
-        arch=ARCH,
-        family="gguf",
-        vocab_size=shapes["token_embd.weight"][0] if "token_embd.weight" in shapes else 0,
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=key("attention.head_count_kv", default=heads),
-        head_dim=head_dim,
-        ffn_size=key("feed_forward_length"),
-        norm_eps=key("attention.layer_norm_rms_epsilon", default=1e-5),
-        rope_theta=float(key("rope.freq_base", default=10000.0)),
-        rope_dim=key("rope.dimension_count", default=head_dim // 2),
-        rope_interleaved=False,
-        qkv_bias="blk.0.attn_q.bias" in shapes,
-        qk_norm="blk.0.attn_q_norm.weight" in shapes,
-        max_position=key("context_length", default=131072),
-        tie_embeddings="output.weight" not in shapes,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=as_ids(meta.get("tokenizer.ggml.eos_token_id")),
-        moe=moe_from_gguf(key, layers),
-    )
+    key = gguf_key(meta, source)
+    return gguf_config(meta, source, shapes, arch=ARCH, rope_interleaved=False, max_position=key("context_length"),
+                       qk_norm="blk.0.attn_q_norm.weight" in shapes, moe=moe_from_gguf(key, gguf_layers(key)))
 
 
 def moe_from_gguf(key: Callable[..., Any], layers: int) -> MoESpec:

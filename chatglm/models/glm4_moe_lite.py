@@ -19,7 +19,7 @@ from ..config import LatentSpec, ModelConfig, as_ids, need
 from ..errors import ModelFileError
 from ..kernels import make_linear
 from . import glm4_moe
-from .glm4 import gguf_key, glm4_shapes, norm_weight
+from .glm4 import gguf_config, gguf_key, gguf_layers, glm4_shapes, norm_weight
 from .glm4_moe import (MOE_NAMES, SIGMOID, Glm4MoeDecoder, MoEBlock, check_gating, moe_from_gguf, moe_shapes, moe_spec,
                        rope_parameters)
 from .layers import KVCache, Step, Weight, _float, apply_rope_, rms_norm
@@ -111,37 +111,18 @@ SOFTMAX = 1  # what llama.cpp's deepseek2 routes by when a file does not say
 def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
     """llama.cpp's deepseek2 metadata (GLM-4.7-Flash): key_length_mla / value_length_mla are the heads' own sizes,
     key_length and value_length the latent's."""
-    key = gguf_key(meta, source)
     check_gating(meta, source, SOFTMAX)
+    key = gguf_key(meta, source)
     scaling = meta.get(f"{meta['general.architecture']}.rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise ModelFileError(source, f"rope scaling {scaling!r} is not supported; expected none")
-    heads, rope_dim = key("attention.head_count"), key("rope.dimension_count")
-    head_dim = key("attention.key_length_mla")
-    layers = key("block_count") - key("nextn_predict_layers", default=0)
-    return ModelConfig(
-        arch=ARCH,
-        family="gguf",
-        vocab_size=shapes["token_embd.weight"][0] if "token_embd.weight" in shapes else 0,
-        hidden_size=key("embedding_length"),
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=head_dim,
-        ffn_size=key("feed_forward_length"),
-        norm_eps=key("attention.layer_norm_rms_epsilon", default=1e-5),
-        rope_theta=float(key("rope.freq_base", default=10000.0)),
-        rope_dim=rope_dim,
-        rope_interleaved=True,
-        max_position=key("context_length", default=202752),
-        tie_embeddings="output.weight" not in shapes,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=as_ids(meta.get("tokenizer.ggml.eos_token_id")),
-        moe=moe_from_gguf(key, layers),
-        latent=LatentSpec(kv_rank=key("attention.kv_lora_rank"), q_rank=key("attention.q_lora_rank", default=0),
-                          nope_dim=head_dim - rope_dim, value_dim=key("attention.value_length_mla"),
-                          scale=head_dim ** -0.5),
-    )
+    heads, rope_dim, head_dim = key("attention.head_count"), key("rope.dimension_count"), key("attention.key_length_mla")
+    latent = LatentSpec(kv_rank=key("attention.kv_lora_rank"), q_rank=key("attention.q_lora_rank", default=0),
+                        nope_dim=head_dim - rope_dim, value_dim=key("attention.value_length_mla"),
+                        scale=head_dim ** -0.5)
+    return gguf_config(meta, source, shapes, arch=ARCH, num_kv_heads=heads, head_dim=head_dim, rope_interleaved=True,
+                       qkv_bias=False, max_position=key("context_length"), moe=moe_from_gguf(key, gguf_layers(key)),
+                       latent=latent)
 
 
 def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
