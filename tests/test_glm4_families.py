@@ -259,3 +259,11 @@ def test_the_multi_token_prediction_layer_is_not_read(tmp_path):
     ckpt = open_checkpoint(tmp_path)
     assert not any(c.startswith(f"layers.{last + 1}.") for c in ckpt.layout)
     assert rel_err(load_model(tmp_path, dtype="f32").logits(IDS), reference(ref, IDS)) < TOL
+
+
+def test_bf16_stays_near_float32(pair):
+    """bfloat16 activations and weights (GPUs, and the CPU without the C++ kernels): within bf16 rounding."""
+    ref, _, folder = pair
+    model = load_model(folder, dtype="bf16")
+    assert model.dtype == torch.bfloat16
+    assert rel_err(model.logits(IDS), reference(ref, IDS)) < 5e-2
