@@ -62,7 +62,8 @@ def encode(w: Weight, qtype: QType) -> np.ndarray:
 
 def _encoded(source: Any, t: OutTensor) -> np.ndarray:
     w = t.load()
-    if tuple(w.shape) != t.shape:
+    stacked = isinstance(w, QTensor) and len(t.shape) == 3 and tuple(w.shape) == (t.shape[0] * t.shape[1], t.shape[2])
+    if tuple(w.shape) != t.shape and not stacked:  # (MoE experts' blocks come as one stack of rows)
         raise ModelFileError(source, f"tensor for {t.name!r} has shape {list(w.shape)}, expected {list(t.shape)}")
     return encode(w, t.qtype)
 

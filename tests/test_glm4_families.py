@@ -267,3 +267,21 @@ def test_bf16_stays_near_float32(pair):
     model = load_model(folder, dtype="bf16")
     assert model.dtype == torch.bfloat16
     assert rel_err(model.logits(IDS), reference(ref, IDS)) < 5e-2
+
+
+@pytest.mark.parametrize("name", ["glm4-tiny", "glm4-moe-lite-tiny"])
+def test_synthetic_files_of_the_new_shapes_load_here_and_in_llama_cpp(tmp_path, llama_cpp, name):
+    """`chatglm bench --synthetic glm4-9b-0414 | glm-4.7-flash` writes random-weight files through the families'
+    own GGUF tables; their tiny versions give the same logits in llama.cpp (float32 cache) as here."""
+    from chatglm.synthetic import synthetic_gguf
+
+    from test_convert import llama_cpp_logits
+
+    path = synthetic_gguf(name, "q4_0", tmp_path)
+    ids = [100, 2000, 300, 40, 5000, 6]
+    ours = load_model(path).logits(ids)  # llama.cpp's numerics: 8-bit activations on the file's blocks
+    llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)
+    try:
+        assert rel_err(llama_cpp_logits(llm, ids), ours) < 3e-2
+    finally:
+        llm.close()

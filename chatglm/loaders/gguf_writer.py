@@ -114,18 +114,19 @@ EXPERT = re.compile(r"layers\.(\d+)\.experts(?:\.\d+\.(?:gate_up|down)|_gate|_up
 STACKS = {"experts_gate": ("gate_up", 0), "experts_up": ("gate_up", 1), "experts_down": ("down", None)}
 
 
-def _stack(ckpt: Any, layer: int, stack: str, shape: tuple[int, int, int]) -> torch.Tensor:
-    """One stack [experts, rows, cols] in float32, from per-expert tensors or from a stack already (GGUF)."""
+def _stack(ckpt: Any, layer: int, stack: str, shape: tuple[int, int, int]) -> Weight:
+    """One stack [experts, rows, cols], from per-expert tensors or from a stack already (GGUF): ggml blocks of one
+    type stay blocks (rows one expert after another), anything else becomes float32."""
     if f"layers.{layer}.{stack}" in ckpt.layout:
-        return _float(_canonical(ckpt, f"layers.{layer}.{stack}"), torch.float32, "cpu").reshape(shape)
-    kind, part = STACKS[stack]
-    rows = shape[1]
-    pieces = []
-    for e in range(shape[0]):
-        w = _canonical(ckpt, f"layers.{layer}.experts.{e}.{kind}")
-        pieces.append(_float(w if part is None else take_rows(w, slice(part * rows, (part + 1) * rows)),
-                             torch.float32, "cpu"))
-    return torch.stack(pieces)
+        pieces = [_canonical(ckpt, f"layers.{layer}.{stack}")]
+    else:
+        kind, part = STACKS[stack]
+        rows = shape[1]
+        pieces = [_canonical(ckpt, f"layers.{layer}.experts.{e}.{kind}") for e in range(shape[0])]
+        pieces = [w if part is None else take_rows(w, slice(part * rows, (part + 1) * rows)) for w in pieces]
+    if all(isinstance(w, QTensor) for w in pieces) and len({w.qtype for w in pieces}) == 1:
+        return QTensor(torch.cat([w.raw for w in pieces]), pieces[0].qtype, (shape[0] * shape[1], shape[2]))
+    return torch.cat([_float(w, torch.float32, "cpu").reshape(-1, shape[2]) for w in pieces]).reshape(shape)
 
 
 def expert_stacks(ckpt: Any, rules: list[tuple[re.Pattern[str], str, int | None]]) -> Iterator[OutTensor]:

@@ -149,8 +149,9 @@ def check_gating(meta: Mapping[str, Any], source: object, default: int) -> None:
     """Refuse a file whose experts are not routed by sigmoid scores (llama.cpp's `default` when the key is absent)."""
     found = meta.get(f"{meta['general.architecture']}.expert_gating_func", default)
     if found != SIGMOID:
-        raise ModelFileError(source, f"metadata {meta['general.architecture']}.expert_gating_func is {found} (or "
-                                     f"absent, meaning {default}); GLM's experts route by sigmoid scores ({int(SIGMOID)})")
+        raise ModelFileError(source, f"metadata {meta['general.architecture']}.expert_gating_func is {found} "
+                                     f"(or absent, meaning {default}); GLM's experts route by sigmoid scores "
+                                     f"({int(SIGMOID)})")
 
 
 def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
@@ -166,7 +167,8 @@ def moe_from_gguf(key: Callable[..., Any], layers: int) -> MoESpec:
     ffn = key("expert_feed_forward_length")
     return MoESpec(experts=key("expert_count"), experts_per_token=key("expert_used_count"), expert_ffn_size=ffn,
                    shared_ffn_size=ffn * key("expert_shared_count", default=0),
-                   groups=key("expert_group_count", default=1), groups_per_token=key("expert_group_used_count", default=1),
+                   groups=key("expert_group_count", default=1),
+                   groups_per_token=key("expert_group_used_count", default=1),
                    scaling=float(key("expert_weights_scale", default=1.0)),
                    normalize=bool(key("expert_weights_norm", default=False)),
                    dense_layers=tuple(range(min(layers, key("leading_dense_block_count", default=0)))))
@@ -212,7 +214,8 @@ def _expert_views(w: Weight, experts: int, layer: int, source: object) -> list[W
     if len(w.shape) == 3:
         w = w.reshape(-1, w.shape[-1])
     if rows * experts != w.shape[0]:
-        raise ModelFileError(source, f"layer {layer}'s expert stack has {w.shape[0]} rows, not {experts} experts' worth")
+        raise ModelFileError(source, f"layer {layer}'s expert stack has {w.shape[0]} rows, not {experts} "
+                                     "experts' worth")
     if isinstance(w, torch.Tensor):
         return list(w.split(rows))
     return [QTensor(w.raw[e * rows : (e + 1) * rows], w.qtype, (rows, w.shape[1])) for e in range(experts)]
@@ -297,7 +300,8 @@ def moe_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str
             shapes.update({f"{p}experts.{e}.gate_up": (2 * spec.expert_ffn_size, h),
                            f"{p}experts.{e}.down": (h, spec.expert_ffn_size)})
         if spec.shared_ffn_size:
-            shapes.update({p + "shared_gate_up": (2 * spec.shared_ffn_size, h), p + "shared_down": (h, spec.shared_ffn_size)})
+            shapes.update({p + "shared_gate_up": (2 * spec.shared_ffn_size, h),
+                           p + "shared_down": (h, spec.shared_ffn_size)})
     return shapes
 
 

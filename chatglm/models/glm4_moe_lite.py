@@ -116,7 +116,8 @@ def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[st
     scaling = meta.get(f"{meta['general.architecture']}.rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise ModelFileError(source, f"rope scaling {scaling!r} is not supported; expected none")
-    heads, rope_dim, head_dim = key("attention.head_count"), key("rope.dimension_count"), key("attention.key_length_mla")
+    heads, rope_dim = key("attention.head_count"), key("rope.dimension_count")
+    head_dim = key("attention.key_length_mla")
     latent = LatentSpec(kv_rank=key("attention.kv_lora_rank"), q_rank=key("attention.q_lora_rank", default=0),
                         nope_dim=head_dim - rope_dim, value_dim=key("attention.value_length_mla"),
                         scale=head_dim ** -0.5)
@@ -131,7 +132,8 @@ def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.o_bias or not cfg.rope_interleaved:
         raise ValueError("llama.cpp's deepseek2 has no attention biases and rotates interleaved pairs")
     keys = {k: v for k, v in glm4_moe.gguf_metadata(cfg).items() if k != "add_nextn_predict_layers"}
-    keys.update({"add_head_count_kv": 1, "add_key_length": spec.kv_rank + cfg.rope_dim, "add_value_length": spec.kv_rank,
+    keys.update({"add_head_count_kv": 1, "add_key_length": spec.kv_rank + cfg.rope_dim,
+                 "add_value_length": spec.kv_rank,
                  "add_key_length_mla": cfg.head_dim, "add_value_length_mla": spec.value_dim,
                  "add_kv_lora_rank": spec.kv_rank, "add_expert_gating_func": SIGMOID})
     if spec.q_rank:
