@@ -20,9 +20,9 @@ from ..errors import ModelFileError
 from ..kernels import make_linear
 from . import glm4_moe
 from .glm4 import gguf_config, gguf_key, gguf_layers, glm4_shapes, norm_weight
-from .glm4_moe import (MOE_NAMES, SIGMOID, Glm4MoeDecoder, MoEBlock, check_gating, moe_from_gguf, moe_shapes, moe_spec,
-                       rope_parameters)
+from .glm4_moe import MOE_NAMES, Glm4MoeDecoder, MoEBlock, moe_shapes, moe_spec, rope_parameters
 from .layers import KVCache, Step, Weight, _float, apply_rope_, rms_norm
+from .moe_gguf import SIGMOID, check_gating, moe_from_gguf, moe_metadata, unstack_experts
 
 ARCH = "glm4_moe_lite"
 GGUF_ARCHS = ("deepseek2",)
@@ -131,7 +131,7 @@ def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
     spec = cfg.latent
     if cfg.o_bias or not cfg.rope_interleaved:
         raise ValueError("llama.cpp's deepseek2 has no attention biases and rotates interleaved pairs")
-    keys = {k: v for k, v in glm4_moe.gguf_metadata(cfg).items() if k != "add_nextn_predict_layers"}
+    keys = {k: v for k, v in moe_metadata(cfg).items() if k != "add_nextn_predict_layers"}
     keys.update({"add_head_count_kv": 1, "add_key_length": spec.kv_rank + cfg.rope_dim,
                  "add_value_length": spec.kv_rank,
                  "add_key_length_mla": cfg.head_dim, "add_value_length_mla": spec.value_dim,
@@ -144,7 +144,7 @@ def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
 def sanitize(weights: dict[str, Weight], cfg: ModelConfig, source: object) -> dict[str, Weight]:
     """GLM-4.5's expert stacks, and a GGUF file's attn_k_b / attn_v_b joined back into kv_b (float: it is
     folded into the queries and values anyway)."""
-    weights = glm4_moe.sanitize(weights, cfg, source)
+    weights = unstack_experts(weights, cfg, source)
     spec = cfg.latent
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
