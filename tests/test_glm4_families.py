@@ -285,3 +285,24 @@ def test_synthetic_files_of_the_new_shapes_load_here_and_in_llama_cpp(tmp_path, 
         assert rel_err(llama_cpp_logits(llm, ids), ours) < 3e-2
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_group": 3}, "n_group=3 must divide n_routed_experts=8"),
+    ({"topk_group": 4}, "topk_group=4 must be in 1..n_group=2"),
+    ({"num_experts_per_tok": 9}, "num_experts_per_tok=9 must be in 1..4"),
+    ({"scoring_func": "softmax"}, "scoring_func='softmax' is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_type 'yarn' is not supported"),
+])
+def test_bad_moe_configs_are_refused_by_name(tmp_path, change, message):
+    """A config routing could not follow is refused at open, naming config.json and the field."""
+    import json
+
+    from chatglm.errors import ModelFileError
+
+    tiny_glm4_moe(layers=2).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ModelFileError, match="config.json") as e:
+        load_model(tmp_path)
+    assert message in str(e.value)

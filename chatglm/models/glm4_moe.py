@@ -91,6 +91,9 @@ def rope_parameters(cfg: Mapping[str, Any], source: object) -> dict[str, Any]:
 
 def moe_spec(cfg: Mapping[str, Any], source: object, dense_layers: tuple[int, ...]) -> MoESpec:
     """The experts' settings from a config.json, checked so that routing cannot fail later."""
+    if cfg.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ModelFileError(source, f"config scoring_func={cfg['scoring_func']!r} is not supported; GLM's experts "
+                                     "route by sigmoid scores")
     ffn = need(cfg, source, "moe_intermediate_size")
     spec = MoESpec(
         experts=need(cfg, source, "n_routed_experts", "num_local_experts"),
