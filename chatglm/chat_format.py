@@ -108,8 +108,9 @@ def vocab_stop_ids(vocab: Mapping[str, int], eos_ids: Iterable[int | None], cont
 
 
 def build_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage], add_generation_prompt: bool,
-                 tools: Sequence[Mapping[str, Any]] = ()) -> list[Segment]:
-    """The prompt segments of a conversation in the tokenizer's family (tools: for a template that takes them)."""
+                 tools: Sequence[Mapping[str, Any]] = (), template_kwargs: Mapping[str, Any] = {}) -> list[Segment]:
+    """The prompt segments of a conversation in the tokenizer's family; tools and template_kwargs (more variables,
+    such as GLM-4.5's enable_thinking) are for a Jinja chat template: the GLM role formats have none."""
     if not messages:
         raise ChatFormatError("the conversation is empty: give at least one message")
     family = tokenizer.family
@@ -123,7 +124,7 @@ def build_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage], add_gene
     if family in ROLE_FAMILIES:
         return role_prompt(messages, specials, add_generation_prompt)
     if family == "llama":
-        return template_prompt(tokenizer, messages, add_generation_prompt, tools)
+        return template_prompt(tokenizer, messages, add_generation_prompt, tools, template_kwargs)
     raise ChatFormatError(f"no chat format for tokenizer family {family!r}")
 
 
@@ -183,6 +184,9 @@ def role_prompt(messages: Sequence[ChatMessage], specials: Mapping[str, int],
 # ----- llama family: the file's Jinja template -----
 
 
+STANDARD_VARIABLES = frozenset({"messages", "bos_token", "eos_token", "add_generation_prompt", "tools"})
+
+
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
             sort_keys: bool = False) -> str:
     """JSON as chat templates expect it (no HTML escaping, unlike Jinja's built-in filter)."""
@@ -208,13 +212,15 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 def render_template(source: str, messages: list[dict[str, Any]], *, bos_token: str = "", eos_token: str = "",
-                    add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] = ()) -> str:
-    """Render a chat template the way transformers and llama.cpp call it (``tools`` only when there are some)."""
+                    add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] = (),
+                    variables: Mapping[str, Any] = {}) -> str:
+    """Render a chat template the way transformers and llama.cpp call it (``tools`` only when there are some;
+    `variables` are the caller's chat_template_kwargs, which cannot replace the standard ones)."""
     template = compile_template(source)
     extra = {"tools": [dict(t) for t in tools]} if tools else {}
     try:
-        return template.render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                               add_generation_prompt=add_generation_prompt, **extra)
+        return template.render(**{**variables, **extra}, messages=messages, bos_token=bos_token, eos_token=eos_token,
+                               add_generation_prompt=add_generation_prompt)
     except ChatFormatError:
         raise
     except jinja2.TemplateError as e:
@@ -264,8 +270,8 @@ def _with_object_arguments(call: Mapping[str, Any]) -> dict[str, Any]:
     return {**call, "function": {**function, "arguments": arguments}}
 
 
-def template_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage],
-                    add_generation_prompt: bool, tools: Sequence[Mapping[str, Any]] = ()) -> list[Segment]:
+def template_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage], add_generation_prompt: bool,
+                    tools: Sequence[Mapping[str, Any]] = (), variables: Mapping[str, Any] = {}) -> list[Segment]:
     """Segments of a rendered Jinja template, with special tokens only from the template's own text.
 
     The template is rendered twice: with the real contents and with a unique sentinel in place of each
@@ -278,7 +284,8 @@ def template_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage],
     nonce = secrets.token_hex(8)
     marks = [f"@@content-{nonce}-{k}@@" for k in range(len(dicts))]
     kwargs = dict(bos_token=tokenizer.bos_text, eos_token=tokenizer.eos_text,
-                  add_generation_prompt=add_generation_prompt, tools=tools)
+                  add_generation_prompt=add_generation_prompt, tools=tools,
+                  variables={k: v for k, v in variables.items() if k not in STANDARD_VARIABLES})
     try:
         real = render_template(source, dicts, **kwargs)
         marked = render_template(source, [{**d, "content": mark} for d, mark in zip(dicts, marks)], **kwargs)

@@ -115,7 +115,8 @@ def reply_text(tokens: Iterable[int], tokenizer, stop: Sequence[str] = (),
 def check_template_tools(tokenizer, functions: bool, interpreter: bool) -> None:
     """Refuse tools that a template-driven model has no format for, naming what would take them."""
     if interpreter:
-        raise ChatFormatError(f"the code interpreter needs a ChatGLM3 model; this one is of family {tokenizer.family!r}")
+        raise ChatFormatError("the code interpreter needs a ChatGLM3 model; this one is of family "
+                              f"{tokenizer.family!r}")
     if functions and not takes_tools(tokenizer.chat_template):
         raise ChatFormatError("tool calls need a ChatGLM3 or GLM-4 model, or a chat template that offers tools "
                               f"(GLM-4.5/4.6/4.7); this one is of family {tokenizer.family!r} and its template "
@@ -194,14 +195,16 @@ class Pipeline:
         return generate(self.model, prompt, SamplingParams(**sampling), self.stop_ids, self.tokenizer.vocab_size)
 
     def chat(self, messages: Sequence[MessageLike], *, tools: Sequence[Mapping[str, Any]] | None = None,
-             stream: bool = False, stop: Sequence[str] = (), **sampling) -> ChatMessage | ChatStream:
+             stream: bool = False, stop: Sequence[str] = (), template_kwargs: Mapping[str, Any] | None = None,
+             **sampling) -> ChatMessage | ChatStream:
         """The assistant's reply to a conversation; with stream=True, a ChatStream of text deltas.
 
         tools (ChatGLM3, GLM-4, and models whose chat template offers tools: GLM-4.5/4.6/4.7): function
         definitions, OpenAI's shape or ChatGLM3's bare one, and ``{"type": "code_interpreter"}`` (ChatGLM3).
         A reply that calls them carries ``tool_calls`` in OpenAI's shape; results go back as "observation"
         (or "tool") messages after that reply. A reasoning model's thoughts (GLM-Z1, GLM-4.5) come apart:
-        ``Reasoning`` pieces in a stream, ``reasoning_content`` in the message.
+        ``Reasoning`` pieces in a stream, ``reasoning_content`` in the message. template_kwargs are more
+        variables for a Jinja chat template (``{"enable_thinking": False}`` turns GLM-4.5's thinking off).
         """
         family = self.tokenizer.family
         functions, interpreter = read_tools(tools or ())
@@ -214,7 +217,8 @@ class Pipeline:
         else:
             check_template_tools(self.tokenizer, bool(functions), interpreter)
             history = [replace(m, role="tool") if m.role == "observation" else m for m in as_messages(list(messages))]
-            prompt = self.tokenizer.encode_chat(history, tools=openai_tools(functions))
+            prompt = self.tokenizer.encode_chat(history, tools=openai_tools(functions),
+                                                template_kwargs=template_kwargs or {})
             parser = markup_parser(self.tokenizer, prompt, functions)
         reply = ChatStream(reply_text(self._tokens(prompt, sampling), self.tokenizer, stop, parser), parser)
         return reply if stream else reply.message()

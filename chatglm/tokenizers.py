@@ -117,10 +117,12 @@ class Tokenizer:
         return [*self._prefix, *ids, *self._suffix] if add_special_tokens else ids
 
     def encode_chat(self, messages: Sequence[MessageLike], add_generation_prompt: bool = True,
-                    tools: Sequence[Mapping[str, Any]] = ()) -> list[int]:
+                    tools: Sequence[Mapping[str, Any]] = (), template_kwargs: Mapping[str, Any] = {}) -> list[int]:
         """Prompt ids of a conversation; message content always stays plain text. tools (OpenAI's
-        ``{"type": "function", "function": ...}`` entries) go to a chat template that offers them."""
-        segments = chat_format.build_prompt(self, as_messages(list(messages)), add_generation_prompt, tools)
+        ``{"type": "function", "function": ...}`` entries) and template_kwargs (``{"enable_thinking": False}``)
+        go to a Jinja chat template."""
+        segments = chat_format.build_prompt(self, as_messages(list(messages)), add_generation_prompt, tools,
+                                            template_kwargs)
         return self._encode_segments(segments)
 
     def _encode_segments(self, segments: Iterable[Segment]) -> list[int]:

@@ -248,3 +248,32 @@ def test_a_gguf_written_from_the_folder_keeps_the_tags_and_the_template(tokenize
     reply = ids(tokenizer, "<think>", "Let me look.", "</think>", "Sunny.", "<|user|>")
     assert gguf_tok.decode(reply) == "<think>Let me look.</think>Sunny."
     assert speaks_markup(gguf_tok.chat_template) and gguf_tok.family == tokenizer.family
+
+
+def test_template_kwargs_reach_the_template_and_decide_where_the_reply_starts(tokenizer):
+    """chat_template_kwargs (vLLM's name; `template_kwargs` in Python) are template variables: here a switch that
+    closes the thinking in the prompt, after which the reply is all answer. The standard variables stay ours."""
+    from fastapi.testclient import TestClient
+    from openai import OpenAI
+
+    from chatglm.server import create_app
+
+    folder = tokenizer.path.parent
+    switch = "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    template = (folder / "chat_template.jinja").read_text() + switch
+    (folder / "chat_template.jinja").write_text(template)
+    try:
+        tok = load_tokenizer(folder)
+        off = tok.encode_chat([{"role": "user", "content": "hi"}], template_kwargs={"enable_thinking": False,
+                                                                                   "messages": []})
+        assert off == tok.encode_chat([{"role": "user", "content": "hi"}]) + ids(tok, "<think>", "</think>")
+        pipe = scripted_pipeline(tok, ids(tok, "Sunny."))
+        with TestClient(create_app(pipe, max_batch=2, max_queue=4)) as test_client:
+            client = OpenAI(base_url="http://testserver/v1", api_key="none", http_client=test_client)
+            done = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                  extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        assert done.choices[0].message.content == "Sunny."
+        assert (done.choices[0].message.model_extra or {}).get("reasoning_content") is None
+        assert pipe.model.prompt() == off
+    finally:
+        (folder / "chat_template.jinja").write_text(template[: -len(switch)])

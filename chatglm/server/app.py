@@ -82,17 +82,18 @@ class Server:
         self.rejected = 0   # requests answered 503 because the queue was full
 
     def generate(self, messages: Sequence[ChatMessage], params: SamplingParams, stop: Sequence[str] = (),
-                 functions: Sequence[Mapping[str, Any]] = ()) -> Generation:
+                 functions: Sequence[Mapping[str, Any]] = (), template_kwargs: Mapping[str, Any] = {}) -> Generation:
         """Start a chat reply; refusals (bad conversation, too long, queue full) raise now, before any reply.
 
         functions: the definitions the model may call (for ChatGLM3 / GLM-4 already in `messages` as their
-        system message; a chat template that offers tools gets them itself)."""
+        system message; a chat template that offers tools gets them itself, and template_kwargs)."""
         parser: ReplyParser | MarkupParser | None
         if self.family in TOOL_FAMILIES:
             prompt = self.tokenizer.encode_chat(messages)
             parser = ReplyParser(self.family, [f["name"] for f in functions])
         else:
-            prompt = self.tokenizer.encode_chat(messages, tools=openai_tools(functions))
+            prompt = self.tokenizer.encode_chat(messages, tools=openai_tools(functions),
+                                                template_kwargs=template_kwargs)
             parser = markup_parser(self.tokenizer, prompt, functions)
         return Generation(self, prompt, params, stop, parser)
 

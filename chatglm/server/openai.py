@@ -115,6 +115,8 @@ class ChatRequest(GenerationRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description='more variables for the chat template, as vLLM takes them: {"enable_thinking": false}')
 
 
 class CompletionRequest(GenerationRequest):
@@ -175,7 +177,8 @@ async def models(server: Server = Depends(get_server)) -> dict[str, Any]:
 async def chat_completions(body: ChatRequest, server: Server = Depends(get_server)):
     params, stop = body.checked(server, body.max_completion_tokens or body.max_tokens)
     functions = _active_tools(body, server)
-    gen = server.generate(_messages(body, server.family, functions), params, stop, [f.spec() for f in functions])
+    gen = server.generate(_messages(body, server.family, functions), params, stop, [f.spec() for f in functions],
+                          body.chat_template_kwargs or {})
     head = {"id": _id("chatcmpl"), "created": int(time.time()), "model": server.model_id}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
