@@ -244,10 +244,13 @@ def test_a_gguf_written_from_the_folder_keeps_the_tags_and_the_template(tokenize
     folder = tmp_path / "model"
     shutil.copytree(tokenizer.path.parent, folder)
     tiny_glm4(vocab=tokenizer.vocab_size).save_pretrained(folder)
+    shutil.copy(tokenizer.path.parent / "generation_config.json", folder)  # the folder's stops, not the tiny model's
     gguf_tok = open_checkpoint(convert(folder, tmp_path / "m.gguf", "f32", progress=False)).load_tokenizer()
     reply = ids(tokenizer, "<think>", "Let me look.", "</think>", "Sunny.", "<|user|>")
     assert gguf_tok.decode(reply) == "<think>Let me look.</think>Sunny."
     assert speaks_markup(gguf_tok.chat_template) and gguf_tok.family == tokenizer.family
+    stops = {tokenizer.specials[name] for name in ("<|endoftext|>", "<|user|>", "<|observation|>")}
+    assert stops <= tokenizer.eos_ids and stops <= gguf_tok.eos_ids  # a reply still ends at a tool call's end
 
 
 def test_template_kwargs_reach_the_template_and_decide_where_the_reply_starts(tokenizer):
