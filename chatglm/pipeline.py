@@ -112,15 +112,18 @@ def reply_text(tokens: Iterable[int], tokenizer, stop: Sequence[str] = (),
             yield text
 
 
-def check_template_tools(tokenizer, functions: bool, interpreter: bool) -> None:
-    """Refuse tools that a template-driven model has no format for, naming what would take them."""
-    if interpreter:
-        raise ChatFormatError("the code interpreter needs a ChatGLM3 model; this one is of family "
-                              f"{tokenizer.family!r}")
+def template_chat(tokenizer, messages: Sequence[MessageLike], functions: Sequence[Mapping[str, Any]] = (),
+                  template_kwargs: Mapping[str, Any] = {}) -> tuple[list[int], MarkupParser | None]:
+    """The prompt of a conversation for a model whose Jinja chat template writes it (observations as the
+    "tool" role templates know), the functions offered through the template, and the reply's parser when
+    the template writes tagged reasoning or calls."""
     if functions and not takes_tools(tokenizer.chat_template):
         raise ChatFormatError("tool calls need a ChatGLM3 or GLM-4 model, or a chat template that offers tools "
                               f"(GLM-4.5/4.6/4.7); this one is of family {tokenizer.family!r} and its template "
                               "has no tool calls")
+    history = [replace(m, role="tool") if m.role == "observation" else m for m in as_messages(list(messages))]
+    prompt = tokenizer.encode_chat(history, tools=openai_tools(functions), template_kwargs=template_kwargs)
+    return prompt, markup_parser(tokenizer, prompt, functions)
 
 
 class ChatStream(Iterator[str]):
@@ -214,12 +217,10 @@ class Pipeline:
             history = system_messages(family, functions, interpreter) + as_messages(list(messages))
             prompt = self.tokenizer.encode_chat(model_messages(family, history))
             parser = ReplyParser(family, names)
+        elif interpreter:
+            raise ChatFormatError(f"the code interpreter needs a ChatGLM3 model; this one is of family {family!r}")
         else:
-            check_template_tools(self.tokenizer, bool(functions), interpreter)
-            history = [replace(m, role="tool") if m.role == "observation" else m for m in as_messages(list(messages))]
-            prompt = self.tokenizer.encode_chat(history, tools=openai_tools(functions),
-                                                template_kwargs=template_kwargs or {})
-            parser = markup_parser(self.tokenizer, prompt, functions)
+            prompt, parser = template_chat(self.tokenizer, messages, functions, template_kwargs or {})
         reply = ChatStream(reply_text(self._tokens(prompt, sampling), self.tokenizer, stop, parser), parser)
         return reply if stream else reply.message()
 

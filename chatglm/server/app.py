@@ -29,9 +29,9 @@ from starlette.middleware.cors import CORSMiddleware
 
 from ..engine import BatchEngine, ContextLengthError, QueueFullError, SamplingParams
 from ..errors import ChatFormatError
-from ..markup import MarkupParser, Reasoning, markup_parser, openai_tools
+from ..markup import MarkupParser, Reasoning
 from ..messages import ChatMessage
-from ..pipeline import reply_text
+from ..pipeline import reply_text, template_chat
 from ..tools import TOOL_FAMILIES, ReplyParser, ToolCall
 from .embeddings import Embedder, EmbeddingUnavailable
 
@@ -92,9 +92,7 @@ class Server:
             prompt = self.tokenizer.encode_chat(messages)
             parser = ReplyParser(self.family, [f["name"] for f in functions])
         else:
-            prompt = self.tokenizer.encode_chat(messages, tools=openai_tools(functions),
-                                                template_kwargs=template_kwargs)
-            parser = markup_parser(self.tokenizer, prompt, functions)
+            prompt, parser = template_chat(self.tokenizer, messages, functions, template_kwargs)
         return Generation(self, prompt, params, stop, parser)
 
     def submit(self, prompt: list[int], params: SamplingParams):
