@@ -8,8 +8,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from .engine import SamplingParams, generate
-from .loaders import build_model, open_checkpoint
 from .errors import ChatFormatError
+from .loaders import build_model, open_checkpoint
 from .markup import MarkupParser, Reasoning, markup_parser, openai_tools, takes_tools
 from .messages import ChatMessage, MessageLike, as_messages
 from .tools import INTERPRETER, TOOL_FAMILIES, ReplyParser, ToolCall, model_messages, read_tools, system_messages
