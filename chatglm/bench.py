@@ -128,7 +128,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--compare", choices=["llama.cpp"], default=None, help="run llama.cpp on the same file too")
-    p.add_argument("--synthetic", default=None, help="build a random-weight GGUF of this shape (chatglm3-6b, glm4-9b)")
+    p.add_argument("--synthetic", default=None,
+                   help="build a random-weight GGUF of this shape (chatglm3-6b, glm4-9b, glm4-9b-0414, glm-4.7-flash)")
     p.add_argument("--qtype", default="q4_0", help="quant type of the synthetic file")
     p.add_argument("--synthetic-dir", default=str(Path.home() / ".cache" / "chatglm"), help="where synthetic files go")
     p.set_defaults(func=cmd_bench)

@@ -107,11 +107,15 @@ def vocab_stop_ids(vocab: Mapping[str, int], eos_ids: Iterable[int | None], cont
     return frozenset(ids)
 
 
-def build_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> list[Segment]:
-    """The prompt segments of a conversation in the tokenizer's family."""
+def build_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage], add_generation_prompt: bool,
+                 tools: Sequence[Mapping[str, Any]] = (), template_kwargs: Mapping[str, Any] = {}) -> list[Segment]:
+    """The prompt segments of a conversation in the tokenizer's family; tools and template_kwargs (more variables,
+    such as GLM-4.5's enable_thinking) are for a Jinja chat template: the GLM role formats have none."""
     if not messages:
         raise ChatFormatError("the conversation is empty: give at least one message")
     family = tokenizer.family
+    if tools and family != "llama":
+        raise ChatFormatError(f"tools go to a chat template; a model of family {family!r} takes them as messages")
     specials = tokenizer.specials
     if family == "chatglm":
         return [chatglm_text(messages, add_generation_prompt), specials["[gMASK]"], specials["<sop>"]]
@@ -120,7 +124,7 @@ def build_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage], add_gene
     if family in ROLE_FAMILIES:
         return role_prompt(messages, specials, add_generation_prompt)
     if family == "llama":
-        return template_prompt(tokenizer, messages, add_generation_prompt)
+        return template_prompt(tokenizer, messages, add_generation_prompt, tools, template_kwargs)
     raise ChatFormatError(f"no chat format for tokenizer family {family!r}")
 
 
@@ -180,6 +184,9 @@ def role_prompt(messages: Sequence[ChatMessage], specials: Mapping[str, int],
 # ----- llama family: the file's Jinja template -----
 
 
+STANDARD_VARIABLES = frozenset({"messages", "bos_token", "eos_token", "add_generation_prompt", "tools"})
+
+
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
             sort_keys: bool = False) -> str:
     """JSON as chat templates expect it (no HTML escaping, unlike Jinja's built-in filter)."""
@@ -205,11 +212,14 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 def render_template(source: str, messages: list[dict[str, Any]], *, bos_token: str = "", eos_token: str = "",
-                    add_generation_prompt: bool = True) -> str:
-    """Render a chat template the way transformers and llama.cpp call it (no ``tools`` variable)."""
+                    add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] = (),
+                    variables: Mapping[str, Any] = {}) -> str:
+    """Render a chat template the way transformers and llama.cpp call it (``tools`` only when there are some;
+    `variables` are the caller's chat_template_kwargs, which cannot replace the standard ones)."""
     template = compile_template(source)
+    extra = {"tools": [dict(t) for t in tools]} if tools else {}
     try:
-        return template.render(messages=messages, bos_token=bos_token, eos_token=eos_token,
+        return template.render(**{**variables, **extra}, messages=messages, bos_token=bos_token, eos_token=eos_token,
                                add_generation_prompt=add_generation_prompt)
     except ChatFormatError:
         raise
@@ -240,8 +250,28 @@ def _place_contents(rendered: str, pieces: list[str], order: list[int], contents
     return found if rendered[pos:] == pieces[-1] else None
 
 
-def template_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage],
-                    add_generation_prompt: bool) -> list[Segment]:
+def template_message(m: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it: a call's arguments as an object (templates iterate them), as
+    transformers passes them."""
+    d = m.to_dict()
+    if m.tool_calls:
+        d["tool_calls"] = [_with_object_arguments(c) for c in m.tool_calls]
+    return d
+
+
+def _with_object_arguments(call: Mapping[str, Any]) -> dict[str, Any]:
+    function = call.get("function")
+    if not isinstance(function, Mapping) or not isinstance(function.get("arguments"), str):
+        return dict(call)
+    try:
+        arguments = json.loads(function["arguments"] or "{}")
+    except json.JSONDecodeError as e:
+        raise ChatFormatError(f"the arguments of the call to {function.get('name')!r} are not JSON: {e}") from None
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+def template_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage], add_generation_prompt: bool,
+                    tools: Sequence[Mapping[str, Any]] = (), variables: Mapping[str, Any] = {}) -> list[Segment]:
     """Segments of a rendered Jinja template, with special tokens only from the template's own text.
 
     The template is rendered twice: with the real contents and with a unique sentinel in place of each
@@ -250,11 +280,12 @@ def template_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage],
     together, stays one segment, so it is tokenized exactly as llama.cpp tokenizes the rendered prompt.
     """
     source = tokenizer.chat_template or CHATML_TEMPLATE
-    dicts = [m.to_dict() for m in messages]
+    dicts = [template_message(m) for m in messages]
     nonce = secrets.token_hex(8)
     marks = [f"@@content-{nonce}-{k}@@" for k in range(len(dicts))]
     kwargs = dict(bos_token=tokenizer.bos_text, eos_token=tokenizer.eos_text,
-                  add_generation_prompt=add_generation_prompt)
+                  add_generation_prompt=add_generation_prompt, tools=tools,
+                  variables={k: v for k, v in variables.items() if k not in STANDARD_VARIABLES})
     try:
         real = render_template(source, dicts, **kwargs)
         marked = render_template(source, [{**d, "content": mark} for d, mark in zip(dicts, marks)], **kwargs)

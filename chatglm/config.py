@@ -14,6 +14,35 @@ from .errors import ModelFileError
 
 
 @dataclass
+class MoESpec:
+    """A mixture-of-experts feed-forward (GLM-4.5/4.6, GLM-4.7-Flash): sigmoid router with a correction bias,
+    grouped top-k, routed scaling, a shared expert; `dense_layers` keep a plain SwiGLU of ffn_size."""
+
+    experts: int
+    experts_per_token: int
+    expert_ffn_size: int           # each routed expert's intermediate size
+    shared_ffn_size: int = 0       # the shared experts' intermediate size together (0: none)
+    groups: int = 1                # experts fall in `groups` groups; a token picks from its best `groups_per_token`
+    groups_per_token: int = 1
+    scaling: float = 1.0           # routed weights are multiplied by this
+    normalize: bool = True         # routed weights are divided by their sum first
+    dense_layers: tuple[int, ...] = ()
+
+
+@dataclass
+class LatentSpec:
+    """Latent attention (GLM-4.7-Flash, as DeepSeek-V2): keys and values come from a compressed latent of
+    kv_rank values per token plus a shared rotary key of rope_dim values, and that is what the cache holds."""
+
+    kv_rank: int
+    q_rank: int                    # 0: queries from one projection, else through a rank-q_rank bottleneck
+    nope_dim: int                  # each head's key dims without rotary
+    value_dim: int                 # each head's value dims
+    scale: float                   # softmax scale (1/sqrt(nope_dim + rope_dim), times a YaRN factor if any)
+    norm_eps: float = 1e-6         # the latents' RMSNorm epsilon (transformers' default, not the config's)
+
+
+@dataclass
 class ModelConfig:
     arch: str                     # registry key of the model file: "chatglm2", "llama", ...
     family: str                   # tokenizer / chat-format family: chatglm2, chatglm3, glm4, codegeex2, llama
@@ -34,6 +63,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    qk_norm: bool = False         # RMSNorm over each query and key head before rotary (GLM-4.5)
+    post_norms: bool = False      # RMSNorm on the attention and MLP outputs before their residuals (GLM-4-0414)
+    moe: MoESpec | None = None
+    latent: LatentSpec | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -33,16 +33,18 @@ log = logging.getLogger(__name__)
 
 RUNTIME_QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # dtypes that quantize an HF folder as it loads
 GGML_FAMILIES = {"codegeex2": "chatglm2"}  # chatglm.cpp stores CodeGeeX2 as ChatGLM2 (its tokenizer tells them apart)
+ROUTER_NAMES = ("ffn_gate_inp.weight", "mlp.gate.weight")  # MoE routers: f32 in files, as llama.cpp keeps them
 PAD_TOKENS = {"chatglm": "<pad>", "glm4": "<|endoftext|>"}  # what THUDM's configs give as pad_token_id (else <unk>)
 
 
 def target_type(shape: tuple[int, ...], qtype: QType) -> QType:
-    """1-D tensors stay f32; 2-D take the asked type, or f16 where rows do not split into its blocks."""
-    if len(shape) != 2:
+    """1-D tensors stay f32; matrices (and 3-D stacks of them: MoE experts) take the asked type, or f16 where
+    rows do not split into its blocks."""
+    if len(shape) not in (2, 3):
         return QType.F32
-    if shape[1] % GGML_QUANT_SIZES[qtype][0]:
-        log.warning("a [%d, %d] tensor is not quantized (f16 in files): %d columns are not whole %s blocks",
-                    *shape, shape[1], qtype.name)
+    if shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+        log.warning("a %s tensor is not quantized (f16 in files): %d columns are not whole %s blocks",
+                    list(shape), shape[-1], qtype.name)
         return QType.F16
     return qtype
 
@@ -60,7 +62,8 @@ def encode(w: Weight, qtype: QType) -> np.ndarray:
 
 def _encoded(source: Any, t: OutTensor) -> np.ndarray:
     w = t.load()
-    if tuple(w.shape) != t.shape:
+    stacked = isinstance(w, QTensor) and len(t.shape) == 3 and tuple(w.shape) == (t.shape[0] * t.shape[1], t.shape[2])
+    if tuple(w.shape) != t.shape and not stacked:  # (MoE experts' blocks come as one stack of rows)
         raise ModelFileError(source, f"tensor for {t.name!r} has shape {list(w.shape)}, expected {list(t.shape)}")
     return encode(w, t.qtype)
 
@@ -68,7 +71,7 @@ def _encoded(source: Any, t: OutTensor) -> np.ndarray:
 def _typed(tensors: Iterable[OutTensor], qtype: QType) -> list[OutTensor]:
     out = list(tensors)
     for t in out:
-        t.qtype = target_type(t.shape, qtype)
+        t.qtype = QType.F32 if t.name.endswith(ROUTER_NAMES) else target_type(t.shape, qtype)
     return out
 
 
@@ -97,10 +100,13 @@ def _write_gguf(path: Path, ckpt: Checkpoint, qtype: QType, progress: Callable) 
     _check_gguf(ckpt)
     cfg = ckpt.config
     add_vocab = gguf_vocab(ckpt.load_tokenizer(), cfg.vocab_size)
-    names = file_tensors(ckpt, ckpt.family.GGUF_NAMES, _not_written(ckpt), pairs=not cfg.rope_interleaved)
+    # llama.cpp rotates pairs, except in architectures that keep each head's halves (glm4moe)
+    pairs = not cfg.rope_interleaved and not getattr(ckpt.family, "GGUF_ROPE_HALVES", False)
+    names = file_tensors(ckpt, ckpt.family.GGUF_NAMES, _not_written(ckpt), pairs=pairs)
     tensors = _typed(names, qtype)
+    extra = getattr(ckpt.family, "gguf_metadata", lambda _: {})(cfg)
     write_gguf(path, ckpt.family.GGUF_ARCHS[0], cfg, ckpt.path.stem, qtype, add_vocab, tensors,
-               lambda t: _encoded(ckpt.path, t), progress)
+               lambda t: _encoded(ckpt.path, t), progress, extra)
 
 
 # ----- GGML (chatglm.cpp) -----
@@ -177,7 +183,9 @@ def quantized_weights(ckpt: Checkpoint, qtype: str | QType) -> dict[str, Weight]
     for canon in tqdm(ckpt.layout, desc=f"quantizing to {qt.name.lower()}", unit="tensor", delay=2, leave=False):
         w = assemble({canon: ckpt.layout[canon]}, ckpt.get, ckpt.path, ckpt.transforms)[canon]
         target = target_type(tuple(w.shape), qt)
-        if target == qt and not canon.startswith("prefix_") and not (isinstance(w, QTensor) and w.qtype == qt):
+        # MoE routers stay float, as llama.cpp keeps them: a rounded score can send a token to another expert
+        keep = canon.startswith("prefix_") or canon.endswith(".router")
+        if target == qt and not keep and not (isinstance(w, QTensor) and w.qtype == qt):
             w = QTensor(torch.from_numpy(encode(w, qt)), qt, tuple(w.shape))
         weights[canon] = w
     return weights

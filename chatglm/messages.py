@@ -15,6 +15,7 @@ class ChatMessage:
     content: str = ""
     tool_calls: list[dict[str, Any]] | None = None
     metadata: str = ""
+    reasoning_content: str = ""  # what a reasoning model (GLM-Z1, GLM-4.5) thought before this reply
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"role": self.role, "content": self.content}
@@ -22,6 +23,8 @@ class ChatMessage:
             d["tool_calls"] = self.tool_calls
         if self.metadata:
             d["metadata"] = self.metadata
+        if self.reasoning_content:
+            d["reasoning_content"] = self.reasoning_content
         return d
 
 
@@ -36,7 +39,8 @@ def as_message(m: MessageLike) -> ChatMessage:
         if "role" not in m:
             raise ChatFormatError(f"message {dict(m)!r} has no 'role'")
         content = m.get("content") or ""
-        msg = ChatMessage(str(m["role"]), content, m.get("tool_calls"), m.get("metadata") or "")
+        msg = ChatMessage(str(m["role"]), content, m.get("tool_calls"), m.get("metadata") or "",
+                          m.get("reasoning_content") or "")
     else:
         raise ChatFormatError(f"a message must be a dict or ChatMessage, not {type(m).__name__}")
     if msg.role not in ROLES:

@@ -1,13 +1,16 @@
 """Pipeline: a model, its tokenizer and its chat format behind chat() and generate()."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from .engine import SamplingParams, generate
+from .errors import ChatFormatError
 from .loaders import build_model, open_checkpoint
+from .markup import MarkupParser, Reasoning, markup_parser, openai_tools, takes_tools
 from .messages import ChatMessage, MessageLike, as_messages
 from .tools import INTERPRETER, TOOL_FAMILIES, ReplyParser, ToolCall, model_messages, read_tools, system_messages
 
@@ -72,14 +75,21 @@ def detokenize(tokens: Iterable[int], tokenizer, stop: Sequence[str] = (), lstri
 
 
 def reply_text(tokens: Iterable[int], tokenizer, stop: Sequence[str] = (),
-               parser: ReplyParser | None = None) -> Iterator[str]:
+               parser: ReplyParser | MarkupParser | None = None) -> Iterator[str]:
     """The text to show of a chat reply's token ids.
 
-    With a parser (ChatGLM3 / GLM-4) the reply is read part by part, a part beginning at each
-    ``<|assistant|>``: metadata lines are removed and tool calls are held back in the parser.
+    With a ReplyParser (ChatGLM3 / GLM-4) the reply is read part by part, a part beginning at each
+    ``<|assistant|>``: metadata lines are removed and tool calls are held back in the parser. With a
+    MarkupParser (tagged replies: GLM-4.5, GLM-Z1) reasoning comes as ``Reasoning`` pieces and tool
+    calls are held back.
     """
     if parser is None:
         yield from detokenize(tokens, tokenizer, stop)
+        return
+    if isinstance(parser, MarkupParser):
+        for delta in detokenize(tokens, tokenizer, stop):
+            yield from parser.feed(delta)
+        yield from parser.close()
         return
     marker = tokenizer.specials["<|assistant|>"]
     tokens = iter(tokens)
@@ -102,6 +112,20 @@ def reply_text(tokens: Iterable[int], tokenizer, stop: Sequence[str] = (),
             yield text
 
 
+def template_chat(tokenizer, messages: Sequence[MessageLike], functions: Sequence[Mapping[str, Any]] = (),
+                  template_kwargs: Mapping[str, Any] = {}) -> tuple[list[int], MarkupParser | None]:
+    """The prompt of a conversation for a model whose Jinja chat template writes it (observations as the
+    "tool" role templates know), the functions offered through the template, and the reply's parser when
+    the template writes tagged reasoning or calls."""
+    if functions and not takes_tools(tokenizer.chat_template):
+        raise ChatFormatError("tool calls need a ChatGLM3 or GLM-4 model, or a chat template that offers tools "
+                              f"(GLM-4.5/4.6/4.7); this one is of family {tokenizer.family!r} and its template "
+                              "has no tool calls")
+    history = [replace(m, role="tool") if m.role == "observation" else m for m in as_messages(list(messages))]
+    prompt = tokenizer.encode_chat(history, tools=openai_tools(functions), template_kwargs=template_kwargs)
+    return prompt, markup_parser(tokenizer, prompt, functions)
+
+
 class ChatStream(Iterator[str]):
     """A chat reply as it is generated: iterate for the text to show.
 
@@ -109,7 +133,7 @@ class ChatStream(Iterator[str]):
     ``message()`` is the whole reply. ``close()`` stops generating (nothing more is computed).
     """
 
-    def __init__(self, texts: Iterator[str], parser: ReplyParser | None):
+    def __init__(self, texts: Iterator[str], parser: ReplyParser | MarkupParser | None):
         self._texts = texts
         self._parser = parser
         self._shown: list[str] = []
@@ -124,8 +148,13 @@ class ChatStream(Iterator[str]):
 
     @property
     def content(self) -> str:
-        """The text shown so far."""
-        return "".join(self._shown)
+        """The answer shown so far (reasoning apart)."""
+        return "".join(t for t in self._shown if not isinstance(t, Reasoning))
+
+    @property
+    def reasoning_content(self) -> str:
+        """The reasoning shown so far (the ``Reasoning`` pieces)."""
+        return "".join(t for t in self._shown if isinstance(t, Reasoning))
 
     @property
     def tool_calls(self) -> list[ToolCall]:
@@ -135,7 +164,8 @@ class ChatStream(Iterator[str]):
         """The reply as a message (read to its end first); calls in OpenAI's shape, as the server returns them."""
         for _ in self:
             pass
-        return ChatMessage("assistant", self.content, tool_calls=[c.to_openai() for c in self.tool_calls] or None)
+        return ChatMessage("assistant", self.content, tool_calls=[c.to_openai() for c in self.tool_calls] or None,
+                           reasoning_content=self.reasoning_content)
 
 
 class Pipeline:
@@ -168,19 +198,29 @@ class Pipeline:
         return generate(self.model, prompt, SamplingParams(**sampling), self.stop_ids, self.tokenizer.vocab_size)
 
     def chat(self, messages: Sequence[MessageLike], *, tools: Sequence[Mapping[str, Any]] | None = None,
-             stream: bool = False, stop: Sequence[str] = (), **sampling) -> ChatMessage | ChatStream:
+             stream: bool = False, stop: Sequence[str] = (), template_kwargs: Mapping[str, Any] | None = None,
+             **sampling) -> ChatMessage | ChatStream:
         """The assistant's reply to a conversation; with stream=True, a ChatStream of text deltas.
 
-        tools (ChatGLM3, GLM-4): function definitions, OpenAI's shape or ChatGLM3's bare one, and
-        ``{"type": "code_interpreter"}`` (ChatGLM3). A reply that calls them carries ``tool_calls`` in
-        OpenAI's shape; results go back as "observation" (or "tool") messages after that reply.
+        tools (ChatGLM3, GLM-4, and models whose chat template offers tools: GLM-4.5/4.6/4.7): function
+        definitions, OpenAI's shape or ChatGLM3's bare one, and ``{"type": "code_interpreter"}`` (ChatGLM3).
+        A reply that calls them carries ``tool_calls`` in OpenAI's shape; results go back as "observation"
+        (or "tool") messages after that reply. A reasoning model's thoughts (GLM-Z1, GLM-4.5) come apart:
+        ``Reasoning`` pieces in a stream, ``reasoning_content`` in the message. template_kwargs are more
+        variables for a Jinja chat template (``{"enable_thinking": False}`` turns GLM-4.5's thinking off).
         """
         family = self.tokenizer.family
         functions, interpreter = read_tools(tools or ())
-        names = [f["name"] for f in functions] + ([INTERPRETER] if interpreter else [])
-        history = system_messages(family, functions, interpreter) + as_messages(list(messages))
-        prompt = self.tokenizer.encode_chat(model_messages(family, history))
-        parser = ReplyParser(family, names) if family in TOOL_FAMILIES else None
+        parser: ReplyParser | MarkupParser | None
+        if family in TOOL_FAMILIES:
+            names = [f["name"] for f in functions] + ([INTERPRETER] if interpreter else [])
+            history = system_messages(family, functions, interpreter) + as_messages(list(messages))
+            prompt = self.tokenizer.encode_chat(model_messages(family, history))
+            parser = ReplyParser(family, names)
+        elif interpreter:
+            raise ChatFormatError(f"the code interpreter needs a ChatGLM3 model; this one is of family {family!r}")
+        else:
+            prompt, parser = template_chat(self.tokenizer, messages, functions, template_kwargs or {})
         reply = ChatStream(reply_text(self._tokens(prompt, sampling), self.tokenizer, stop, parser), parser)
         return reply if stream else reply.message()
 

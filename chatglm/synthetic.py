@@ -10,15 +10,16 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType as QType
 from gguf import TokenType
 
-from .config import ModelConfig
+from .config import LatentSpec, ModelConfig, MoESpec
 from .default_model import default_model_path
 from .loaders.gguf import read_gguf
 from .loaders.gguf_writer import OutTensor, write_gguf
 from .loaders.vocab_writer import Vocab
-from .quant import qtype_of
+from .quant import QTensor, qtype_of
 
 SHAPES = {
     "chatglm3-6b": dict(arch="chatglm", hidden_size=4096, num_layers=28, num_heads=32, num_kv_heads=2, head_dim=128,
@@ -29,6 +30,24 @@ SHAPES = {
                          ffn_size=512, vocab_size=49152),  # for tests
     "llama-7b": dict(arch="llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
                      ffn_size=11008, vocab_size=49152),
+}
+# The newer GLM generations, written through their own model files' GGUF tables (q/k/v, post norms, expert stacks,
+# latent attention as llama.cpp lays them out): the real models' config.json sizes
+FAMILY_SHAPES = {
+    "glm4-9b-0414": dict(arch="glm4", hidden_size=4096, num_layers=40, num_heads=32, num_kv_heads=2, head_dim=128,
+                         ffn_size=13696, vocab_size=151552, rope_dim=64, rope_interleaved=True, qkv_bias=True,
+                         post_norms=True),
+    "glm-4.7-flash": dict(arch="glm4_moe_lite", hidden_size=2048, num_layers=47, num_heads=20, num_kv_heads=20,
+                          head_dim=256, ffn_size=10240, vocab_size=154880, rope_dim=64, rope_interleaved=True,
+                          moe=MoESpec(64, 4, 1536, 1536, scaling=1.8, dense_layers=(0,)),
+                          latent=LatentSpec(kv_rank=512, q_rank=768, nope_dim=192, value_dim=256, scale=256 ** -0.5)),
+    "glm4-tiny": dict(arch="glm4", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
+                      ffn_size=512, vocab_size=49152, rope_dim=32, rope_interleaved=True, qkv_bias=True,
+                      post_norms=True),  # for tests
+    "glm4-moe-lite-tiny": dict(arch="glm4_moe_lite", hidden_size=256, num_layers=3, num_heads=4, num_kv_heads=4,
+                               head_dim=96, ffn_size=512, vocab_size=49152, rope_dim=32, rope_interleaved=True,
+                               moe=MoESpec(8, 2, 128, 128, scaling=1.8, dense_layers=(0,)),
+                               latent=LatentSpec(kv_rank=64, q_rank=128, nope_dim=64, value_dim=64, scale=96 ** -0.5)),
 }
 SCALES = {QType.Q4_0: 0.004, QType.Q4_1: 0.004, QType.Q5_0: 0.002, QType.Q5_1: 0.002, QType.Q8_0: 0.0002}
 
@@ -74,13 +93,51 @@ def _default_vocab() -> Vocab:
                                                       "eos": f.get("tokenizer.ggml.eos_token_id")})
 
 
+def _family_file(path: Path, name: str, q: QType) -> None:
+    """A family's random-weight file through its own GGUF table and the converter's writer: each canonical
+    tensor drawn as random blocks (MoE routers as float32, as files keep them)."""
+    from .convert import ROUTER_NAMES, encode, target_type
+    from .loaders import Checkpoint
+    from .loaders.gguf_writer import file_tensors
+    from .models import FAMILIES
+
+    shape = dict(FAMILY_SHAPES[name])
+    family = FAMILIES[shape.pop("arch")]
+    cfg = ModelConfig(arch=family.ARCH, family="gguf", norm_eps=1e-5, max_position=8192, **shape)
+    required = family.DECODER.required(cfg)
+    sizes = {c: s for c, s in family.DECODER.expected_shapes(cfg).items() if required.get(c.rsplit(".", 1)[-1], True)}
+    rng, vocab = np.random.default_rng(0), _default_vocab()
+
+    def get(canon: str):
+        blocks = len(sizes[canon]) == 2 and not canon.endswith("router")
+        t = OutTensor(canon, sizes[canon], None, q if blocks else QType.F32)
+        data = torch.from_numpy(_random_data(t, rng))
+        return QTensor(data, q, t.shape) if t.qtype == q else data
+
+    ckpt = Checkpoint(path, family, cfg, {c: [c] for c in sizes}, family.GGUF_NAMES, get, None, lambda: None)
+    tensors = list(file_tensors(ckpt, family.GGUF_NAMES))
+    for t in tensors:
+        t.qtype = QType.F32 if t.name.endswith(ROUTER_NAMES) else target_type(t.shape, q)
+    write_gguf(path, family.GGUF_ARCHS[0], cfg, f"synthetic {name}", q, lambda w: vocab.write(w, cfg.vocab_size),
+               tensors, lambda t: encode(t.load(), t.qtype), extra=getattr(family, "gguf_metadata", lambda _: {})(cfg))
+
+
 def synthetic_gguf(name: str, qtype: str, folder: Path) -> Path:
     """The file for shape `name` and type `qtype`, written once into `folder` and reused after."""
-    if name not in SHAPES:
-        raise ValueError(f"unknown synthetic shape {name!r}; expected one of {', '.join(SHAPES)}")
+    if name not in SHAPES and name not in FAMILY_SHAPES:
+        raise ValueError(f"unknown synthetic shape {name!r}; expected one of {', '.join([*SHAPES, *FAMILY_SHAPES])}")
     q = qtype_of(qtype)
     path = Path(folder) / f"synthetic-{name}-{q.name.lower()}.gguf"
     if path.is_file():
+        return path
+    if name in FAMILY_SHAPES:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".part")
+        try:
+            _family_file(partial, name, q)
+            partial.rename(path)
+        finally:
+            partial.unlink(missing_ok=True)
         return path
     shape = SHAPES[name]
     cfg = ModelConfig(arch=shape["arch"], family="gguf", norm_eps=1e-5, max_position=8192,

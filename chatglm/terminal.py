@@ -27,6 +27,7 @@ from prompt_toolkit.key_binding import KeyBindings
 
 from .agent import Agent, Call, Event, Notice, Observation, Text, load_tool_module, load_tool_specs
 from .errors import ChatGLMError
+from .markup import Reasoning
 from .messages import ChatMessage
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 EXIT_WORDS = {"stop", "exit", "quit"}
 KEYS = "Enter sends, Alt+Enter new line, Ctrl-C stops a reply, 'clear' starts over, 'stop' or Ctrl-D ends"
 PIPED = "One message per line; 'clear' starts over, 'stop' or end of input ends"
+DIM, UNDIM = "\x1b[2m", "\x1b[0m"  # a reasoning model's thoughts, on a terminal
 
 
 def history_file() -> Path:
@@ -102,6 +104,7 @@ class Terminal:
         self.sampling = sampling or {}
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self._line_start = True
+        self._thinking = False  # the last text shown was reasoning
 
     def banner(self, interactive: bool) -> str:
         pipe = self.agent.pipe
@@ -154,9 +157,14 @@ class Terminal:
             events.close()
             self._write(" [stopped]")
         finally:
+            if self._thinking:
+                self._shade(False)
             self._end_line()
 
     def _show(self, event: Event) -> None:
+        thinking = isinstance(event, Text) and isinstance(event.text, Reasoning)
+        if thinking != self._thinking:
+            self._shade(thinking)
         if isinstance(event, Text):
             self._write(event.text)
         elif isinstance(event, Call):
@@ -167,6 +175,14 @@ class Terminal:
         elif isinstance(event, Notice):
             self._end_line()
             self._write(f"[{event.text}]\n")
+
+    def _shade(self, thinking: bool) -> None:
+        """Reasoning starts (dim, on a terminal) or ends (normal again; what follows starts a line)."""
+        self._thinking = thinking
+        if self.out.isatty():
+            self.out.write(DIM if thinking else UNDIM)
+        if not thinking:
+            self._end_line()
 
     def _write(self, text: str) -> None:
         if text:

@@ -29,6 +29,7 @@ from tokenizers import Regex, models, normalizers, pre_tokenizers
 from . import chat_format
 from .chat_format import Segment
 from .errors import ModelFileError
+from .markup import MARKUP_TOKENS
 from .messages import MessageLike, as_messages
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4", "codegeex2", "llama")
@@ -115,9 +116,13 @@ class Tokenizer:
         ids = self._encode_segments(self.split_specials(text) if parse else [text] if text else [])
         return [*self._prefix, *ids, *self._suffix] if add_special_tokens else ids
 
-    def encode_chat(self, messages: Sequence[MessageLike], add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids of a conversation; message content always stays plain text."""
-        segments = chat_format.build_prompt(self, as_messages(list(messages)), add_generation_prompt)
+    def encode_chat(self, messages: Sequence[MessageLike], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] = (), template_kwargs: Mapping[str, Any] = {}) -> list[int]:
+        """Prompt ids of a conversation; message content always stays plain text. tools (OpenAI's
+        ``{"type": "function", "function": ...}`` entries) and template_kwargs (``{"enable_thinking": False}``)
+        go to a Jinja chat template."""
+        segments = chat_format.build_prompt(self, as_messages(list(messages)), add_generation_prompt, tools,
+                                            template_kwargs)
         return self._encode_segments(segments)
 
     def _encode_segments(self, segments: Iterable[Segment]) -> list[int]:
@@ -425,7 +430,9 @@ class GGUFTokenizer(TemplateTokenizer):
             self._backend = _spm_backend(vocab, scores)
             self._space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
             add_bos_default = True
-        self._pieces = [self._piece_bytes(t, ty, kind == "gpt2") for t, ty in zip(tokens, types)]
+        # control tokens decode to nothing, except the tags of reasoning and tool calls, which replies are read by
+        self._pieces = [t.encode() if t in MARKUP_TOKENS else self._piece_bytes(t, ty, kind == "gpt2")
+                        for t, ty in zip(tokens, types)]
 
         self.bos_id = self._known_id(meta.get("tokenizer.ggml.bos_token_id"))
         self.eos_id = self._known_id(meta.get("tokenizer.ggml.eos_token_id"))
@@ -525,12 +532,16 @@ class HFJsonTokenizer(TemplateTokenizer):
         self.eos_id = vocab.get(_token_content(config.get("eos_token")) or "")
         self.chat_template = _chat_template(path.parent, config)
         self._set_stop_ids(_as_ids(generation.get("eos_token_id")), added, vocab)
+        # special tokens decode to nothing, except the tags of reasoning and tool calls, which replies are read by
+        self._hidden = frozenset(i for i, t in backend.get_added_tokens_decoder().items()
+                                 if t.special and t.content not in MARKUP_TOKENS)
 
     def _encode_text(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._backend.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+        return self._backend.decode([i for i in ids if 0 <= i < self.vocab_size and i not in self._hidden],
+                                    skip_special_tokens=False)
 
     def token_text(self, id: int) -> str:
         _check_id(self, id)

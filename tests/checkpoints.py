@@ -131,3 +131,56 @@ def permute_for_gguf(w: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's converter reorders q/k rows of each head from halves to interleaved pairs."""
     rows = w.shape[0]
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def tiny_glm4(layers: int = 2, seed: int = 0, vocab: int = 96):
+    """A random transformers Glm4ForCausalLM (GLM-4-0414 / GLM-Z1): post norms, partial interleaved rotary."""
+    from transformers import Glm4Config, Glm4ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Glm4Config(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                     num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                     rms_norm_eps=1e-5, attention_bias=True, pad_token_id=0, eos_token_id=[1, 2])
+    model = Glm4ForCausalLM(cfg).eval()
+    _randomize(model)
+    return model
+
+
+_MOE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+            num_experts_per_tok=3, n_shared_experts=1, routed_scaling_factor=1.5, max_position_embeddings=128,
+            rms_norm_eps=1e-5, norm_topk_prob=True, eos_token_id=1)
+
+
+def tiny_glm4_moe(layers: int = 3, seed: int = 0, **overrides):
+    """A random transformers Glm4MoeForCausalLM (GLM-4.5/4.6): QK norm, grouped routing, one dense layer."""
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(_MOE, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                    n_group=2, topk_group=1, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True)
+    cfg = Glm4MoeConfig(**{**settings, **overrides})
+    model = Glm4MoeForCausalLM(cfg).eval()
+    _randomize_moe(model)
+    return model
+
+
+def tiny_glm4_moe_lite(layers: int = 3, seed: int = 0, **overrides):
+    """A random transformers Glm4MoeLiteForCausalLM (GLM-4.7-Flash): latent attention and experts."""
+    from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(_MOE, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+                    q_lora_rank=64, qk_rope_head_dim=8, qk_nope_head_dim=24, v_head_dim=16)
+    cfg = Glm4MoeLiteConfig(**{**settings, **overrides})
+    model = Glm4MoeLiteForCausalLM(cfg).eval()
+    _randomize_moe(model)
+    return model
+
+
+def _randomize_moe(model: torch.nn.Module) -> None:
+    """Random weights, and a random routing correction bias (a buffer, zero by default)."""
+    _randomize(model)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.3, 0.3)

@@ -200,6 +200,9 @@ def build_model(ckpt: Checkpoint, dtype: str = "auto", device: str = "cpu") -> D
     else:
         weights = assemble(ckpt.layout, ckpt.get, ckpt.path, ckpt.transforms)
         act = compute_dtype(ckpt, dtype, device)
+    sanitize = getattr(ckpt.family, "sanitize", None)  # a family's file layout onto its canonical tensors
+    if sanitize is not None:
+        weights = sanitize(weights, ckpt.config, ckpt.path)
     factors = weights.pop("rope_factors", None)
     if factors is not None:
         ckpt.config.extra["rope_factors"] = factors if isinstance(factors, torch.Tensor) else factors.dequantize()

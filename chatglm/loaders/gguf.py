@@ -23,7 +23,7 @@ from gguf import GGUFValueType as VType
 from ..errors import ModelFileError
 from ..models import family_for_gguf
 from ..quant import FLOAT_TYPES, QTensor
-from .names import plan
+from .names import main_layers, plan
 
 if TYPE_CHECKING:
     from . import Checkpoint
@@ -69,10 +69,11 @@ class GGUFFile:
                 raise ModelFileError(self.path, f"tensor {name!r} starts at offset {t.start}, not a multiple of its "
                                                 f"{dtype.itemsize}-byte {t.qtype.name} values")
             return data.view(dtype).reshape(t.shape)
-        if len(t.shape) != 2:
+        if len(t.shape) not in (2, 3):
             raise ModelFileError(self.path, f"tensor {name!r} is a {len(t.shape)}-D {t.qtype.name} tensor; only 2-D "
-                                            "blocks are supported")
-        return QTensor(data.reshape(t.shape[0], -1), t.qtype, t.shape)
+                                            "blocks (and 3-D stacks of them: MoE experts) are supported")
+        rows = t.shape[0] * t.shape[1] if len(t.shape) == 3 else t.shape[0]  # experts' matrices one after another
+        return QTensor(data.reshape(rows, -1), t.qtype, (rows, t.shape[-1]))
 
 
 class _Header:
@@ -234,7 +235,7 @@ def open_gguf(path: Path) -> Checkpoint:
         raise
     except (ValueError, TypeError, ArithmeticError) as e:  # a string or 0 where a size belongs
         raise ModelFileError(path, f"bad metadata value ({type(e).__name__}: {e})") from None
-    layout = plan(file.tensors, family.GGUF_NAMES)
+    layout = main_layers(plan(file.tensors, family.GGUF_NAMES), config.num_layers)
 
     def tokenizer():
         from ..tokenizers import tokenizer_from_gguf

@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as QType
 
 from ..config import ModelConfig
 from ..errors import ModelFileError
-from ..models.layers import Decoder
+from ..models.layers import Decoder, _float
 from ..quant import QTensor
 from .names import Weight, assemble
 
@@ -45,6 +45,7 @@ class OutTensor:
 SPLITS: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
     "qkv": lambda c: (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim),
     "gate_up": lambda c: (c.ffn_size, c.ffn_size),
+    "shared_gate_up": lambda c: (c.moe.shared_ffn_size, c.moe.shared_ffn_size),
 }
 SPLITS["qkv_bias"] = SPLITS["qkv"]
 # heads of the parts whose rows rotate: q and k
@@ -108,14 +109,78 @@ def _part(read: Callable[[], Weight], rows: slice | None, heads: int | None) -> 
     return w if heads is None else halves_to_pairs(w, heads)
 
 
+# MoE experts: llama.cpp stacks each layer's experts into one 3-D tensor per matrix, gate and up apart
+EXPERT = re.compile(r"layers\.(\d+)\.experts(?:\.\d+\.(?:gate_up|down)|_gate|_up|_down)")
+STACKS = {"experts_gate": ("gate_up", 0), "experts_up": ("gate_up", 1), "experts_down": ("down", None)}
+
+
+def _stack(ckpt: Any, layer: int, stack: str, shape: tuple[int, int, int]) -> Weight:
+    """One stack [experts, rows, cols], from per-expert tensors or from a stack already (GGUF): ggml blocks of one
+    type stay blocks (rows one expert after another), anything else becomes float32."""
+    if f"layers.{layer}.{stack}" in ckpt.layout:
+        pieces = [_canonical(ckpt, f"layers.{layer}.{stack}")]
+    else:
+        kind, part = STACKS[stack]
+        rows = shape[1]
+        pieces = [_canonical(ckpt, f"layers.{layer}.experts.{e}.{kind}") for e in range(shape[0])]
+        pieces = [w if part is None else take_rows(w, slice(part * rows, (part + 1) * rows)) for w in pieces]
+    if all(isinstance(w, QTensor) for w in pieces) and len({w.qtype for w in pieces}) == 1:
+        return QTensor(torch.cat([w.raw for w in pieces]), pieces[0].qtype, (shape[0] * shape[1], shape[2]))
+    return torch.cat([_float(w, torch.float32, "cpu").reshape(-1, shape[2]) for w in pieces]).reshape(shape)
+
+
+def expert_stacks(ckpt: Any, rules: list[tuple[re.Pattern[str], str, int | None]]) -> Iterator[OutTensor]:
+    """Each MoE layer's experts as llama.cpp's stacks, read (one stack in float32 at a time) when written."""
+    cfg, spec = ckpt.config, ckpt.config.moe
+    layers = sorted({int(m.group(1)) for canon in ckpt.layout if (m := EXPERT.fullmatch(canon))})
+    for i in layers:
+        for stack, (kind, _) in STACKS.items():
+            name, _ = names_for(rules, f"layers.{i}.{stack}")
+            if name is None:
+                raise ModelFileError(ckpt.path, "MoE experts have no name in the output format")
+            ffn, h = spec.expert_ffn_size, cfg.hidden_size
+            shape = (spec.experts, ffn, h) if kind == "gate_up" else (spec.experts, h, ffn)
+            yield OutTensor(name, shape, partial(_stack, ckpt, i, stack, shape))
+
+
+def _latent_part(read: Callable[[], Weight], cfg: ModelConfig, key: bool) -> torch.Tensor:
+    spec = cfg.latent
+    kv_b = _float(read(), torch.float32, "cpu").view(cfg.num_heads, spec.nope_dim + spec.value_dim, spec.kv_rank)
+    return kv_b[:, : spec.nope_dim].transpose(1, 2).contiguous() if key else kv_b[:, spec.nope_dim :].contiguous()
+
+
+def latent_parts(ckpt: Any, rules: list[tuple[re.Pattern[str], str, int | None]], canon: str,
+                 read: Callable[[], Weight]) -> Iterator[OutTensor]:
+    """Latent attention's kv_b [heads * (nope + value), rank] as llama.cpp's deepseek2 splits it for absorbing
+    it into the queries: attn_k_b [heads, rank, nope] (each head's key part, transposed), attn_v_b [heads, value, rank]."""
+    cfg = ckpt.config
+    spec, layer = cfg.latent, canon.rsplit(".", 1)[0]
+    for part, shape in (("k_b", (cfg.num_heads, spec.kv_rank, spec.nope_dim)),
+                        ("v_b", (cfg.num_heads, spec.value_dim, spec.kv_rank))):
+        name, _ = names_for(rules, f"{layer}.{part}")
+        if name is None:
+            raise ModelFileError(ckpt.path, f"tensor {canon!r} has no name in the output format")
+        yield OutTensor(name, shape, partial(_latent_part, read, cfg, part == "k_b"))
+
+
 def file_tensors(ckpt: Any, table: Mapping[str, str], skip: Callable[[str], bool] = lambda _: False,
                  pairs: bool = False) -> Iterator[OutTensor]:
     """The checkpoint's tensors under `table`'s names, each read only when written.
 
     A fused tensor whose target has parts is split by rows (read part by part when the source holds
-    the same parts); with `pairs`, q and k rows go from halves to llama.cpp's interleaved pairs.
+    the same parts); with `pairs`, q and k rows go from halves to llama.cpp's interleaved pairs. MoE
+    experts come last, stacked per layer.
     """
     rules = reverse(table)
+    if ckpt.config.moe is None:
+        yield from _tensors(ckpt, rules, skip, pairs)
+        return
+    yield from _tensors(ckpt, rules, lambda canon: skip(canon) or bool(EXPERT.fullmatch(canon)), pairs)
+    yield from expert_stacks(ckpt, rules)
+
+
+def _tensors(ckpt: Any, rules: list[tuple[re.Pattern[str], str, int | None]], skip: Callable[[str], bool],
+             pairs: bool) -> Iterator[OutTensor]:
     cfg = ckpt.config
     expected = getattr(ckpt.family, "DECODER", Decoder).expected_shapes(cfg)
     for canon, names in ckpt.layout.items():
@@ -125,6 +190,9 @@ def file_tensors(ckpt: Any, table: Mapping[str, str], skip: Callable[[str], bool
         read = partial(_canonical, ckpt, canon)
         shape = expected.get(canon) or tuple(read().shape)
         kind = canon.rsplit(".", 1)[-1]
+        if whole is None and kind == "kv_b":
+            yield from latent_parts(ckpt, rules, canon, read)
+            continue
         if whole is None and kind not in SPLITS:
             raise ModelFileError(ckpt.path, f"tensor {canon!r} has no name in the output format")
         if whole is not None:
@@ -162,15 +230,20 @@ FILE_TYPES = {q: LlamaFileType.ALL_F32 if q == QType.F32 else LlamaFileType[f"MO
 def write_gguf(path: Path, arch: str, cfg: ModelConfig, name: str, file_type: QType,
                add_vocab: Callable[[gguf.GGUFWriter], None], tensors: list[OutTensor],
                encode: Callable[[OutTensor], np.ndarray],
-               progress: Callable[[list[OutTensor]], Iterable[OutTensor]] = iter) -> None:
-    """Header, metadata and tensor table first, then each tensor's data as it is encoded."""
+               progress: Callable[[list[OutTensor]], Iterable[OutTensor]] = iter,
+               extra: Mapping[str, Any] = {}) -> None:
+    """Header, metadata and tensor table first, then each tensor's data as it is encoded; `extra` holds more
+    architecture metadata as GGUFWriter method name -> value (a family's own keys: experts, MoE routing)."""
     w = gguf.GGUFWriter(None, arch)
     try:
         w.add_name(name)
         w.add_file_type(FILE_TYPES[file_type])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for method, value in ARCH_KEYS:
-            getattr(w, method)(value(cfg))
+            if method not in extra:  # a family's own value wins (latent attention's key and value lengths)
+                getattr(w, method)(value(cfg))
+        for method, value in extra.items():
+            getattr(w, method)(value)
         add_vocab(w)
         for t in tensors:
             w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)

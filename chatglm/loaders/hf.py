@@ -16,7 +16,7 @@ from ..config import read_json
 from ..errors import ModelFileError
 from ..models import family_for_hf
 from ..quant import QTensor
-from .names import plan
+from .names import main_layers, plan
 
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -140,7 +140,7 @@ def open_hf(folder: Path):
     except (ValueError, TypeError, ArithmeticError) as e:  # a string or 0 where a size belongs
         raise ModelFileError(cfg_path, f"bad config value ({type(e).__name__}: {e})") from None
     where, get = tensor_source(weight_files(folder))
-    layout = plan(where, family.HF_NAMES)
+    layout = main_layers(plan(where, family.HF_NAMES), config.num_layers)
     stored = _DTYPE_NAMES.get(str(raw.get("torch_dtype") or raw.get("dtype") or ""), None)
     if stored is None:
         embed = layout.get("embed")

@@ -31,6 +31,15 @@ def plan(names: Iterable[str], table: Mapping[str, str]) -> dict[str, list[str]]
     return {canon: [by_index[i] for i in sorted(by_index)] for canon, by_index in parts.items()}
 
 
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def main_layers(layout: dict[str, list[str]], layers: int) -> dict[str, list[str]]:
+    """The layout without layers past the decoder's (GLM-4.5's multi-token-prediction layer): never read."""
+    return {canon: names for canon, names in layout.items()
+            if not ((m := _LAYER.match(canon)) and int(m.group(1)) >= layers)}
+
+
 def assemble(layout: Mapping[str, list[str]], get: Callable[[str], Weight], source: object,
              transforms: Mapping[str, Callable[[Weight], Weight]] | None = None) -> dict[str, Weight]:
     """Load each canonical tensor, fusing parts along rows, then apply per-name transforms."""

@@ -154,7 +154,14 @@ def _decoration(tok: Tokenizer) -> dict[str, bool]:
 
 
 def _llama_ids(tok: Tokenizer) -> dict[str, int | None]:
-    return {"bos": tok.bos_id, "eos": tok.eos_id}
+    """bos and eos; and GLM-4.5's other stops (a template folder's generation_config lists them), as llama.cpp's
+    converter keeps them: <|user|> as end of turn, <|observation|> (a tool call's end) as end of message."""
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id}
+    _, eot, eom = GLM_STOPS["glm4"]
+    for key, name in (("eot", eot), ("eom", eom)):
+        if tok.specials.get(name) in tok.eos_ids:
+            ids[key] = tok.specials[name]
+    return ids
 
 
 def _pre_tokenizer(tok: HFJsonTokenizer, vocab: dict[str, int], merges: list[str], ignore_merges: bool) -> str:

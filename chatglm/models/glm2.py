@@ -90,7 +90,7 @@ def family_of(cfg: Mapping[str, Any]) -> str:
 
 def config_from_hf(cfg: Mapping[str, Any], source: object) -> ModelConfig:
     if cfg.get("model_type") == "glm":
-        return _config_from_transformers(cfg, source)
+        return config_from_transformers(cfg, source)
     for flag, wanted in (("rmsnorm", True), ("apply_residual_connection_post_layernorm", False),
                          ("add_bias_linear", False), ("post_layer_norm", True)):
         if cfg.get(flag, wanted) != wanted:
@@ -120,7 +120,8 @@ def config_from_hf(cfg: Mapping[str, Any], source: object) -> ModelConfig:
     )
 
 
-def _config_from_transformers(cfg: Mapping[str, Any], source: object) -> ModelConfig:
+def config_from_transformers(cfg: Mapping[str, Any], source: object) -> ModelConfig:
+    """transformers' GlmConfig (also the base of Glm4Config: GLM-4-0414)."""
     rope = cfg.get("rope_parameters") or {}
     heads = need(cfg, source, "num_attention_heads")
     hidden = need(cfg, source, "hidden_size")

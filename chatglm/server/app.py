@@ -12,7 +12,7 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 import anyio
 from fastapi import FastAPI, Request
@@ -29,8 +29,9 @@ from starlette.middleware.cors import CORSMiddleware
 
 from ..engine import BatchEngine, ContextLengthError, QueueFullError, SamplingParams
 from ..errors import ChatFormatError
+from ..markup import MarkupParser, Reasoning
 from ..messages import ChatMessage
-from ..pipeline import reply_text
+from ..pipeline import reply_text, template_chat
 from ..tools import TOOL_FAMILIES, ReplyParser, ToolCall
 from .embeddings import Embedder, EmbeddingUnavailable
 
@@ -81,10 +82,17 @@ class Server:
         self.rejected = 0   # requests answered 503 because the queue was full
 
     def generate(self, messages: Sequence[ChatMessage], params: SamplingParams, stop: Sequence[str] = (),
-                 tool_names: Sequence[str] = ()) -> Generation:
-        """Start a chat reply; refusals (bad conversation, too long, queue full) raise now, before any reply."""
-        prompt = self.tokenizer.encode_chat(messages)
-        parser = ReplyParser(self.family, tool_names) if self.family in TOOL_FAMILIES else None
+                 functions: Sequence[Mapping[str, Any]] = (), template_kwargs: Mapping[str, Any] = {}) -> Generation:
+        """Start a chat reply; refusals (bad conversation, too long, queue full) raise now, before any reply.
+
+        functions: the definitions the model may call (for ChatGLM3 / GLM-4 already in `messages` as their
+        system message; a chat template that offers tools gets them itself, and template_kwargs)."""
+        parser: ReplyParser | MarkupParser | None
+        if self.family in TOOL_FAMILIES:
+            prompt = self.tokenizer.encode_chat(messages)
+            parser = ReplyParser(self.family, [f["name"] for f in functions])
+        else:
+            prompt, parser = template_chat(self.tokenizer, messages, functions, template_kwargs)
         return Generation(self, prompt, params, stop, parser)
 
     def submit(self, prompt: list[int], params: SamplingParams):
@@ -126,7 +134,7 @@ class Generation:
     """One reply in the engine, as text for async code; usage, finish reason and tool calls once it ends."""
 
     def __init__(self, server: Server, prompt: list[int], params: SamplingParams, stop: Sequence[str] = (),
-                 parser: ReplyParser | None = None):
+                 parser: ReplyParser | MarkupParser | None = None):
         self.server = server
         self.prompt_tokens = len(prompt)
         self.stop = [s for s in stop if s]
@@ -170,8 +178,8 @@ class Generation:
             self.server.cancelled += 1
 
     async def text(self) -> str:
-        """The whole reply, for the endpoints that answer at once."""
-        return "".join([delta async for delta in self.deltas()])
+        """The whole reply (its reasoning left out), for the endpoints that answer at once."""
+        return "".join([delta async for delta in self.deltas() if not isinstance(delta, Reasoning)])
 
 
 class GLMSampling(BaseModel):

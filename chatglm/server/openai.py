@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 from sse_starlette import ServerSentEvent
 
+from ..markup import Reasoning, takes_tools
 from ..messages import ChatMessage
 from ..tools import TOOL_FAMILIES, model_messages, tools_message
 from .app import APIError, Generation, Server, event_stream, get_server, json_event, sampling
@@ -41,6 +42,7 @@ class Message(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -113,6 +115,8 @@ class ChatRequest(GenerationRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description='more variables for the chat template, as vLLM takes them: {"enable_thinking": false}')
 
 
 class CompletionRequest(GenerationRequest):
@@ -130,13 +134,13 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
 
 
-def _active_tools(body: ChatRequest, family: str) -> list[FunctionDef]:
+def _active_tools(body: ChatRequest, server: Server) -> list[FunctionDef]:
     """The functions the model may call, after tool_choice; refused for models without a tool format."""
     if not body.tools or body.tool_choice == "none":
         return []
-    if family not in TOOL_FAMILIES:
-        raise APIError(400, f"tool calls need a ChatGLM3 or GLM-4 model; this one is of family {family!r}",
-                       param="tools")
+    if server.family not in TOOL_FAMILIES and not takes_tools(server.tokenizer.chat_template):
+        raise APIError(400, "tool calls need a ChatGLM3 or GLM-4 model, or a chat template that offers tools "
+                            f"(GLM-4.5/4.6/4.7); this one is of family {server.family!r}", param="tools")
     functions = [tool.function for tool in body.tools]
     if isinstance(body.tool_choice, NamedToolChoice):
         functions = [f for f in functions if f.name == body.tool_choice.function.name]
@@ -148,11 +152,12 @@ def _active_tools(body: ChatRequest, family: str) -> list[FunctionDef]:
 
 def _messages(body: ChatRequest, family: str, functions: list[FunctionDef]) -> list[ChatMessage]:
     """OpenAI messages as the model's own: tools in a system message, calls and results in its format."""
-    out = [tools_message(family, [f.spec() for f in functions])] if functions else []
+    own = family in TOOL_FAMILIES  # tools as the model's own system message; else the chat template takes them
+    out = [tools_message(family, [f.spec() for f in functions])] if functions and own else []
     for m in body.messages:
         role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
-        calls = [c.model_dump() for c in m.tool_calls] if m.tool_calls and family in TOOL_FAMILIES else None
-        out.append(ChatMessage(role, m.text(), tool_calls=calls))
+        calls = [c.model_dump() for c in m.tool_calls] if m.tool_calls else None
+        out.append(ChatMessage(role, m.text(), tool_calls=calls, reasoning_content=m.reasoning_content or ""))
     return model_messages(family, out)
 
 
@@ -171,14 +176,18 @@ async def models(server: Server = Depends(get_server)) -> dict[str, Any]:
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatRequest, server: Server = Depends(get_server)):
     params, stop = body.checked(server, body.max_completion_tokens or body.max_tokens)
-    functions = _active_tools(body, server.family)
-    gen = server.generate(_messages(body, server.family, functions), params, stop, [f.name for f in functions])
+    functions = _active_tools(body, server)
+    gen = server.generate(_messages(body, server.family, functions), params, stop, [f.spec() for f in functions],
+                          body.chat_template_kwargs or {})
     head = {"id": _id("chatcmpl"), "created": int(time.time()), "model": server.model_id}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return event_stream(gen, _chat_chunks(gen, head, usage))
-    content = await gen.text()
+    pieces = [delta async for delta in gen.deltas()]
+    content = "".join(p for p in pieces if not isinstance(p, Reasoning))
     message: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning := "".join(p for p in pieces if isinstance(p, Reasoning)):
+        message["reasoning_content"] = reasoning  # as vLLM and DeepSeek's API return a model's thinking
     if gen.tool_calls:
         message["content"] = content or None  # OpenAI sends null content beside tool calls
         message["tool_calls"] = [call.to_openai() for call in gen.tool_calls]
@@ -193,7 +202,7 @@ async def _chat_chunks(gen: Generation, head: dict[str, Any], usage: bool) -> As
 
     yield chunk({"role": "assistant", "content": ""})
     async for text in gen.deltas():
-        yield chunk({"content": text})
+        yield chunk({"reasoning_content": text} if isinstance(text, Reasoning) else {"content": text})
     if gen.tool_calls:
         yield chunk({"tool_calls": [call.to_openai(index=i) for i, call in enumerate(gen.tool_calls)]})
     yield chunk({}, gen.finish_reason)

@@ -1,0 +1,253 @@
+"""GLM-4.7-Flash (`Glm4MoeLiteForCausalLM`, model_type `glm4_moe_lite`): latent attention + GLM-4.5's experts.
+
+Latent attention (DeepSeek-V2's MLA): each token's keys and values are made from a compressed latent
+(kv_lora_rank values, RMSNormed) through kv_b_proj, plus one rotary key of qk_rope_head_dim values
+shared by all heads. The cache holds only that latent and rotary key per token, not expanded keys and
+values: kv_b_proj's key half is folded into the queries (q_nope @ W_uk lands in latent space) and its
+value half is applied after attention, so every head attends over the same cached rows, as one
+multi-query head of kv_lora_rank + qk_rope_head_dim dims whose values are the latent.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LatentSpec, ModelConfig, as_ids, need
+from ..errors import ModelFileError
+from ..kernels import make_linear
+from . import glm4_moe
+from .glm4 import gguf_config, gguf_key, gguf_layers, glm4_shapes, norm_weight
+from .glm4_moe import MOE_NAMES, Glm4MoeDecoder, MoEBlock, moe_shapes, moe_spec, rope_parameters
+from .layers import KVCache, Step, Weight, _float, apply_rope_, rms_norm
+from .moe_gguf import SIGMOID, check_gating, moe_from_gguf, moe_metadata, unstack_experts
+
+ARCH = "glm4_moe_lite"
+GGUF_ARCHS = ("deepseek2",)
+
+_L = "model.layers.(\\d+)."
+HF_NAMES = {
+    "model.embed_tokens.weight": "embed",
+    "model.norm.weight": "norm",
+    "lm_head.weight": "head",
+    _L + "input_layernorm.weight": "layers.{}.attn_norm",
+    _L + "self_attn.q_proj.weight": "layers.{}.q",
+    _L + "self_attn.q_a_proj.weight": "layers.{}.q_a",
+    _L + "self_attn.q_a_proj.bias": "layers.{}.q_a_bias",
+    _L + "self_attn.q_a_layernorm.weight": "layers.{}.q_a_norm",
+    _L + "self_attn.q_b_proj.weight": "layers.{}.q_b",
+    _L + "self_attn.kv_a_proj_with_mqa.weight": "layers.{}.kv_a",
+    _L + "self_attn.kv_a_proj_with_mqa.bias": "layers.{}.kv_a_bias",
+    _L + "self_attn.kv_a_layernorm.weight": "layers.{}.kv_a_norm",
+    _L + "self_attn.kv_b_proj.weight": "layers.{}.kv_b",
+    _L + "self_attn.o_proj.weight": "layers.{}.o",
+    _L + "self_attn.o_proj.bias": "layers.{}.o_bias",
+    _L + "post_attention_layernorm.weight": "layers.{}.ffn_norm",
+    **MOE_NAMES,
+}
+_B = "blk.(\\d+)."
+GGUF_NAMES = {  # llama.cpp's deepseek2, which its converter writes GLM-4.7-Flash as
+    "token_embd.weight": "embed",
+    "output_norm.weight": "norm",
+    "output.weight": "head",
+    _B + "attn_norm.weight": "layers.{}.attn_norm",
+    _B + "attn_q.weight": "layers.{}.q",
+    _B + "attn_q_a.weight": "layers.{}.q_a",
+    _B + "attn_q_a_norm.weight": "layers.{}.q_a_norm",
+    _B + "attn_q_b.weight": "layers.{}.q_b",
+    _B + "attn_kv_a_mqa.weight": "layers.{}.kv_a",
+    _B + "attn_kv_a_norm.weight": "layers.{}.kv_a_norm",
+    _B + "attn_k_b.weight": "layers.{}.k_b",  # kv_b's key half per head, transposed: [heads, rank, nope]
+    _B + "attn_v_b.weight": "layers.{}.v_b",  # its value half: [heads, value, rank]
+    _B + "attn_output.weight": "layers.{}.o",
+    _B + "ffn_norm.weight": "layers.{}.ffn_norm",
+    **{k: v for k, v in glm4_moe.GGUF_NAMES.items() if "ffn_" in k or "exp_probs" in k},
+}
+
+
+def accepts_hf(cfg: Mapping[str, Any]) -> bool:
+    return cfg.get("model_type") == "glm4_moe_lite"
+
+
+def config_from_hf(cfg: Mapping[str, Any], source: object) -> ModelConfig:
+    rope = rope_parameters(cfg, source)
+    heads = need(cfg, source, "num_attention_heads")
+    nope, rope_dim = need(cfg, source, "qk_nope_head_dim"), need(cfg, source, "qk_rope_head_dim")
+    layers = need(cfg, source, "num_hidden_layers")
+    kinds = cfg.get("mlp_layer_types") or ["dense"] * need(cfg, source, "first_k_dense_replace", default=1)
+    kinds = list(kinds) + ["sparse"] * (layers - len(kinds))
+    biased = bool(cfg.get("attention_bias", False))
+    return ModelConfig(
+        arch=ARCH,
+        family="llama",
+        vocab_size=need(cfg, source, "vocab_size"),
+        hidden_size=need(cfg, source, "hidden_size"),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=nope + rope_dim,
+        ffn_size=need(cfg, source, "intermediate_size"),
+        norm_eps=need(cfg, source, "rms_norm_eps", default=1e-5),
+        rope_theta=float(rope["rope_theta"]),
+        rope_dim=rope_dim,
+        rope_interleaved=bool(cfg.get("rope_interleave", True)),
+        o_bias=biased,
+        max_position=need(cfg, source, "max_position_embeddings", default=202752),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=as_ids(cfg.get("eos_token_id")),
+        moe=moe_spec(cfg, source, tuple(i for i, kind in enumerate(kinds[:layers]) if kind == "dense")),
+        latent=LatentSpec(kv_rank=need(cfg, source, "kv_lora_rank"), q_rank=cfg.get("q_lora_rank") or 0,
+                          nope_dim=nope, value_dim=need(cfg, source, "v_head_dim"),
+                          scale=(nope + rope_dim) ** -0.5),
+    )
+
+
+SOFTMAX = 1  # what llama.cpp's deepseek2 routes by when a file does not say
+
+
+def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
+    """llama.cpp's deepseek2 metadata (GLM-4.7-Flash): key_length_mla / value_length_mla are the heads' own sizes,
+    key_length and value_length the latent's."""
+    check_gating(meta, source, SOFTMAX)
+    key = gguf_key(meta, source)
+    scaling = meta.get(f"{meta['general.architecture']}.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise ModelFileError(source, f"rope scaling {scaling!r} is not supported; expected none")
+    heads, rope_dim = key("attention.head_count"), key("rope.dimension_count")
+    head_dim = key("attention.key_length_mla")
+    latent = LatentSpec(kv_rank=key("attention.kv_lora_rank"), q_rank=key("attention.q_lora_rank", default=0),
+                        nope_dim=head_dim - rope_dim, value_dim=key("attention.value_length_mla"),
+                        scale=head_dim ** -0.5)
+    return gguf_config(meta, source, shapes, arch=ARCH, num_kv_heads=heads, head_dim=head_dim, rope_interleaved=True,
+                       qkv_bias=False, max_position=key("context_length"), moe=moe_from_gguf(key, gguf_layers(key)),
+                       latent=latent)
+
+
+def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
+    """deepseek2's keys: latent attention is one key/value head of the latent's size, the MoE keys as GLM-4.5's."""
+    spec = cfg.latent
+    if cfg.o_bias or not cfg.rope_interleaved:
+        raise ValueError("llama.cpp's deepseek2 has no attention biases and rotates interleaved pairs")
+    keys = {k: v for k, v in moe_metadata(cfg).items() if k != "add_nextn_predict_layers"}
+    keys.update({"add_head_count_kv": 1, "add_key_length": spec.kv_rank + cfg.rope_dim,
+                 "add_value_length": spec.kv_rank,
+                 "add_key_length_mla": cfg.head_dim, "add_value_length_mla": spec.value_dim,
+                 "add_kv_lora_rank": spec.kv_rank, "add_expert_gating_func": SIGMOID})
+    if spec.q_rank:
+        keys["add_q_lora_rank"] = spec.q_rank
+    return keys
+
+
+def sanitize(weights: dict[str, Weight], cfg: ModelConfig, source: object) -> dict[str, Weight]:
+    """GLM-4.5's expert stacks, and a GGUF file's attn_k_b / attn_v_b joined back into kv_b (float: it is
+    folded into the queries and values anyway)."""
+    weights = unstack_experts(weights, cfg, source)
+    spec = cfg.latent
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        k_b, v_b = weights.pop(p + "k_b", None), weights.pop(p + "v_b", None)
+        if k_b is None and v_b is None:
+            continue
+        if k_b is None or v_b is None:
+            raise ModelFileError(source, f"layer {i} has only one of attn_k_b and attn_v_b")
+        keys = _float(k_b, torch.float32, "cpu").reshape(cfg.num_heads, spec.kv_rank, spec.nope_dim).transpose(1, 2)
+        values = _float(v_b, torch.float32, "cpu").reshape(cfg.num_heads, spec.value_dim, spec.kv_rank)
+        weights[p + "kv_b"] = torch.cat([keys, values], dim=1).reshape(-1, spec.kv_rank)
+    return weights
+
+
+class LatentCache(KVCache):
+    """Per token and layer, the normed latent then the rotated shared key: [layer, 1, slot, 1, position,
+    kv_rank + rope_dim]; `by_row` and the reads work as for keys and values (one entry, one head)."""
+
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        width = cfg.latent.kv_rank + cfg.rope_dim
+        super().__init__(cfg, 0, 0, dtype, device)  # no keys and values: only the bookkeeping
+        shape = (cfg.num_layers, 1, slots, 1, max_len, width)
+        self.kv = (torch.empty if slots == 1 else torch.zeros)(shape, dtype=dtype, device=device)
+        self.by_row = [layer.permute(1, 3, 0, 2, 4) for layer in self.kv]
+        self.slots, self.max_len = slots, max_len
+
+
+class LatentAttention(nn.Module):
+    """Queries (through a low-rank bottleneck when q_rank > 0), the latent and rotary key into the cache,
+    attention in latent space, values and the output projection after it."""
+
+    def __init__(self, cfg: ModelConfig, w: Mapping[str, Weight], dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.cfg, spec = cfg, cfg.latent
+        if spec.q_rank:
+            self.q_a = make_linear(w["q_a"], w.get("q_a_bias"), dtype, device)
+            self.q_a_norm = norm_weight(w["q_a_norm"], dtype, device)
+            self.q_b = make_linear(w["q_b"], None, dtype, device)
+        else:
+            self.q = make_linear(w["q"], None, dtype, device)
+        self.kv_a = make_linear(w["kv_a"], w.get("kv_a_bias"), dtype, device)
+        self.kv_a_norm = norm_weight(w["kv_a_norm"], dtype, device)
+        kv_b = _float(w["kv_b"], dtype, device).view(cfg.num_heads, spec.nope_dim + spec.value_dim, spec.kv_rank)
+        self.register_buffer("k_up", kv_b[:, : spec.nope_dim].contiguous(), persistent=False)   # [H, nope, rank]
+        self.register_buffer("v_up", kv_b[:, spec.nope_dim :].contiguous(), persistent=False)   # [H, value, rank]
+        self.o = make_linear(w["o"], w.get("o_bias"), dtype, device)
+
+    def forward(self, x: torch.Tensor, cs: torch.Tensor, layer: int, cache: KVCache, step: Step) -> torch.Tensor:
+        cfg, spec = self.cfg, self.cfg.latent
+        B, T, _ = x.shape
+        q = self.q_b(rms_norm(self.q_a(x), self.q_a_norm, spec.norm_eps)) if spec.q_rank else self.q(x)
+        q = q.unflatten(-1, (cfg.num_heads, cfg.head_dim))
+        apply_rope_(q[..., spec.nope_dim :], cs, cfg.rope_interleaved)
+        kv = self.kv_a(x)
+        entry = torch.cat([rms_norm(kv[..., : spec.kv_rank], self.kv_a_norm, spec.norm_eps), kv[..., spec.kv_rank :]], -1)
+        apply_rope_(entry[:, :, None, spec.kv_rank :], cs, cfg.rope_interleaved)
+        cache.by_row[layer].index_put_((step.slots, step.rows), entry[:, :, None, None])
+        rows = cache.kv[layer][0, step.read, :, : step.span]  # [B, 1, span, rank + rope]
+        query = torch.cat([torch.einsum("bthn,hnr->bthr", q[..., : spec.nope_dim], self.k_up),
+                           q[..., spec.nope_dim :]], -1).transpose(1, 2)
+        att = F.scaled_dot_product_attention(query, rows, rows[..., : spec.kv_rank], attn_mask=step.mask,
+                                             scale=spec.scale, enable_gqa=True)  # [B, H, T, rank]
+        return self.o(torch.einsum("bhtr,hvr->bthv", att, self.v_up).reshape(B, T, -1))
+
+
+class LatentBlock(MoEBlock):
+    attention_class = LatentAttention
+
+
+def latent_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """GLM-4.5's tensors with latent attention's in place of q, k, v and o."""
+    spec, h, heads = cfg.latent, cfg.hidden_size, cfg.num_heads
+    shapes = moe_shapes(cfg, glm4_shapes(cfg))
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        del shapes[p + "qkv"], shapes[p + "qkv_bias"]
+        if spec.q_rank:
+            shapes.update({p + "q_a": (spec.q_rank, h), p + "q_a_bias": (spec.q_rank,), p + "q_a_norm": (spec.q_rank,),
+                           p + "q_b": (heads * cfg.head_dim, spec.q_rank)})
+        else:
+            shapes[p + "q"] = (heads * cfg.head_dim, h)
+        shapes.update({p + "kv_a": (spec.kv_rank + cfg.rope_dim, h), p + "kv_a_bias": (spec.kv_rank + cfg.rope_dim,),
+                       p + "kv_a_norm": (spec.kv_rank,), p + "kv_b": (heads * (spec.nope_dim + spec.value_dim), spec.kv_rank),
+                       p + "o": (h, heads * spec.value_dim)})
+    return shapes
+
+
+class Glm4MoeLiteDecoder(Glm4MoeDecoder):
+    block_class = LatentBlock
+
+    @staticmethod
+    def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        return latent_shapes(cfg)
+
+    @staticmethod
+    def required(cfg: ModelConfig) -> dict[str, bool]:
+        """attention_bias gives q_a, kv_a and o a bias (held as cfg.o_bias)."""
+        return {"q_a_bias": cfg.o_bias, "kv_a_bias": cfg.o_bias, "o_bias": cfg.o_bias, "head": not cfg.tie_embeddings}
+
+    def new_cache(self, slots: int, max_len: int) -> KVCache:
+        """A latent cache: kv_rank + rope_dim values per token and layer, whatever the number of heads."""
+        return LatentCache(self.config, slots, max_len, self.dtype, self.device)
+
+
+DECODER = Glm4MoeLiteDecoder

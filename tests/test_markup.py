@@ -1,0 +1,282 @@
+"""Tagged replies (GLM-4.5/4.6/4.7, GLM-Z1): reasoning apart as reasoning_content, <tool_call> parts as OpenAI calls.
+
+The parser is fed every reply in pieces of every size. End to end, a Hugging Face tokenizer.json (trained here
+with the `tokenizers` library, the tags added as special tokens as GLM folders add them) and a chat template
+in GLM-4.5's layout drive a real Pipeline and the OpenAI server with a scripted model; the answers are read
+with the official `openai` client.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatglm.errors import ChatFormatError
+from chatglm.markup import MarkupParser, Reasoning, parse_call, speaks_markup, takes_tools
+from chatglm.pipeline import Pipeline
+from chatglm.tokenizers import load_tokenizer
+
+from reply_script import ReplyModel, ids
+from test_server_support import scripted_pipeline
+
+WEATHER = {"name": "get_weather", "description": "Weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                                           "units": {"type": "object"}}}}
+FUNCTIONS = {"get_weather": WEATHER}
+CALL = ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>42</arg_value>\n<arg_key>days</arg_key>\n"
+        "<arg_value>3</arg_value>\n<arg_key>units</arg_key>\n<arg_value>{\"t\": \"C\"}</arg_value>\n</tool_call>")
+ARGS = {"city": "42", "days": 3, "units": {"t": "C"}}  # "42" stays a string: the schema says so
+
+
+def run(parser: MarkupParser, text: str, size: int) -> list[str]:
+    out: list[str] = []
+    for i in range(0, len(text), size):
+        out += parser.feed(text[i : i + size])
+    return out + parser.close()
+
+
+def split(pieces: list[str]) -> tuple[str, str]:
+    return ("".join(p for p in pieces if isinstance(p, Reasoning)),
+            "".join(p for p in pieces if not isinstance(p, Reasoning)))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13, 1000])
+def test_reasoning_answer_and_call_in_pieces_of_any_size(size):
+    parser = MarkupParser(FUNCTIONS)
+    pieces = run(parser, f"<think>\nThe user wants weather.\n</think>\nLet me look.\n{CALL}\n", size)
+    assert split(pieces) == ("The user wants weather.", "Let me look.")
+    [call] = parser.calls
+    assert call.name == "get_weather" and json.loads(call.arguments) == ARGS
+
+
+@pytest.mark.parametrize("size", [1, 4, 1000])
+def test_a_reply_that_starts_inside_its_reasoning(size):
+    """GLM-Z1's prompt ends with <think>: the reply opens with the thoughts and only closes the tag."""
+    pieces = run(MarkupParser({}, reasoning=True), "Two and two.\n</think>\n\nFour.", size)
+    assert split(pieces) == ("Two and two.", "Four.")
+
+
+def test_text_that_only_looks_like_a_tag_is_shown():
+    pieces = run(MarkupParser({}), "a <b> and <thin or <tool_c", 2)
+    assert split(pieces) == ("", "a <b> and <thin or <tool_c")
+
+
+def test_calls_to_unknown_functions_and_unfinished_calls_stay_text():
+    parser = MarkupParser(FUNCTIONS)
+    text = "<tool_call>rm_rf\n<arg_key>path</arg_key><arg_value>/</arg_value></tool_call> then <tool_call>get_weather"
+    assert split(run(parser, text, 3))[1] == text
+    assert parser.calls == []
+
+
+def test_the_json_form_of_a_call_is_read_too():
+    call = parse_call('{"name": "get_weather", "arguments": {"city": "Paris"}}', FUNCTIONS)
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert parse_call('{"name": "other", "arguments": {}}', FUNCTIONS) is None
+
+
+def test_several_calls_in_one_reply_without_newlines():
+    parser = MarkupParser(FUNCTIONS)
+    one = "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value></tool_call>"
+    two = "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Rome</arg_value></tool_call>"
+    assert run(parser, one + two, 4) == []
+    assert [json.loads(c.arguments)["city"] for c in parser.calls] == ["Oslo", "Rome"]
+
+
+# ----- end to end: tokenizer.json + chat template, Pipeline and server -----
+
+SPECIALS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>",
+            "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+            "</arg_value>"]
+# GLM-4.5's layout: tools as JSON lines in a system part, calls as tagged parts, results in <tool_response>
+TEMPLATE = (
+    "[gMASK]<sop>"
+    "{% if tools %}<|system|>\n# Tools\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    "Call a function as <tool_call>{name}<arg_key>{key}</arg_key><arg_value>{value}</arg_value></tool_call>"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'user' %}<|user|>\n{{ m.content }}"
+    "{% elif m.role == 'system' %}<|system|>\n{{ m.content }}"
+    "{% elif m.role == 'tool' %}<|observation|>\n<tool_response>\n{{ m.content }}\n</tool_response>"
+    "{% elif m.role == 'assistant' %}<|assistant|>\n<think>{{ m.reasoning_content }}</think>\n{{ m.content }}"
+    "{% for tc in m.tool_calls or [] %}<tool_call>{{ tc.function.name }}"
+    "{% for k, v in tc.function.arguments.items() %}<arg_key>{{ k }}</arg_key>"
+    "<arg_value>{{ v if v is string else v | tojson }}</arg_value>{% endfor %}</tool_call>{% endfor %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{{ THINK }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module", params=["glm45", "z1"])
+def tokenizer(request, tmp_path_factory):
+    """A GLM-4.5-style folder (tools, optional thinking) or a GLM-Z1-style one (the prompt opens <think>)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp(request.param)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["The user wants the weather of a city. Let me look it up. It is sunny in Oslo, 21 degrees.",
+              "get_weather city days units Oslo Rome Paris tool_response Tools function name key value"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
+    tok.save(str(folder / "tokenizer.json"))
+    think = "" if request.param == "glm45" else "\n<think>"
+    template = TEMPLATE.replace("{{ THINK }}", think)
+    if request.param == "z1":  # GLM-Z1 has no tool format
+        template = template.split("{% if tools %}")[0] + template.split("{% endif %}", 1)[1]
+    (folder / "chat_template.jinja").write_text(template)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    vocab = tok.get_vocab()
+    stops = [vocab[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}))
+    return load_tokenizer(folder)
+
+
+def scripted(tokenizer, *replies: list[str]) -> Pipeline:
+    model = ReplyModel(tokenizer.vocab_size, [ids(tokenizer, *r) for r in replies], tokenizer.specials["<|user|>"])
+    return Pipeline.from_model(model, tokenizer, path="scripted-glm45", format="test")
+
+
+def test_the_folder_speaks_tags_and_decodes_them(tokenizer):
+    assert tokenizer.family == "llama" and speaks_markup(tokenizer.chat_template)
+    reply = ids(tokenizer, "<think>", "Let me look.", "</think>", "<|user|>")
+    assert tokenizer.decode(reply) == "<think>Let me look.</think>"  # the tags stay, other specials do not
+
+
+def test_pipeline_returns_reasoning_and_answer_apart(tokenizer):
+    z1 = not takes_tools(tokenizer.chat_template)  # its prompt opens <think>; GLM-4.5's reply does
+    pipe = scripted(tokenizer, [*([] if z1 else ["<think>"]), "The user wants weather.", "</think>",
+                                "\nIt is sunny in Oslo."])
+    stream = pipe.chat([{"role": "user", "content": "Weather in Oslo?"}], stream=True)
+    pieces = list(stream)
+    assert isinstance(pieces[0], Reasoning) and not isinstance(pieces[-1], Reasoning)
+    message = stream.message()
+    assert message.reasoning_content == "The user wants weather."
+    assert message.content == "It is sunny in Oslo."
+    assert (pipe.model.prompts[0][-1] == tokenizer.specials["<think>"]) == z1
+
+
+def test_pipeline_tool_loop_with_the_template(tokenizer):
+    if not takes_tools(tokenizer.chat_template):
+        with pytest.raises(ChatFormatError, match="template that offers tools"):
+            scripted(tokenizer, ["hi"]).chat([{"role": "user", "content": "hi"}], tools=[WEATHER])
+        return
+    call = ["<tool_call>", "get_weather", "<arg_key>", "city", "</arg_key>", "<arg_value>", "Oslo", "</arg_value>",
+            "</tool_call>"]
+    pipe = scripted(tokenizer, call, ["It is sunny in Oslo."])
+    history = [{"role": "user", "content": "Weather in Oslo?"}]
+    reply = pipe.chat(history, tools=[{"type": "function", "function": WEATHER}])
+    assert reply.content == "" and len(reply.tool_calls) == 1
+    assert json.loads(reply.tool_calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    prompt = tokenizer.decode(pipe.model.prompts[0])
+    assert json.dumps({"type": "function", "function": WEATHER}) in prompt  # the template listed the tools
+    history += [reply, {"role": "tool", "content": "sunny, 21 degrees"}]
+    answer = pipe.chat(history, tools=[WEATHER])
+    assert answer.content == "It is sunny in Oslo." and not answer.tool_calls
+    second = tokenizer.decode(pipe.model.prompts[1])
+    assert "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value></tool_call>" in second
+    assert "<tool_response>\nsunny, 21 degrees\n</tool_response>" in second
+
+
+def test_openai_client_reads_reasoning_content_and_tool_calls(tokenizer):
+    """The official openai client over the server's routes (httpx in-process): reasoning_content in the message
+    and in streamed deltas, calls as tool_calls."""
+    from fastapi.testclient import TestClient
+    from openai import OpenAI
+
+    from chatglm.server import create_app
+
+    z1 = not takes_tools(tokenizer.chat_template)
+    opening = [] if z1 else ["<think>"]
+    script = [*opening, "The user wants weather.", "</think>", "Let me look."]
+    if not z1:
+        script += ["<tool_call>", "get_weather", "<arg_key>", "city", "</arg_key>", "<arg_value>", "Oslo",
+                   "</arg_value>", "</tool_call>"]
+    pipe = scripted_pipeline(tokenizer, [i for part in script for i in ids(tokenizer, part)])
+    tools = None if z1 else [{"type": "function", "function": WEATHER}]
+    with TestClient(create_app(pipe, max_batch=2, max_queue=4)) as test_client:
+        client = OpenAI(base_url="http://testserver/v1", api_key="none", http_client=test_client)
+        ask = [{"role": "user", "content": "Weather in Oslo?"}]
+        kwargs = {"tools": tools} if tools else {}
+        done = client.chat.completions.create(model="m", messages=ask, temperature=0, **kwargs)
+        message = done.choices[0].message
+        assert message.model_extra["reasoning_content"] == "The user wants weather."
+        assert message.content == "Let me look."
+        if not z1:
+            assert done.choices[0].finish_reason == "tool_calls"
+            assert message.tool_calls[0].function.name == "get_weather"
+            assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+        chunks = list(client.chat.completions.create(model="m", messages=ask, temperature=0, stream=True, **kwargs))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "The user wants weather."
+        assert "".join(d.content or "" for d in deltas) == "Let me look."
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_the_terminal_dims_reasoning(tokenizer, tty):
+    """Thoughts dimmed on a terminal (plain when piped), the answer on a line of its own after them."""
+    import io
+
+    from chatglm.agent import Agent
+    from chatglm.terminal import DIM, UNDIM, Terminal
+
+    class Screen(io.StringIO):
+        def isatty(self) -> bool:
+            return tty
+
+    z1 = not takes_tools(tokenizer.chat_template)
+    pipe = scripted(tokenizer, [*([] if z1 else ["<think>"]), "Hmm.", "</think>", "Sunny."])
+    out = Screen()
+    Terminal(Agent(pipe, [], None), out=out, err=io.StringIO()).turn("Weather?")
+    assert out.getvalue() == (f"{DIM}Hmm.{UNDIM}\nSunny.\n" if tty else "Hmm.\nSunny.\n")
+
+
+def test_a_gguf_written_from_the_folder_keeps_the_tags_and_the_template(tokenizer, tmp_path):
+    """Converted to GGUF (where the tags are control tokens), the reply's tags still decode, and the chat
+    template that writes them travels in the file."""
+    import shutil
+
+    from chatglm.convert import convert
+    from chatglm.loaders import open_checkpoint
+
+    from checkpoints import tiny_glm4
+
+    folder = tmp_path / "model"
+    shutil.copytree(tokenizer.path.parent, folder)
+    tiny_glm4(vocab=tokenizer.vocab_size).save_pretrained(folder)
+    shutil.copy(tokenizer.path.parent / "generation_config.json", folder)  # the folder's stops, not the tiny model's
+    gguf_tok = open_checkpoint(convert(folder, tmp_path / "m.gguf", "f32", progress=False)).load_tokenizer()
+    reply = ids(tokenizer, "<think>", "Let me look.", "</think>", "Sunny.", "<|user|>")
+    assert gguf_tok.decode(reply) == "<think>Let me look.</think>Sunny."
+    assert speaks_markup(gguf_tok.chat_template) and gguf_tok.family == tokenizer.family
+    stops = {tokenizer.specials[name] for name in ("<|endoftext|>", "<|user|>", "<|observation|>")}
+    assert stops <= tokenizer.eos_ids and stops <= gguf_tok.eos_ids  # a reply still ends at a tool call's end
+
+
+def test_template_kwargs_reach_the_template_and_decide_where_the_reply_starts(tokenizer):
+    """chat_template_kwargs (vLLM's name; `template_kwargs` in Python) are template variables: here a switch that
+    closes the thinking in the prompt, after which the reply is all answer. The standard variables stay ours."""
+    from fastapi.testclient import TestClient
+    from openai import OpenAI
+
+    from chatglm.server import create_app
+
+    folder = tokenizer.path.parent
+    switch = "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    template = (folder / "chat_template.jinja").read_text() + switch
+    (folder / "chat_template.jinja").write_text(template)
+    try:
+        tok = load_tokenizer(folder)
+        off = tok.encode_chat([{"role": "user", "content": "hi"}], template_kwargs={"enable_thinking": False,
+                                                                                   "messages": []})
+        assert off == tok.encode_chat([{"role": "user", "content": "hi"}]) + ids(tok, "<think>", "</think>")
+        pipe = scripted_pipeline(tok, ids(tok, "Sunny."))
+        with TestClient(create_app(pipe, max_batch=2, max_queue=4)) as test_client:
+            client = OpenAI(base_url="http://testserver/v1", api_key="none", http_client=test_client)
+            done = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                  extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        assert done.choices[0].message.content == "Sunny."
+        assert (done.choices[0].message.model_extra or {}).get("reasoning_content") is None
+        assert pipe.model.prompt() == off
+    finally:
+        (folder / "chat_template.jinja").write_text(template[: -len(switch)])
