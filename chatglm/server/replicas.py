@@ -289,8 +289,11 @@ class ReplicaPlan:
         fewest = replicas if isinstance(replicas, int) else replicas[0]
         threads = int(o.get("threads") or max(1, (os.cpu_count() or 1) // fewest))
         max_batch, max_queue = int(o.get("max_batch") or 8), int(o.get("max_queue") or 64)
+        # Ray sends a replica at most max_batch + max_queue requests; the replica's own queue keeps max_batch
+        # more room, for slots still being freed when Ray already counts their requests done: Ray's backpressure
+        # (max_queued_requests) is then the one source of 503s
         app_options = dict(api_key=o.get("api_key") or os.environ.get("CHATGLM_API_KEY"), max_batch=max_batch,
-                           max_queue=max_queue, cors_origins=o.get("cors_origins") or [],
+                           max_queue=max_queue + max_batch, cors_origins=o.get("cors_origins") or [],
                            embedding_model=o.get("embedding_model"))
         return cls(model=str(o.get("model") or "default"), app_options=app_options, replicas=replicas,
                    options=dict(dtype=o.get("dtype") or "auto", device=o.get("device") or "cpu", threads=threads),
