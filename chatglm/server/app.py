@@ -11,10 +11,12 @@ import os
 import secrets
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
 import anyio
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -63,14 +65,27 @@ def json_event(data: Any, event: str | None = None) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(data, ensure_ascii=False), event=event)
 
 
+@dataclass
+class KVSettings:
+    """How the KV pool is sized: bytes of blocks (None: enough for every slot at the full context), tokens per
+    sequence at most (None: the model's context) and the storage dtype (None: the model's choice)."""
+
+    memory: int | None = None
+    ctx: int | None = None
+    dtype: torch.dtype | None = None
+
+
 class Server:
     """What every protocol shares: the pipeline, the batch engine, the embedder and the counters."""
 
-    def __init__(self, pipeline, max_batch: int, max_queue: int, embedding_model: str | Path | None):
+    def __init__(self, pipeline, max_batch: int, max_queue: int, embedding_model: str | Path | None,
+                 kv: KVSettings | None = None):
         self.pipeline = pipeline
         self.tokenizer = pipeline.tokenizer
         self.family = self.tokenizer.family
-        self.engine = BatchEngine(pipeline.model, max_batch=max_batch, max_queue=max_queue)
+        kv = kv or KVSettings()
+        self.engine = BatchEngine(pipeline.model, max_batch=max_batch, max_queue=max_queue, context=kv.ctx,
+                                  kv_memory=kv.memory, kv_dtype=kv.dtype)
         self.context = self.engine.context
         path = Path(pipeline.path)
         self.model_id = path.stem if path.suffix in (".gguf", ".bin") else path.name
@@ -243,6 +258,20 @@ class EngineMetrics:
                                   value=s.rejected)
         yield GaugeMetricFamily("chatglm_queue_depth", "Requests waiting for a batch slot", value=s.engine.queue_depth)
         yield GaugeMetricFamily("chatglm_batch_size", "Sequences in the running batch", value=s.running())
+        pool = s.engine.cache
+        yield GaugeMetricFamily("chatglm_kv_blocks", "KV cache blocks in the pool", value=pool.blocks - 1)
+        yield GaugeMetricFamily("chatglm_kv_blocks_used", "KV cache blocks held by running sequences",
+                                value=pool.in_use())
+        yield GaugeMetricFamily("chatglm_kv_blocks_cached", "KV blocks kept for prefix sharing, held by nobody",
+                                value=len(pool.idle))
+        yield CounterMetricFamily("chatglm_prefix_cache_hits", "Prompt blocks found in the KV cache (computed once)",
+                                  value=pool.stats["prefix_hit_blocks"])
+        yield CounterMetricFamily("chatglm_prefix_cache_lookups", "Prompts looked up in the prefix cache",
+                                  value=pool.stats["prefix_lookups"])
+        yield CounterMetricFamily("chatglm_kv_evicted_blocks", "Cached KV blocks evicted, least recently used first",
+                                  value=pool.stats["evicted_blocks"])
+        yield CounterMetricFamily("chatglm_kv_pool_short", "Times a request waited or a reply ended for want of blocks",
+                                  value=stats["pool_short"])
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -274,16 +303,16 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(pipeline, *, api_key: str | None = None, cors_origins: Sequence[str] = (), max_batch: int = 8,
-               max_queue: int = 64, embedding_model: str | Path | None = None) -> FastAPI:
+               max_queue: int = 64, embedding_model: str | Path | None = None, kv: KVSettings | None = None) -> FastAPI:
     """The FastAPI app serving `pipeline` over every protocol.
 
     api_key (or the CHATGLM_API_KEY variable) turns on Bearer auth for every route but /health and the web page's
     files; CORS stays off unless cors_origins are given. ``app.state.web_page`` is the hook for a browser page on
-    ``GET /`` (web.py installs the chat page there).
+    ``GET /`` (web.py installs the chat page there). kv sizes the engine's KV pool (`KVSettings`).
     """
     from . import chatglm_api, glm_api, openai, web
 
-    server = Server(pipeline, max_batch, max_queue, embedding_model)
+    server = Server(pipeline, max_batch, max_queue, embedding_model, kv)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
