@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ChatGLMError, ModelFileError
-from ..kernels import fused_decoder, make_embedding, make_linear, tied_head
+from ..kernels import fused_decoder, in_ggml_numerics, make_embedding, make_linear, tied_head
 from ..kv_cache import BLOCK_SIZE, KVCache, KVMemoryError, format_size
 from ..quant import QTensor
 
@@ -141,10 +141,10 @@ class Decoder(nn.Module):
         self.fused = fused_decoder(self.layers, cfg) if fusable else None
         prefix = prefix_kv(cfg, weights, source)
         self.prefix = None if prefix is None else prefix.to(device=device, dtype=dtype)
-        # keys and values as stored: float16 beside block-quantized weights (as llama.cpp keeps them), else the
-        # activations' dtype; the cache owner may pick another (`new_cache(dtype=...)`, --kv-type)
-        quantized = any(isinstance(w, QTensor) for w in weights.values())
-        self.kv_dtype = torch.float16 if quantized and dtype == torch.float32 else dtype
+        # keys and values as stored: float16 where the blocks take llama.cpp's numerics (as llama.cpp keeps its
+        # cache), else the activations' dtype; the cache owner may pick another (`new_cache(dtype=...)`, --kv-type)
+        blocks = in_ggml_numerics() and any(isinstance(w, QTensor) for w in weights.values())
+        self.kv_dtype = torch.float16 if blocks and dtype == torch.float32 else dtype
 
     @property
     def prefix_len(self) -> int:
