@@ -28,11 +28,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
     from .server import create_app
 
-    from .kv_cache import KV_TYPES, default_budget, parse_size
+    from .kv_cache import KV_TYPES, parse_size
     from .server.app import KVSettings
 
     pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
-    kv = KVSettings(memory=parse_size(args.kv_memory) if args.kv_memory else default_budget(), ctx=args.ctx,
+    kv = KVSettings(memory=parse_size(args.kv_memory) if args.kv_memory else None, ctx=args.ctx,
                     dtype=KV_TYPES.get(args.kv_type))
     app = create_app(pipe, api_key=args.api_key, cors_origins=args.cors_origins, max_batch=args.max_batch,
                      max_queue=args.max_queue, embedding_model=args.embedding_model, kv=kv)

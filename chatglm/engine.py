@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import ChatGLMError
-from .kv_cache import BLOCK_SIZE
+from .kv_cache import BLOCK_SIZE, default_budget
 
 log = logging.getLogger("chatglm")
 
@@ -220,7 +220,8 @@ class BatchEngine:
                  kv_memory: int | None = None, kv_dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE):
         self.model = model
         self.context = min(context or model.config.max_position, model.config.max_position)
-        self.cache = model.new_cache(max_batch, self.context, memory=kv_memory, dtype=kv_dtype, block_size=block_size)
+        memory = default_budget() if kv_memory is None else kv_memory  # a pool never takes more than it can use
+        self.cache = model.new_cache(max_batch, self.context, memory=memory, dtype=kv_dtype, block_size=block_size)
         self.slots = [_Slot(i, []) for i in range(max_batch)]
         self.max_queue = max_queue
         self.waiting: "collections.deque[Request]" = collections.deque()

@@ -67,8 +67,8 @@ def json_event(data: Any, event: str | None = None) -> ServerSentEvent:
 
 @dataclass
 class KVSettings:
-    """How the KV pool is sized: bytes of blocks (None: enough for every slot at the full context), tokens per
-    sequence at most (None: the model's context) and the storage dtype (None: the model's choice)."""
+    """How the KV pool is sized: bytes of blocks (None: half the available memory, see kv_cache.default_budget),
+    tokens per sequence at most (None: the model's context) and the storage dtype (None: the model's choice)."""
 
     memory: int | None = None
     ctx: int | None = None
