@@ -217,8 +217,10 @@ class BatchEngine:
     """
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int | None = None,
-                 kv_memory: int | None = None, kv_dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE):
+                 kv_memory: int | None = None, kv_dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE,
+                 share_prefixes: bool = True):
         self.model = model
+        self.share = share_prefixes and model.prefix_reusable  # GLM v1's two-way context changes earlier states
         self.context = min(context or model.config.max_position, model.config.max_position)
         memory = default_budget() if kv_memory is None else kv_memory  # a pool never takes more than it can use
         self.cache = model.new_cache(max_batch, self.context, memory=memory, dtype=kv_dtype, block_size=block_size)
@@ -228,7 +230,7 @@ class BatchEngine:
         self.lock = threading.Condition()
         self.closed = False
         self.stats = {"requests": 0, "tokens": 0, "batch_size": 0, "prefill_tokens": 0, "reused_tokens": 0,
-                      "pool_short": 0}
+                      "pool_short": 0, "peak_blocks": 0}
         self.thread = threading.Thread(target=self._run, name="chatglm-batch", daemon=True)
         self.thread.start()
 
@@ -306,7 +308,7 @@ class BatchEngine:
                 request.tokens.put(None)
                 continue
             slot, prompt = free[0], request.prompt
-            shared = prompt if self.model.prefix_reusable else ()
+            shared = prompt if self.share else ()
             start = self.cache.start(slot.index, shared)
             chain = list(self.cache.hashes(shared, len(shared) - 1))
             hit = len(self.cache.chains[slot.index])  # blocks found cached
@@ -344,7 +346,7 @@ class BatchEngine:
                             take=torch.tensor(lengths, device=device) - 1)[:, 0]
         for row, (index, start) in enumerate(admitted):
             slot = self.slots[index]
-            if self.model.prefix_reusable:
+            if self.share:
                 self.cache.commit(index, slot.cached)
             self.stats["prefill_tokens"] += lengths[row]
             self.stats["reused_tokens"] += start
@@ -361,13 +363,14 @@ class BatchEngine:
         if not running:
             return
         self.stats["batch_size"] = len(running)
+        self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.cache.in_use())
         device = self.model.device
         last = [self.slots[i].cached[-1] for i in running]
         pos = [len(self.slots[i].cached) - 1 for i in running]
         logits = self.model(torch.tensor(last, device=device)[:, None], torch.tensor(pos, device=device)[:, None],
                             self.cache, torch.tensor(running, device=device))[:, -1]
         for row, i in enumerate(running):
-            if self.model.prefix_reusable:
+            if self.share:
                 self.cache.commit(i, self.slots[i].cached)
             self._accept(self.slots[i], logits[row])
 
