@@ -64,7 +64,7 @@ def server(args: argparse.Namespace) -> dict:
         peak, done, usage = start, threading.Event(), []
 
         def ask(k: int) -> None:
-            text = " ".join(WORDS[(k + j) % len(WORDS)] for j in range(int(args.tokens * 0.75)))
+            text = " ".join(WORDS[(k + j) % len(WORDS)] for j in range(int(args.tokens * 0.97)))
             usage.append(post(f"{base}/v1/chat/completions", {
                 "model": "m", "max_tokens": args.new_tokens, "temperature": 0,
                 "messages": [{"role": "user", "content": f"Conversation {k}: {text}"}]})["usage"])
