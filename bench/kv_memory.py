@@ -109,7 +109,7 @@ def decode(args: argparse.Namespace) -> dict:
 
 def shared(args: argparse.Namespace) -> dict:
     pipe = Pipeline(args.model)
-    system = " ".join(WORDS[j % len(WORDS)] for j in range(800))
+    system = " ".join(WORDS[j % len(WORDS)] for j in range(975))  # about 1,000 tokens
     prompts = [pipe.tokenizer.encode_chat([{"role": "system", "content": system},
                                            {"role": "user", "content": f"Question {k}: name a colour."}])
                for k in range(args.requests)]

@@ -25,15 +25,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .kv_cache import KV_TYPES, parse_size
     from .pipeline import Pipeline
     from .server import create_app
-
-    from .kv_cache import KV_TYPES, parse_size
     from .server.app import KVSettings
 
-    pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+    if args.ctx is not None and args.ctx < 1:
+        raise ValueError(f"--ctx must be a positive number of tokens, not {args.ctx}")
     kv = KVSettings(memory=parse_size(args.kv_memory) if args.kv_memory else None, ctx=args.ctx,
-                    dtype=KV_TYPES.get(args.kv_type))
+                    dtype=KV_TYPES.get(args.kv_type))  # a bad size is refused before the model loads
+    pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
     app = create_app(pipe, api_key=args.api_key, cors_origins=args.cors_origins, max_batch=args.max_batch,
                      max_queue=args.max_queue, embedding_model=args.embedding_model, kv=kv)
     engine = app.state.server.engine

@@ -153,3 +153,15 @@ def test_metrics_report_prefix_hits(shared_dir):
     assert m["chatglm_prefix_cache_hits_total"] >= 2
     assert m["chatglm_kv_blocks"] > m["chatglm_kv_blocks_used"] == 0
     assert m["chatglm_kv_blocks_cached"] >= m["chatglm_prefix_cache_hits_total"]
+
+
+@pytest.mark.parametrize("size, message", [
+    ("1K", "error: --kv-memory 1.0 KiB holds no KV block for a sequence: a block of 16 tokens takes"),
+    ("lots", "error: --kv-memory 'lots' is not a size"),
+])
+def test_serve_refuses_a_bad_budget_in_one_line(default_gguf, capsys, size, message):
+    from chatglm.cli import main
+
+    assert main(["serve", "-m", str(default_gguf), "--kv-memory", size]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
