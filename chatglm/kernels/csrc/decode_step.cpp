@@ -25,19 +25,6 @@
 
 namespace {
 
-// sum a[i] * b[i]: 16 lanes at a time, then one tree reduction (a head's 64 or 128 values are a few steps)
-inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float s = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  s = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // Cache rows are float32 or float16 (converted to float32 as they are read, rounded to nearest as written).
 inline float to_float(float v) { return v; }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
@@ -49,9 +36,10 @@ inline __m512 load16(const c10::Half* p) {
 }
 #endif
 
-// sum q[i] * k[i] for a float32 query and a cache row of either type
+// sum q[i] * k[i], k float32 or a float16 cache row: 16 lanes at a time, then one tree reduction (a head's 64 or
+// 128 values are a few steps)
 template <typename T>
-inline float dot_row(const float* q, const T* k, int64_t n) {
+inline float dot(const float* q, const T* k, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
 #if defined(__AVX512F__)
@@ -313,7 +301,7 @@ class FusedDecoder {
         for (int64_t j0 = 0; j0 < n; j0 += kv.block_size) {
           const T* keys = kv.row(b, g, j0);
           for (int64_t j = j0; j < std::min(n, j0 + kv.block_size); ++j)
-            for (int64_t i = 0; i < group; ++i) scores[i * n + j] = dot_row(q + i * D, keys + (j - j0) * D, D) * scale;
+            for (int64_t i = 0; i < group; ++i) scores[i * n + j] = dot(q + i * D, keys + (j - j0) * D, D) * scale;
         }
         for (int64_t i = 0; i < group; ++i) {
           float* s = &scores[i * n];
