@@ -134,7 +134,7 @@ def shared(args: argparse.Namespace) -> dict:
         for t in threads:
             t.join()
         key = "shared" if share else "unshared"
-        per_block = engine.cache.kv[:, :, 0].numel() * engine.cache.kv.itemsize
+        per_block = engine.cache.kv[:, :, :, 0].numel() * engine.cache.kv.itemsize
         out.update({f"{key}_wall_s": round(time.perf_counter() - start, 2),
                     f"{key}_mean_ttft_s": round(sum(ttft) / len(ttft), 2),
                     f"{key}_prefill_tokens": engine.stats["prefill_tokens"],

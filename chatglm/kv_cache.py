@@ -183,29 +183,32 @@ class BlockPool:
 
 
 class KVCache(BlockPool):
-    """The pool's storage: [layer, key|value, block, kv_head, row, head_dim].
+    """The pool's storage: [layer, key|value, kv_head, block, row, head_dim].
 
-    One block of one key head is a contiguous [block_size, head_dim] tile (the C++ decode step reads it
-    in place); `by_row[layer]` ([block, row, key|value, kv_head, head_dim]) takes a step's new rows in one
-    write. The tensor is allocated empty: the OS commits its pages as blocks are first used.
+    One block of one key head is a contiguous [block_size, head_dim] tile that follows the same head's tile
+    of the next block id, so a sequence whose blocks were taken together (a prompt's) reads one run of
+    memory as a contiguous cache would (the C++ decode step reads the tiles in place; with the blocks
+    first, each tile start cost a fresh stream of reads: 16 streams decoded 25% slower).
+    `by_row[layer]` ([block, row, key|value, kv_head, head_dim]) takes a step's new rows in one write.
+    The tensor is allocated empty: the OS commits its pages as blocks are first used.
     """
 
     def __init__(self, cfg: ModelConfig, slots: int, max_tokens: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", blocks: int | None = None, block_size: int = BLOCK_SIZE,
                  prefix: torch.Tensor | None = None):
         super().__init__(slots, max_tokens, blocks, block_size, 0 if prefix is None else prefix.shape[2])
-        shape = (cfg.num_layers, 2, self.blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
+        shape = (cfg.num_layers, 2, cfg.num_kv_heads, self.blocks, block_size, cfg.head_dim)
         self.kv = torch.empty(shape, dtype=dtype, device=device)
-        self.by_row = [layer.permute(1, 3, 0, 2, 4) for layer in self.kv]
+        self.by_row = [layer.permute(2, 3, 0, 1, 4) for layer in self.kv]
         self.tables = self.tables.to(device)
         self.storage = f"{format_size(self.kv.numel() * self.kv.itemsize)} {str(dtype).removeprefix('torch.')} in "
         # Masked rows of a batch still meet the values (0 x NaN = NaN): a block is zeroed when first used.
         self.fresh = [True] * self.blocks
-        self.kv[:, :, NULL].zero_()
+        self.kv[:, :, :, NULL].zero_()
         if prefix is not None:  # [layers, 2, P, Hkv, D] into the pinned blocks' first P rows
             rows = torch.zeros(*prefix.shape[:2], len(self.prefix) * block_size, *prefix.shape[3:], dtype=dtype)
             rows[:, :, : self.prefix_rows] = prefix.cpu()
-            self.kv[:, :, self.prefix] = rows.unflatten(2, (-1, block_size)).transpose(3, 4).to(device)
+            self.kv[:, :, :, self.prefix] = rows.unflatten(2, (-1, block_size)).permute(0, 1, 4, 2, 3, 5).to(device)
 
     @staticmethod
     def block_bytes(cfg: ModelConfig, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
@@ -214,9 +217,9 @@ class KVCache(BlockPool):
 
     def _prepare(self, block: int, position: int) -> None:
         if position == len(self.prefix) - 1 and self.prefix_rows % self.block_size:
-            self.kv[:, :, block] = self.kv[:, :, self.prefix[-1]]  # the prefix's partial block, copied
+            self.kv[:, :, :, block] = self.kv[:, :, :, self.prefix[-1]]  # the prefix's partial block, copied
         elif self.fresh[block]:
-            self.kv[:, :, block].zero_()
+            self.kv[:, :, :, block].zero_()
         self.fresh[block] = False
 
 

@@ -74,8 +74,8 @@ def attend(q: torch.Tensor, kv: torch.Tensor, cache: KVCache, layer: int, step: 
     """
     B, T, H, D = q.shape
     cache.by_row[layer].index_put_((step.blocks, step.offsets), kv.to(cache.kv.dtype))
-    pages = cache.kv[layer][:, step.table]  # [2, B, blocks, Hkv, block_size, D]: one gather
-    keys, values = pages.transpose(2, 3).flatten(3, 4)[..., : step.span, :]  # [B, Hkv, span, D] each
+    pages = cache.kv[layer][:, :, step.table]  # [2, Hkv, B, blocks, block_size, D]: one gather
+    keys, values = pages.transpose(1, 2).flatten(3, 4)[..., : step.span, :]  # [B, Hkv, span, D] each
     if T > 1:
         keys, values = keys.to(q.dtype), values.to(q.dtype)
         att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=step.mask, enable_gqa=True)

@@ -193,7 +193,7 @@ class FusedDecoder {
 
   // x [B, hidden] (updated in place and returned) for tokens at positions pos [B], their keys and values going to
   // cache rows rows [B] of each sequence; tables [B, width] are the sequences' block tables into the paged cache
-  // kv [layers, 2, blocks, kv_heads, block_size, head_dim] (float32 or float16), rope the (cos, sin) table
+  // kv [layers, 2, kv_heads, blocks, block_size, head_dim] (float32 or float16), rope the (cos, sin) table
   // [max_position, rope_dim/2, 2].
   torch::Tensor step(torch::Tensor x, const torch::Tensor& kv, const torch::Tensor& tables, const torch::Tensor& pos,
                      const torch::Tensor& rows, const torch::Tensor& rope) {
@@ -202,8 +202,8 @@ class FusedDecoder {
     checked_float(x, B * hidden, "x");
     TORCH_CHECK((kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kFloat16) && kv.is_contiguous() &&
                 kv.dim() == 6 && kv.size(0) == static_cast<int64_t>(layers_.size()) && kv.size(1) == 2 &&
-                kv.size(3) == kv_heads_ && kv.size(5) == head_dim_,
-                "the cache must be float32 or float16 [layers, 2, blocks, kv_heads, block_size, head_dim]");
+                kv.size(2) == kv_heads_ && kv.size(5) == head_dim_,
+                "the cache must be float32 or float16 [layers, 2, kv_heads, blocks, block_size, head_dim]");
     TORCH_CHECK(rope.scalar_type() == torch::kFloat32 && rope.is_contiguous() && rope.dim() == 3 &&
                 rope.size(1) == rope_dim_ / 2 && rope.size(2) == 2, "rope must be float32 [positions, rope_dim/2, 2]");
     for (const torch::Tensor* t : {&pos, &rows}) {
@@ -215,7 +215,7 @@ class FusedDecoder {
     const int64_t* at = pos.data_ptr<int64_t>();
     const int64_t* row = rows.data_ptr<int64_t>();
     const int64_t* table = tables.data_ptr<int64_t>();
-    const int64_t width = tables.size(1), bs = kv.size(4), blocks = kv.size(2);
+    const int64_t width = tables.size(1), bs = kv.size(4), blocks = kv.size(3);
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(row[b] >= 0 && row[b] < width * bs && at[b] >= 0 && at[b] < rope.size(0), "row ", b,
                   ": cache row ", row[b], " or position ", at[b], " out of range");
@@ -243,7 +243,7 @@ class FusedDecoder {
     std::vector<float> h(B * hidden), qkv(B * qkv_width), att(B * nq), gu(B * 2 * ffn), act(B * ffn), y(B * hidden);
     float* xs = x.data_ptr<float>();
     const float* rot = rope.data_ptr<float>();
-    const Paged<T> paged{nullptr, table, width, kv.size(4), kv.stride(2), kv.stride(3), kv.stride(1), kv.stride(4)};
+    const Paged<T> paged{nullptr, table, width, kv.size(4), kv.stride(3), kv.stride(2), kv.stride(1), kv.stride(4)};
 
     for (size_t l = 0; l < layers_.size(); ++l) {
       const DecodeLayer& w = *layers_[l];
