@@ -165,6 +165,9 @@ def generate(model, prompt: Sequence[int], params: SamplingParams, stop_ids: fro
                        cache, slots, last_only=True)[0, -1]
 
 
+PREFILL_CHUNK = 2048  # prompt tokens a forward at most: 8 prompts of 1,000 tokens at once took 1 GB of scratch
+
+
 class QueueFullError(ChatGLMError):
     """Every slot is busy and the waiting line is at its limit; the caller should retry later."""
 
@@ -218,8 +221,9 @@ class BatchEngine:
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int | None = None,
                  kv_memory: int | None = None, kv_dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE,
-                 share_prefixes: bool = True):
+                 share_prefixes: bool = True, prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
+        self.prefill_chunk = prefill_chunk
         self.share = share_prefixes and model.prefix_reusable  # GLM v1's two-way context changes earlier states
         self.context = min(context or model.config.max_position, model.config.max_position)
         memory = default_budget() if kv_memory is None else kv_memory  # a pool never takes more than it can use
@@ -230,7 +234,7 @@ class BatchEngine:
         self.lock = threading.Condition()
         self.closed = False
         self.stats = {"requests": 0, "tokens": 0, "batch_size": 0, "prefill_tokens": 0, "reused_tokens": 0,
-                      "pool_short": 0, "peak_blocks": 0}
+                      "pool_short": 0, "peak_blocks": 0, "prefix_lookups": 0, "prefix_hit_blocks": 0}
         self.thread = threading.Thread(target=self._run, name="chatglm-batch", daemon=True)
         self.thread.start()
 
@@ -321,17 +325,21 @@ class BatchEngine:
                 break  # first come, first served: later requests wait too
             self.waiting.remove(request)
             pending.update(chain[hit:])
+            self.stats["prefix_lookups"] += bool(shared)
+            self.stats["prefix_hit_blocks"] += hit
             slot.request, slot.cached = request, list(prompt)
             slot.budget = budget(len(prompt), request.params, self.context)
             admitted.append((slot.index, start))
         return admitted
 
     def _prefill(self, admitted: list[tuple[int, int]]) -> None:
-        """Run the new prompts of the admitted slots together, right-padded to one length.
+        """Run the new prompts of the admitted slots together, right-padded to one length, at most
+        `prefill_chunk` tokens a forward (the attention's scratch grows with the square of a chunk).
 
         Each row starts after the blocks the pool already held for it. Padding columns take positions
         past their prompt (clamped to the context): what they write lands in the sequence's own
         unwritten rows, overwritten by its decode steps before any query reads them, or in the null block.
+        A family whose context attends both ways (GLM v1) takes its prompts whole.
         """
         device = self.model.device
         indices = [i for i, _ in admitted]
@@ -342,8 +350,17 @@ class BatchEngine:
         for row, (index, start) in enumerate(admitted):
             ids[row, : lengths[row]] = torch.tensor(self.slots[index].cached[start:])
         pos = (torch.tensor(starts)[:, None] + torch.arange(width)).clamp(max=self.context - 1)
-        logits = self.model(ids.to(device), pos.to(device), self.cache, torch.tensor(indices, device=device),
-                            take=torch.tensor(lengths, device=device) - 1)[:, 0]
+        chunk = max(1, self.prefill_chunk // len(indices)) if self.model.prefix_reusable else width
+        logits: list[torch.Tensor | None] = [None] * len(indices)
+        for c0 in range(0, width, chunk):
+            c1 = min(c0 + chunk, width)
+            rows = [r for r, n in enumerate(lengths) if n > c0]  # prompts not yet through
+            take = torch.tensor([min(lengths[r], c1) - 1 - c0 for r in rows], device=device)
+            out = self.model(ids[rows, c0:c1].to(device), pos[rows, c0:c1].to(device), self.cache,
+                             torch.tensor([indices[r] for r in rows], device=device), take=take)[:, 0]
+            for k, r in enumerate(rows):
+                if lengths[r] <= c1:
+                    logits[r] = out[k]
         for row, (index, start) in enumerate(admitted):
             slot = self.slots[index]
             if self.share:

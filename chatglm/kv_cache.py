@@ -59,7 +59,7 @@ class BlockPool:
         self.index: dict[bytes, int] = {}
         self.hash_of: dict[int, bytes] = {}
         self.idle: "collections.OrderedDict[int, None]" = collections.OrderedDict()  # indexed, unheld; oldest first
-        self.stats = {"prefix_lookups": 0, "prefix_hit_blocks": 0, "evicted_blocks": 0}
+        self.stats = {"evicted_blocks": 0}
         self.meta: dict[int, dict] = {}  # per-sequence state a model keeps between steps (GLM's <sop> place)
         self.prefix = [self._take() for _ in range(pinned)]  # held for good: never freed or evicted
 
@@ -93,14 +93,12 @@ class BlockPool:
             self._append(slot, self._hold(block))
         covered = 0
         if tokens:
-            self.stats["prefix_lookups"] += 1
             for k, digest in enumerate(self.hashes(tokens, len(tokens) - 1)):
                 block = self.index.get(digest)
                 if block is None:
                     break
                 self._append(slot, self._hold(block))
                 self.chains[slot].append(digest)
-                self.stats["prefix_hit_blocks"] += 1
                 covered = (full + k + 1) * self.block_size - self.prefix_rows
         return covered
 

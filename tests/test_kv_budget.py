@@ -111,7 +111,7 @@ def test_a_shared_system_prompt_is_prefilled_once(model):
         done = run_all(engine, prompts, greedy(5))
         assert engine.stats["prefill_tokens"] == 43 + 3 * 3
         assert engine.stats["reused_tokens"] == 3 * 40
-        assert engine.cache.stats["prefix_hit_blocks"] == 30
+        assert engine.stats["prefix_hit_blocks"] == 30 and engine.stats["prefix_lookups"] == 4
         for prompt, request in zip(prompts, done):
             assert request.generated == list(generate(model, prompt, greedy(5)))
     finally:
@@ -137,7 +137,7 @@ def test_no_block_leaks_after_a_thousand_requests(model):
         assert pool.in_use() == 0 and pool.available() == pool.blocks - 1
         assert not any(pool.owned) and set(pool.refs) == {0} | ({1} if pool.prefix else set())
         assert set(pool.idle) <= set(pool.hash_of) and sorted(pool.index.values()) == sorted(pool.hash_of)
-        assert pool.stats["evicted_blocks"] > 0 and pool.stats["prefix_hit_blocks"] > 0
+        assert pool.stats["evicted_blocks"] > 0 and engine.stats["prefix_hit_blocks"] > 0
     finally:
         engine.close()
 
@@ -165,3 +165,15 @@ def test_serve_refuses_a_bad_budget_in_one_line(default_gguf, capsys, size, mess
     assert main(["serve", "-m", str(default_gguf), "--kv-memory", size]) == 1
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_long_prompts_prefill_in_chunks(model):
+    """Three prompts of different lengths through forwards of 3 columns each (9 tokens): the same replies."""
+    engine = BatchEngine(model, max_batch=3, block_size=BLOCK, prefill_chunk=9)
+    try:
+        prompts = [list(range(3, 20)), list(range(30, 37)), list(range(50, 61))]
+        done = run_all(engine, prompts, greedy(5))
+        for prompt, request in zip(prompts, done):
+            assert request.generated == list(generate(model, prompt, greedy(5)))
+    finally:
+        engine.close()

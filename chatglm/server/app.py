@@ -265,12 +265,12 @@ class EngineMetrics:
         yield GaugeMetricFamily("chatglm_kv_blocks_cached", "KV blocks kept for prefix sharing, held by nobody",
                                 value=len(pool.idle))
         yield CounterMetricFamily("chatglm_prefix_cache_hits", "Prompt blocks found in the KV cache (computed once)",
-                                  value=pool.stats["prefix_hit_blocks"])
+                                  value=stats["prefix_hit_blocks"])
         yield CounterMetricFamily("chatglm_prefix_cache_lookups", "Prompts looked up in the prefix cache",
-                                  value=pool.stats["prefix_lookups"])
+                                  value=stats["prefix_lookups"])
         yield CounterMetricFamily("chatglm_kv_evicted_blocks", "Cached KV blocks evicted, least recently used first",
                                   value=pool.stats["evicted_blocks"])
-        yield CounterMetricFamily("chatglm_kv_pool_short", "Times a request waited or a reply ended for want of blocks",
+        yield CounterMetricFamily("chatglm_kv_pool_short", "Admissions deferred and replies ended for want of KV blocks",
                                   value=stats["pool_short"])
 
 
