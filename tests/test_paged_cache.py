@@ -35,7 +35,8 @@ def paged_decode(model, prompts, follow, cache) -> list[list[np.ndarray]]:
     each step's last-token logits per sequence."""
     out = [[] for _ in prompts]
     for k, (slot, ids) in enumerate(zip(SLOTS, prompts)):
-        out[k].append(model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, torch.tensor([slot]))[0, -1].numpy())
+        logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, torch.tensor([slot]))
+        out[k].append(logits[0, -1].numpy())
     for step in range(len(follow[0])):
         ids = torch.tensor([[f[step]] for f in follow])
         pos = torch.tensor([[len(p) + step] for p in prompts])

@@ -214,8 +214,9 @@ class Decoder(nn.Module):
         """Logits for ids [B,T] at positions pos [B,T] of the sequences in cache `slots` [B].
 
         Each token attends to its own sequence's cache up to its position; the cache rows before
-        pos must already hold that sequence's earlier tokens. A sequence short of blocks takes them here. last_only keeps the last column,
-        take [B] one column per row (a batch of prompts padded to one length): [B, 1, vocab].
+        pos must already hold that sequence's earlier tokens; a sequence short of blocks takes them here.
+        last_only keeps the last column, take [B] one column per row (a batch of prompts padded to one
+        length): [B, 1, vocab].
         """
         last = pos[:, -1] if take is None else pos.gather(1, take[:, None])[:, 0]
         for slot, tokens in zip(slots.tolist(), (last + 1).tolist()):  # padding columns past `take` take no block

@@ -270,7 +270,8 @@ class EngineMetrics:
                                   value=stats["prefix_lookups"])
         yield CounterMetricFamily("chatglm_kv_evicted_blocks", "Cached KV blocks evicted, least recently used first",
                                   value=pool.stats["evicted_blocks"])
-        yield CounterMetricFamily("chatglm_kv_pool_short", "Admissions deferred and replies ended for want of KV blocks",
+        yield CounterMetricFamily("chatglm_kv_pool_short",
+                                  "Admissions deferred and replies ended for want of KV blocks",
                                   value=stats["pool_short"])
 
 
