@@ -55,7 +55,8 @@ class BlockPool:
         self.owned: list[list[int]] = [[] for _ in range(slots)]
         self.chains: list[list[bytes]] = [[] for _ in range(slots)]   # hashes of each sequence's full token blocks
         self.refs = [0] * self.blocks
-        self.free = collections.deque(range(1, self.blocks))
+        # the most recently freed block is taken first: the pages in use stay few, fresh ones are touched last
+        self.free = collections.deque(range(self.blocks - 1, 0, -1))  # taken from the right: 1, 2, 3, ...
         self.index: dict[bytes, int] = {}
         self.hash_of: dict[int, bytes] = {}
         self.idle: "collections.OrderedDict[int, None]" = collections.OrderedDict()  # indexed, unheld; oldest first
@@ -133,7 +134,7 @@ class BlockPool:
 
     def release(self, slot: int) -> None:
         """End the sequence in `slot`: its indexed blocks stay cached (most recent last), the rest are free."""
-        for block in self.owned[slot]:
+        for block in reversed(self.owned[slot]):  # so the next sequence takes them in the same order
             self.refs[block] -= 1
             if self.refs[block] == 0:
                 if block in self.hash_of:
@@ -168,7 +169,7 @@ class BlockPool:
 
     def _take(self) -> int:
         if self.free:
-            block = self.free.popleft()
+            block = self.free.pop()
         else:  # the least recently used cached block
             block, _ = self.idle.popitem(last=False)
             del self.index[self.hash_of.pop(block)]

@@ -132,9 +132,12 @@ def test_full_blocks_are_shared_and_evicted_least_recently_used():
     b = list(range(200, 216))
     assert pool.start(0, b) == 0 and pool.grow(0, 16)  # 4 blocks: the 3 free, then the oldest cached one
     assert pool.stats["evicted_blocks"] == 1
-    assert pool.start(1, a) == 0  # the chain breaks at its evicted first block
-    assert not pool.grow(1, 13)  # needs 4 blocks, 2 are left: takes nothing
-    assert pool.available() == 2 and pool.owned[1] == []
+    assert pool.start(1, a) == 8  # a chain's tail goes first: its first two blocks are still cached
+    assert not pool.grow(1, 13)  # needs 2 more blocks, none is left: takes nothing
+    assert pool.available() == 0 and len(pool.owned[1]) == 2
+    pool.release(1)
+    pool.release(0)
+    assert pool.available() == 6 and set(pool.refs) == {0}
 
 
 def test_a_budget_below_one_block_is_a_one_line_error(tmp_path):
