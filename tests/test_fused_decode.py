@@ -82,6 +82,15 @@ def test_fused_step_reads_small_blocks_through_the_table(tmp_path, dtype):
         assert 0 < torch.abs(fused - exact).max() < 5e-2 * torch.abs(exact).max()
 
 
+def test_bfloat16_blocks_take_the_torch_step(tmp_path):
+    tiny_glm().save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype="f32")
+    to_blocks(model, QType.Q4_0)
+    bf16 = batched_step(model, dtype=torch.bfloat16)  # the C++ step reads f32 and f16 only
+    exact = batched_step(model)
+    assert 0 < torch.abs(bf16 - exact).max() < 5e-2 * torch.abs(exact).max()
+
+
 def test_fused_step_reads_the_ptuning_prefix(tmp_path):
     tiny_glm().save_pretrained(tmp_path)
     model = load_model(tmp_path, dtype="f32")

@@ -21,6 +21,7 @@ from ..kv_cache import BLOCK_SIZE, KVCache, KVMemoryError, format_size
 from ..quant import QTensor
 
 Weight = Union[torch.Tensor, QTensor]
+FUSED_KV_TYPES = (torch.float32, torch.float16)  # the block storage the C++ decode step reads; others take torch's
 
 
 @dataclass
@@ -223,7 +224,7 @@ class Decoder(nn.Module):
             if not cache.grow(slot, tokens):
                 raise ChatGLMError(f"the KV cache has no free block for sequence {slot} at {tokens} tokens")
         x = self.embed(ids)
-        if self.fused is not None and ids.shape[1] == 1:
+        if self.fused is not None and ids.shape[1] == 1 and cache.kv.dtype in FUSED_KV_TYPES:
             at = pos[:, 0].contiguous()
             x = self.fused.step(x[:, 0], cache.kv, cache.tables[slots], at, at + self.prefix_len,
                                 torch.view_as_real(self.rope))[:, None]
