@@ -7,6 +7,7 @@ import random
 import threading
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from chatglm import load_model
@@ -175,5 +176,27 @@ def test_long_prompts_prefill_in_chunks(model):
         done = run_all(engine, prompts, greedy(5))
         for prompt, request in zip(prompts, done):
             assert request.generated == list(generate(model, prompt, greedy(5)))
+    finally:
+        engine.close()
+
+
+def test_glm_v1_prompts_go_whole_and_unshared(tmp_path):
+    """GLM v1's context attends both ways up to <sop>: its prompts are neither chunked nor shared."""
+    from checkpoints import write_folder
+    from test_models import GLM_CONFIG, GLM_NAMES, GLM_SIZES
+
+    g = torch.Generator().manual_seed(5)
+    shapes = dict(zip(GLM_NAMES, GLM_SIZES), **{GLM_NAMES[0]: (64, 32)})  # 64 ids: replies tell more apart
+    shapes.update({n.replace(".0.", ".1."): s for n, s in shapes.items() if ".layers.0." in n})  # two layers:
+    state = {n: torch.randn(*s, generator=g) * s[-1] ** -0.5 for n, s in shapes.items()}  # keys see the context
+    cfg = dict(GLM_CONFIG, max_sequence_length=64, num_layers=2, vocab_size=64)
+    glm = load_model(write_folder(tmp_path, cfg, state), dtype="f32")
+    engine = BatchEngine(glm, max_batch=2, block_size=BLOCK, prefill_chunk=2)
+    try:
+        prompts = [[9, 30, 4, 50, 3, 4, 1, 2], [9, 30, 4, 50, 33, 7, 1, 2]]  # one block in common
+        done = run_all(engine, prompts, greedy(8))
+        for prompt, request in zip(prompts, done):
+            assert request.generated == list(generate(glm, prompt, greedy(8)))
+        assert engine.stats["reused_tokens"] == 0 and engine.stats["prefix_lookups"] == 0
     finally:
         engine.close()
