@@ -116,10 +116,6 @@ class BlockPool:
             self._append(slot, block)
         return True
 
-    def blocks_for(self, tokens: int) -> int:
-        """New blocks a sequence of `tokens` tokens takes (beyond the shared prefix blocks)."""
-        return -(-(tokens + self.prefix_rows) // self.block_size) - self.prefix_rows // self.block_size
-
     def commit(self, slot: int, tokens: Sequence[int]) -> None:
         """`tokens` now have their keys and values written: index the sequence's newly full blocks."""
         chain = self.chains[slot]
