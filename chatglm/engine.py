@@ -1,4 +1,4 @@
-"""Prefill, decode and sampling over a KV cache allocated once per sequence.
+"""Prefill, decode and sampling over a paged KV cache (chatglm/kv_cache.py).
 
 Generation is a generator of token ids (as in mlx-lm), so every surface streams by default and
 stops early simply by not asking for the next token.
@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import ChatGLMError
+from .kv_cache import BLOCK_SIZE, default_budget
 
 log = logging.getLogger("chatglm")
 
@@ -164,6 +165,9 @@ def generate(model, prompt: Sequence[int], params: SamplingParams, stop_ids: fro
                        cache, slots, last_only=True)[0, -1]
 
 
+PREFILL_CHUNK = 2048  # prompt tokens a forward at most: 8 prompts of 1,000 tokens at once took 1 GB of scratch
+
+
 class QueueFullError(ChatGLMError):
     """Every slot is busy and the waiting line is at its limit; the caller should retry later."""
 
@@ -201,28 +205,36 @@ class Request:
 
 @dataclass
 class _Slot:
-    cached: list[int]                  # the tokens whose keys and values this slot's cache rows hold
+    index: int
+    cached: list[int]                  # the prompt and reply so far; all but the last have keys and values written
     request: Request | None = None
     budget: int = 0
 
 
 class BatchEngine:
-    """Continuous batching: requests join and leave between decode steps; all running sequences
-    decode in one batched forward. A finished or cancelled sequence frees its slot at once, and a
-    new request takes the free slot whose cached tokens share the longest prefix with its prompt,
-    so the next turn of a conversation only prefills what is new.
+    """Continuous batching over one paged KV pool: requests join and leave between decode steps; all running
+    sequences decode in one batched forward. A request is admitted when a slot is free and the pool has blocks
+    for its prompt (else it waits in the queue); a finished or cancelled sequence frees its slot and blocks at
+    once. Full blocks are shared by content, so a common system prompt or the conversation so far is prefilled
+    once; a running sequence the pool cannot grow ends with finish reason "length".
     """
 
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int | None = None):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int | None = None,
+                 kv_memory: int | None = None, kv_dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE,
+                 share_prefixes: bool = True, prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
+        self.prefill_chunk = prefill_chunk
+        self.share = share_prefixes and model.prefix_reusable  # GLM v1's two-way context changes earlier states
         self.context = min(context or model.config.max_position, model.config.max_position)
-        self.cache = model.new_cache(max_batch, self.context)
-        self.slots = [_Slot([]) for _ in range(max_batch)]
+        memory = default_budget() if kv_memory is None else kv_memory  # a pool never takes more than it can use
+        self.cache = model.new_cache(max_batch, self.context, memory=memory, dtype=kv_dtype, block_size=block_size)
+        self.slots = [_Slot(i, []) for i in range(max_batch)]
         self.max_queue = max_queue
         self.waiting: "collections.deque[Request]" = collections.deque()
         self.lock = threading.Condition()
         self.closed = False
-        self.stats = {"requests": 0, "tokens": 0, "batch_size": 0, "prefill_tokens": 0, "reused_tokens": 0}
+        self.stats = {"requests": 0, "tokens": 0, "batch_size": 0, "prefill_tokens": 0, "reused_tokens": 0,
+                      "pool_short": 0, "peak_blocks": 0, "prefix_lookups": 0, "prefix_hit_blocks": 0}
         self.thread = threading.Thread(target=self._run, name="chatglm-batch", daemon=True)
         self.thread.start()
 
@@ -232,9 +244,13 @@ class BatchEngine:
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int] = frozenset(),
                vocab_limit: int | None = None) -> Request:
-        """Queue a request; raises QueueFullError when the line is full, ContextLengthError when too long."""
+        """Queue a request; raises QueueFullError when the line is full, ContextLengthError when too long
+        for the context or for the whole KV pool."""
         params.validate()
         budget(len(prompt), params, self.context)
+        if len(prompt) + 1 > self.cache.capacity:
+            raise ContextLengthError(f"the prompt is {len(prompt)} tokens but the KV cache holds "
+                                     f"{self.cache.capacity} tokens at most; raise --kv-memory")
         request = Request(list(prompt), params, frozenset(stop_ids), vocab_limit)
         with self.lock:
             if self.closed:
@@ -278,68 +294,101 @@ class BatchEngine:
             request.finish_reason = "cancelled"
             request.tokens.put(None)
 
-    def _admit(self) -> list[int]:
-        """Give waiting requests free slots, preferring the slot that holds most of their prompt."""
-        admitted = []
-        while self.waiting:
-            free = [i for i, s in enumerate(self.slots) if s.request is None and i not in admitted]
+    def _admit(self) -> list[tuple[int, int]]:
+        """Give waiting requests, in order, a free slot with blocks for the prompt: (slot, tokens already cached).
+
+        A request whose next prompt block is being computed by one admitted in this round waits one round,
+        so requests sharing a system prompt that arrive together prefill it once.
+        """
+        admitted: list[tuple[int, int]] = []
+        pending: set[bytes] = set()  # full prompt blocks this round computes
+        for request in list(self.waiting):
+            free = [s for s in self.slots if s.request is None]
             if not free:
                 break
-            request = self.waiting.popleft()
             if request.cancelled.is_set():
+                self.waiting.remove(request)
                 request.finish_reason = "cancelled"
                 request.tokens.put(None)
                 continue
-            best = max(free, key=lambda i: _common_prefix(self.slots[i].cached, request.prompt))
-            slot = self.slots[best]
-            slot.request = request
-            slot.budget = budget(len(request.prompt), request.params, self.context)
-            admitted.append(best)
+            slot, prompt = free[0], request.prompt
+            shared = prompt if self.share else ()
+            start = self.cache.start(slot.index, shared)
+            chain = list(self.cache.hashes(shared, len(shared) - 1))
+            hit = len(self.cache.chains[slot.index])  # blocks found cached
+            if chain[hit:hit + 1] and chain[hit] in pending:
+                self.cache.release(slot.index)
+                continue
+            if not self.cache.grow(slot.index, len(prompt) + 1):  # the prompt and the first reply token
+                self.cache.release(slot.index)
+                self.stats["pool_short"] += 1
+                break  # first come, first served: later requests wait too
+            self.waiting.remove(request)
+            pending.update(chain[hit:])
+            self.stats["prefix_lookups"] += bool(shared)
+            self.stats["prefix_hit_blocks"] += hit
+            slot.request, slot.cached = request, list(prompt)
+            slot.budget = budget(len(prompt), request.params, self.context)
+            admitted.append((slot.index, start))
         return admitted
 
-    def _prefill(self, indices: list[int]) -> None:
-        """Run the new prompts of the admitted slots together, right-padded to one length.
+    def _prefill(self, admitted: list[tuple[int, int]]) -> None:
+        """Run the new prompts of the admitted slots together, right-padded to one length, at most
+        `prefill_chunk` tokens a forward (the attention's scratch grows with the square of a chunk).
 
-        Each row starts after the prefix its slot already holds. Padding columns take positions
-        past their prompt (clamped to the cache): what they write there is overwritten by that
-        sequence's own decode steps before any query reads it, and real tokens never look ahead.
+        Each row starts after the blocks the pool already held for it. Padding columns take positions
+        past their prompt (clamped to the context): what they write lands in the sequence's own
+        unwritten rows, overwritten by its decode steps before any query reads them, or in the null block.
+        A family whose context attends both ways (GLM v1) takes its prompts whole.
         """
         device = self.model.device
-        starts = []
-        for index in indices:
-            slot = self.slots[index]
-            reuse = min(_common_prefix(slot.cached, slot.request.prompt), len(slot.request.prompt) - 1)
-            starts.append(reuse if self.model.prefix_reusable else 0)  # at least one token runs
-        lengths = [len(self.slots[i].request.prompt) - start for i, start in zip(indices, starts)]
+        indices = [i for i, _ in admitted]
+        starts = [start for _, start in admitted]
+        lengths = [len(self.slots[i].cached) - start for i, start in admitted]
         width = max(lengths)
         ids = torch.zeros(len(indices), width, dtype=torch.long)
-        for row, (index, start, n) in enumerate(zip(indices, starts, lengths)):
-            ids[row, :n] = torch.tensor(self.slots[index].request.prompt[start:])
+        for row, (index, start) in enumerate(admitted):
+            ids[row, : lengths[row]] = torch.tensor(self.slots[index].cached[start:])
         pos = (torch.tensor(starts)[:, None] + torch.arange(width)).clamp(max=self.context - 1)
-        logits = self.model(ids.to(device), pos.to(device), self.cache, torch.tensor(indices, device=device),
-                            take=torch.tensor(lengths, device=device) - 1)[:, 0]
-        for row, (index, start) in enumerate(zip(indices, starts)):
+        chunk = max(1, self.prefill_chunk // len(indices)) if self.model.prefix_reusable else width
+        logits: list[torch.Tensor | None] = [None] * len(indices)
+        for c0 in range(0, width, chunk):
+            c1 = min(c0 + chunk, width)
+            rows = [r for r, n in enumerate(lengths) if n > c0]  # prompts not yet through
+            take = torch.tensor([min(lengths[r], c1) - 1 - c0 for r in rows], device=device)
+            out = self.model(ids[rows, c0:c1].to(device), pos[rows, c0:c1].to(device), self.cache,
+                             torch.tensor([indices[r] for r in rows], device=device), take=take)[:, 0]
+            for k, r in enumerate(rows):
+                if lengths[r] <= c1:
+                    logits[r] = out[k]
+        for row, (index, start) in enumerate(admitted):
             slot = self.slots[index]
-            slot.cached = list(slot.request.prompt)
+            if self.share:
+                self.cache.commit(index, slot.cached)
             self.stats["prefill_tokens"] += lengths[row]
             self.stats["reused_tokens"] += start
             self._accept(slot, logits[row])
 
     def _decode(self) -> None:
-        running = [i for i, s in enumerate(self.slots) if s.request is not None]
-        for i in running:
-            if self.slots[i].request.cancelled.is_set():
-                self._finish(self.slots[i], "cancelled")
-        running = [i for i in running if self.slots[i].request is not None]
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled.is_set():
+                self._finish(slot, "cancelled")
+            elif slot.request is not None and not self.cache.grow(slot.index, len(slot.cached)):
+                self.stats["pool_short"] += 1
+                self._finish(slot, "length")  # the pool cannot hold its next token
+        running = [s.index for s in self.slots if s.request is not None]
         if not running:
             return
         self.stats["batch_size"] = len(running)
+        self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.cache.in_use())
         device = self.model.device
         last = [self.slots[i].cached[-1] for i in running]
         pos = [len(self.slots[i].cached) - 1 for i in running]
         logits = self.model(torch.tensor(last, device=device)[:, None], torch.tensor(pos, device=device)[:, None],
                             self.cache, torch.tensor(running, device=device))[:, -1]
         for row, i in enumerate(running):
+            if self.share:
+                self.cache.commit(i, self.slots[i].cached)
             self._accept(self.slots[i], logits[row])
 
     def _accept(self, slot: _Slot, logits: torch.Tensor) -> None:
@@ -361,17 +410,5 @@ class BatchEngine:
         request.finish_reason = reason
         request.tokens.put(None)
         slot.request = None
-        if slot.cached and reason != "error":
-            # the last sampled token was never run through the model: its cache row is not written
-            slot.cached = slot.cached[:-1] if request.generated and reason != "stop" else slot.cached
-        else:
-            slot.cached = []
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+        slot.cached = []
+        self.cache.release(slot.index)  # its full blocks stay cached for a later prompt that starts the same way

@@ -26,6 +26,10 @@ SHAPES = {
                         ffn_size=13696, vocab_size=65024),
     "glm4-9b": dict(arch="chatglm", hidden_size=4096, num_layers=40, num_heads=32, num_kv_heads=2, head_dim=128,
                     ffn_size=13696, vocab_size=151552),
+    # GLM-4-9B-chat's attention and context (40 layers, 2 key heads of 128, 131,072 tokens) at a narrow width:
+    # its KV cache and scheduling at their real size, without a 9B model's compute
+    "glm4-9b-attention": dict(arch="chatglm", hidden_size=256, num_layers=40, num_heads=2, num_kv_heads=2, head_dim=128,
+                              ffn_size=512, vocab_size=49152, max_position=131072),
     "chatglm-tiny": dict(arch="chatglm", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
                          ffn_size=512, vocab_size=49152),  # for tests
     "llama-7b": dict(arch="llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
@@ -140,9 +144,9 @@ def synthetic_gguf(name: str, qtype: str, folder: Path) -> Path:
             partial.unlink(missing_ok=True)
         return path
     shape = SHAPES[name]
-    cfg = ModelConfig(arch=shape["arch"], family="gguf", norm_eps=1e-5, max_position=8192,
+    cfg = ModelConfig(arch=shape["arch"], family="gguf", norm_eps=1e-5,
                       rope_dim=shape["head_dim"] // 2 if shape["arch"] == "chatglm" else 0,
-                      **{k: v for k, v in shape.items() if k != "arch"})
+                      **{"max_position": 8192, **{k: v for k, v in shape.items() if k != "arch"}})
     path.parent.mkdir(parents=True, exist_ok=True)
     vocab, rng = _default_vocab(), np.random.default_rng(0)
     partial = path.with_suffix(".part")

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from chatglm.kv_cache import BlockPool
+
 from chatglm.pipeline import Pipeline
 
 
@@ -27,8 +29,9 @@ class ReplyModel:
         self._fresh = False
         self._step = 0
 
-    def new_cache(self, slots: int, max_len: int) -> None:
+    def new_cache(self, slots: int, max_len: int, **sizing) -> BlockPool:
         self._fresh, self._step = True, 0
+        return BlockPool(slots, max_len)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache, slots: torch.Tensor, last_only: bool = False,
                  take: torch.Tensor | None = None) -> torch.Tensor:

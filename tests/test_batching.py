@@ -23,7 +23,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def engine(model):
-    e = BatchEngine(model, max_batch=4, max_queue=3)
+    e = BatchEngine(model, max_batch=4, max_queue=3, block_size=4)
     yield e
     e.close()
 
@@ -73,7 +73,7 @@ def test_next_turn_reuses_the_cached_prefix(engine, model):
     follow_up = PROMPTS[2] + reply + [11, 12]
     second = list(engine.submit(follow_up, SamplingParams(**GREEDY)))
     reused = engine.stats["reused_tokens"] - before["reused_tokens"]
-    assert reused >= len(PROMPTS[2]) + len(reply) - 1
+    assert reused == (len(PROMPTS[2]) + len(reply) - 1) // 4 * 4  # the full blocks it wrote (block_size 4)
     assert engine.stats["prefill_tokens"] - before["prefill_tokens"] == len(follow_up) - reused
     assert_greedy(model, follow_up, second)
 

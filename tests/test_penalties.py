@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from chatglm.kv_cache import BlockPool
 from fastapi.testclient import TestClient
 
 from chatglm.engine import BatchEngine, Sampler, SamplingParams, generate
@@ -28,8 +30,8 @@ class FixedLogits:
         self.config = SimpleNamespace(max_position=context)
         self.device = torch.device("cpu")
 
-    def new_cache(self, slots: int, max_len: int) -> None:
-        return None
+    def new_cache(self, slots: int, max_len: int, **sizing) -> BlockPool:
+        return BlockPool(slots, max_len)  # bookkeeping only: this model keeps no keys
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache, slots: torch.Tensor, last_only: bool = False,
                  take: torch.Tensor | None = None) -> torch.Tensor:

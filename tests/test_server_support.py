@@ -13,6 +13,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from chatglm.kv_cache import BlockPool
+
 from chatglm.tokenizers import load_tokenizer
 
 TOKENIZER_FILES = {"chatglm3": "chatglm3-6b/tokenizer.model", "glm4": "glm-4-9b/tokenizer.model"}
@@ -33,8 +35,8 @@ class ScriptedModel:
         self.device = torch.device("cpu")
         self.seen: dict[int, dict[int, int]] = defaultdict(dict)  # slot -> position -> id
 
-    def new_cache(self, slots: int, max_len: int) -> None:
-        return None
+    def new_cache(self, slots: int, max_len: int, **sizing) -> BlockPool:
+        return BlockPool(slots, max_len)  # bookkeeping only: this model keeps no keys
 
     def _next(self, ids: dict[int, int], pos: int) -> int:
         for k in range(min(len(self.script), pos + 1), -1, -1):

@@ -17,7 +17,7 @@ from ..quant import QTensor
 from . import cpu
 from .ggml import fused_decoder
 
-__all__ = ["make_linear", "make_embedding", "tied_head", "ggml_numerics", "fused_decoder"]
+__all__ = ["make_linear", "make_embedding", "tied_head", "ggml_numerics", "in_ggml_numerics", "fused_decoder"]
 
 _GGML_NUMERICS: ContextVar[bool] = ContextVar("ggml_numerics", default=False)
 
@@ -31,6 +31,11 @@ def ggml_numerics() -> Iterator[None]:
         yield
     finally:
         _GGML_NUMERICS.reset(token)
+
+
+def in_ggml_numerics() -> bool:
+    """Whether modules made now take llama.cpp's numerics (see `ggml_numerics`)."""
+    return _GGML_NUMERICS.get()
 
 
 def make_linear(weight: torch.Tensor | QTensor, bias: torch.Tensor | None, dtype: torch.dtype,

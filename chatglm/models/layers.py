@@ -1,4 +1,4 @@
-"""The decoder every family shares: norms, rotary, attention over a static KV cache, SwiGLU.
+"""The decoder every family shares: norms, rotary, attention over a paged KV cache, SwiGLU.
 
 Families differ in names, configs and a few switches (rotary style and span, biases, ALiBi), not in
 the block itself, so one `Decoder` serves them and each model file only maps its checkpoint onto it.
@@ -15,32 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import ModelFileError
-from ..kernels import fused_decoder, make_embedding, make_linear, tied_head
+from ..errors import ChatGLMError, ModelFileError
+from ..kernels import fused_decoder, in_ggml_numerics, make_embedding, make_linear, tied_head
+from ..kv_cache import BLOCK_SIZE, KVCache, KVMemoryError, format_size
 from ..quant import QTensor
 
 Weight = Union[torch.Tensor, QTensor]
-
-
-class KVCache:
-    """Keys and values for `slots` sequences of up to `max_len` tokens, allocated once.
-
-    Layout [layer, key|value, slot, kv_head, position, head_dim]: one sequence's keys for a layer
-    are a strided view the attention matmul reads in place, and `by_row[layer]` ([slot, position,
-    key|value, kv_head, head_dim]) takes a step's new rows in one write whatever their positions.
-    """
-
-    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
-        shape = (cfg.num_layers, 2, slots, cfg.num_kv_heads, max_len, cfg.head_dim)
-        # One sequence never reads a row it has not written, so its cache can stay uninitialised
-        # (the OS commits pages as they are written). A batch's span reaches past shorter
-        # sequences' positions: masked rows still meet the values (0 x NaN = NaN), so zero them.
-        self.kv = (torch.empty if slots == 1 else torch.zeros)(shape, dtype=dtype, device=device)
-        self.by_row = [layer.permute(1, 3, 0, 2, 4) for layer in self.kv]
-        self.slots = slots
-        self.max_len = max_len
-        self.meta: dict[int, dict] = {}  # per-slot state a family keeps between steps (GLM's <sop> place)
+FUSED_KV_TYPES = (torch.float32, torch.float16)  # the block storage the C++ decode step reads; others take torch's
 
 
 @dataclass
@@ -48,9 +29,9 @@ class Step:
     """What every layer of one forward shares, worked out once: where the new keys go, which
     cache rows each query reads, and how it weighs them."""
 
-    slots: torch.Tensor               # [B, 1] cache slots
-    rows: torch.Tensor                # [B, T] cache rows the new keys and values go to
-    read: slice | torch.Tensor        # the slots as a slice when they are consecutive (a view, not a gather)
+    blocks: torch.Tensor              # [B, T] the block each new key and value goes to
+    offsets: torch.Tensor             # [B, T] ... and its row in that block
+    table: torch.Tensor               # [B, span blocks] the blocks each sequence reads, in order
     span: int                         # cache rows attended: the longest sequence's prefix + past + itself
     mask: torch.Tensor                # bool [B,1,T,span] keys each query sees, or a float bias [B,H,T,span]
     bias: torch.Tensor | None = None  # one-token steps: float32 [B, kv_heads or 1, group or 1, span], None: no mask
@@ -93,9 +74,11 @@ def attend(q: torch.Tensor, kv: torch.Tensor, cache: KVCache, layer: int, step: 
     runs far faster than on bf16.
     """
     B, T, H, D = q.shape
-    cache.by_row[layer].index_put_((step.slots, step.rows), kv)
-    keys, values = cache.kv[layer][:, step.read, :, : step.span]  # [B, Hkv, span, D] each
+    cache.by_row[layer].index_put_((step.blocks, step.offsets), kv.to(cache.kv.dtype))
+    pages = cache.kv[layer][:, :, step.table]  # [2, Hkv, B, blocks, block_size, D]: one gather
+    keys, values = pages.transpose(1, 2).flatten(3, 4)[..., : step.span, :]  # [B, Hkv, span, D] each
     if T > 1:
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
         att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=step.mask, enable_gqa=True)
         return att.transpose(1, 2).reshape(B, T, H * D)
     grouped = q.float().reshape(B, keys.shape[1], -1, D)
@@ -159,18 +142,30 @@ class Decoder(nn.Module):
         self.fused = fused_decoder(self.layers, cfg) if fusable else None
         prefix = prefix_kv(cfg, weights, source)
         self.prefix = None if prefix is None else prefix.to(device=device, dtype=dtype)
+        # keys and values as stored: float16 where the blocks take llama.cpp's numerics (as llama.cpp keeps its
+        # cache), else the activations' dtype; the cache owner may pick another (`new_cache(dtype=...)`, --kv-type)
+        blocks = in_ggml_numerics() and any(isinstance(w, QTensor) for w in weights.values())
+        self.kv_dtype = torch.float16 if blocks and dtype == torch.float32 else dtype
 
     @property
     def prefix_len(self) -> int:
         """P-Tuning v2 virtual tokens held in cache rows 0..prefix_len-1 of every slot."""
         return 0 if self.prefix is None else self.prefix.shape[2]
 
-    def new_cache(self, slots: int, max_len: int) -> KVCache:
-        """A cache for `slots` sequences of `max_len` tokens each (plus the P-Tuning prefix rows)."""
-        cache = KVCache(self.config, slots, max_len + self.prefix_len, self.dtype, self.device)
-        if self.prefix is not None:  # [layers, 2, P, Hkv, D] into every slot's first P rows
-            cache.kv[..., : self.prefix_len, :] = self.prefix.transpose(2, 3)[:, :, None]
-        return cache
+    def new_cache(self, slots: int, max_len: int, memory: int | None = None, dtype: torch.dtype | None = None,
+                  block_size: int = BLOCK_SIZE) -> KVCache:
+        """A paged cache for `slots` sequences of up to `max_len` tokens each, holding `memory` bytes of
+        blocks (default: enough for every slot at max_len, committed by the OS only as blocks are used)."""
+        dtype = dtype or self.kv_dtype
+        per_block = KVCache.block_bytes(self.config, dtype, block_size)
+        blocks = None if memory is None else memory // per_block
+        try:
+            return KVCache(self.config, slots, max_len, dtype, self.device, blocks, block_size, self.prefix)
+        except KVMemoryError:
+            need = 2 + -(-self.prefix_len // block_size)
+            raise KVMemoryError(f"--kv-memory {format_size(memory)} holds no KV block for a sequence: a block of "
+                                f"{block_size} tokens takes {format_size(per_block)} for this model "
+                                f"({dtype}); give at least {format_size(need * per_block)}") from None
 
     def causal_mask(self, pos: torch.Tensor, both_ways: torch.Tensor | None = None) -> torch.Tensor:
         """[B,1,T,span] keys each token sees: the prefix rows, its own past, and (GLM) a two-way context."""
@@ -197,18 +192,19 @@ class Decoder(nn.Module):
         """Rotary rows [B,T,1,rope_dim/2], cache rows to write and the attention mask [B,1,T,span] (causal)."""
         return self.rope[pos].unsqueeze(2), pos + self.prefix_len, self.causal_mask(pos)
 
-    def step(self, slots: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> Step:
+    def step(self, cache: KVCache, slots: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> Step:
         """The per-forward attention plan; a one-token step takes its mask as a float32 bias over
         the grouped query heads, or none when every query sees its whole span."""
         B, T = rows.shape
-        ids = slots.tolist()
-        read = slice(ids[0], ids[0] + B) if ids == list(range(ids[0], ids[0] + B)) else slots
+        span = mask.shape[-1]
+        table = cache.tables[slots, : -(-span // cache.block_size)]
+        blocks = table.gather(1, rows // cache.block_size)
         bias = None
         if T == 1 and mask.dtype != torch.bool:  # an additive bias per query head [B,H,1,span] (ALiBi)
             bias = mask.float().view(B, self.config.num_kv_heads, -1, mask.shape[-1])
         elif T == 1 and not bool(mask.all()):
             bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
-        return Step(slots[:, None], rows, read, mask.shape[-1], mask, bias)
+        return Step(blocks, rows % cache.block_size, table, span, mask, bias)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.norm, self.config.norm_eps)
@@ -219,16 +215,22 @@ class Decoder(nn.Module):
         """Logits for ids [B,T] at positions pos [B,T] of the sequences in cache `slots` [B].
 
         Each token attends to its own sequence's cache up to its position; the cache rows before
-        pos must already hold that sequence's earlier tokens. last_only keeps the last column,
-        take [B] one column per row (a batch of prompts padded to one length): [B, 1, vocab].
+        pos must already hold that sequence's earlier tokens; a sequence short of blocks takes them here.
+        last_only keeps the last column, take [B] one column per row (a batch of prompts padded to one
+        length): [B, 1, vocab].
         """
+        last = pos[:, -1] if take is None else pos.gather(1, take[:, None])[:, 0]
+        for slot, tokens in zip(slots.tolist(), (last + 1).tolist()):  # padding columns past `take` take no block
+            if not cache.grow(slot, tokens):
+                raise ChatGLMError(f"the KV cache has no free block for sequence {slot} at {tokens} tokens")
         x = self.embed(ids)
-        if self.fused is not None and ids.shape[1] == 1:
+        if self.fused is not None and ids.shape[1] == 1 and cache.kv.dtype in FUSED_KV_TYPES:
             at = pos[:, 0].contiguous()
-            x = self.fused.step(x[:, 0], cache.kv, slots, at, at + self.prefix_len, torch.view_as_real(self.rope))[:, None]
+            x = self.fused.step(x[:, 0], cache.kv, cache.tables[slots], at, at + self.prefix_len,
+                                torch.view_as_real(self.rope))[:, None]
         else:
             cs, rows, mask = self.attention_inputs(ids, pos, cache, slots)
-            step = self.step(slots, rows, mask)
+            step = self.step(cache, slots, rows, mask)
             for i, layer in enumerate(self.layers):
                 x = layer(x, cs, i, cache, step)
         if take is not None:

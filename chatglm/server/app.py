@@ -11,10 +11,12 @@ import os
 import secrets
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 import anyio
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -64,14 +66,36 @@ def json_event(data: Any, event: str | None = None) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(data, ensure_ascii=False), event=event)
 
 
+@dataclass
+class KVSettings:
+    """How the KV pool is sized: bytes of blocks (None: half the available memory, see kv_cache.default_budget),
+    tokens per sequence at most (None: the model's context) and the storage dtype (None: the model's choice)."""
+
+    memory: int | None = None
+    ctx: int | None = None
+    dtype: torch.dtype | None = None
+
+    @classmethod
+    def from_flags(cls, kv_memory: str | None, ctx: int | None, kv_type: str | None) -> "KVSettings":
+        """From `serve`'s --kv-memory, --ctx and --kv-type; a bad value is refused before the model loads."""
+        from ..kv_cache import KV_TYPES, parse_size
+
+        if ctx is not None and ctx < 1:
+            raise ValueError(f"--ctx must be a positive number of tokens, not {ctx}")
+        return cls(memory=parse_size(kv_memory) if kv_memory else None, ctx=ctx, dtype=KV_TYPES.get(kv_type))
+
+
 class Server:
     """What every protocol shares: the pipeline, the batch engine, the embedder and the counters."""
 
-    def __init__(self, pipeline, max_batch: int, max_queue: int, embedding_model: str | Path | None):
+    def __init__(self, pipeline, max_batch: int, max_queue: int, embedding_model: str | Path | None,
+                 kv: KVSettings | None = None):
         self.pipeline = pipeline
         self.tokenizer = pipeline.tokenizer
         self.family = self.tokenizer.family
-        self.engine = BatchEngine(pipeline.model, max_batch=max_batch, max_queue=max_queue)
+        kv = kv or KVSettings()
+        self.engine = BatchEngine(pipeline.model, max_batch=max_batch, max_queue=max_queue, context=kv.ctx,
+                                  kv_memory=kv.memory, kv_dtype=kv.dtype)
         self.context = self.engine.context
         path = Path(pipeline.path)
         self.model_id = path.stem if path.suffix in (".gguf", ".bin") else path.name
@@ -272,6 +296,22 @@ class EngineMetrics:
         yield self._family(GaugeMetricFamily, "chatglm_queue_depth", "Requests waiting for a batch slot",
                            s.engine.queue_depth)
         yield self._family(GaugeMetricFamily, "chatglm_batch_size", "Sequences in the running batch", s.running())
+        pool = s.engine.cache
+        for kind, name, documentation, value in (
+                (GaugeMetricFamily, "chatglm_kv_blocks", "KV cache blocks in the pool", pool.blocks - 1),
+                (GaugeMetricFamily, "chatglm_kv_blocks_used", "KV cache blocks held by running sequences",
+                 pool.in_use()),
+                (GaugeMetricFamily, "chatglm_kv_blocks_cached", "KV blocks kept for prefix sharing, held by nobody",
+                 len(pool.idle)),
+                (CounterMetricFamily, "chatglm_prefix_cache_hits", "Prompt blocks found in the KV cache (computed once)",
+                 stats["prefix_hit_blocks"]),
+                (CounterMetricFamily, "chatglm_prefix_cache_lookups", "Prompts looked up in the prefix cache",
+                 stats["prefix_lookups"]),
+                (CounterMetricFamily, "chatglm_kv_evicted_blocks", "Cached KV blocks evicted, least recently used first",
+                 pool.stats["evicted_blocks"]),
+                (CounterMetricFamily, "chatglm_kv_pool_short", "Admissions deferred and replies ended for want of KV blocks",
+                 stats["pool_short"])):
+            yield self._family(kind, name, documentation, value)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -303,17 +343,19 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(pipeline, *, api_key: str | None = None, cors_origins: Sequence[str] = (), max_batch: int = 8,
-               max_queue: int = 64, embedding_model: str | Path | None = None, replica: str | None = None) -> FastAPI:
+               max_queue: int = 64, embedding_model: str | Path | None = None, kv: KVSettings | None = None,
+               replica: str | None = None) -> FastAPI:
     """The FastAPI app serving `pipeline` over every protocol.
 
     api_key (or the CHATGLM_API_KEY variable) turns on Bearer auth for every route but /health and the web page's
     files; CORS stays off unless cors_origins are given. ``app.state.web_page`` is the hook for a browser page on
-    ``GET /`` (web.py installs the chat page there). ``replica`` (Ray Serve replicas) names this copy of the app
-    in /health, in a header on every response and as a label on its metrics.
+    ``GET /`` (web.py installs the chat page there). kv sizes the engine's KV pool (`KVSettings`). ``replica``
+    (Ray Serve replicas) names this copy of the app in /health, in a header on every response and as a label on
+    its metrics.
     """
     from . import chatglm_api, glm_api, openai, web
 
-    server = Server(pipeline, max_batch, max_queue, embedding_model)
+    server = Server(pipeline, max_batch, max_queue, embedding_model, kv)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

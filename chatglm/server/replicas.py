@@ -32,7 +32,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from .app import EngineMetrics, error_response
+from .app import EngineMetrics, KVSettings, error_response
 
 log = logging.getLogger("chatglm")
 APP_NAME = "chatglm"
@@ -294,7 +294,8 @@ class ReplicaPlan:
         # (max_queued_requests) is then the one source of 503s
         app_options = dict(api_key=o.get("api_key") or os.environ.get("CHATGLM_API_KEY"), max_batch=max_batch,
                            max_queue=max_queue + max_batch, cors_origins=o.get("cors_origins") or [],
-                           embedding_model=o.get("embedding_model"))
+                           embedding_model=o.get("embedding_model"),
+                           kv=KVSettings.from_flags(o.get("kv_memory"), o.get("ctx"), o.get("kv_type")))
         return cls(model=str(o.get("model") or "default"), app_options=app_options, replicas=replicas,
                    options=dict(dtype=o.get("dtype") or "auto", device=o.get("device") or "cpu", threads=threads),
                    threads=threads, max_ongoing=max_batch + max_queue, ray_address=o.get("ray_address"),

@@ -11,6 +11,7 @@
 #include "ggml_kernels.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -24,17 +25,41 @@
 
 namespace {
 
-// sum a[i] * b[i]: 16 lanes at a time, then one tree reduction (a head's 64 or 128 values are a few steps)
-inline float dot(const float* a, const float* b, int64_t n) {
+// Cache rows are float32 or float16 (converted to float32 as they are read, rounded to nearest as written).
+inline float to_float(float v) { return v; }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// sum q[i] * k[i], k float32 or a float16 cache row: 16 lanes at a time, then one tree reduction (a head's 64 or
+// 128 values are a few steps)
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
 #if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc);
   s = _mm512_reduce_add_ps(acc);
 #endif
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += q[i] * to_float(k[i]);
   return s;
+}
+
+// o[i] += p * v[i]
+template <typename T>
+inline void add_scaled(float* o, float p, const T* v, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 pp = _mm512_set1_ps(p);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(o + i, _mm512_fmadd_ps(pp, load16(v + i), _mm512_loadu_ps(o + i)));
+#endif
+  for (; i < n; ++i) o[i] += p * to_float(v[i]);
 }
 
 #if defined(__AVX512F__)
@@ -166,55 +191,79 @@ class FusedDecoder {
     }
   }
 
-  // x [B, hidden] (updated in place and returned) for tokens at positions pos [B] of the sequences in cache
-  // slots [B], their keys and values going to cache rows rows [B]; kv is the cache [layers, 2, slots, kv_heads,
-  // max_len, head_dim], rope the (cos, sin) table [max_position, rope_dim/2, 2].
-  torch::Tensor step(torch::Tensor x, const torch::Tensor& kv, const torch::Tensor& slots, const torch::Tensor& pos,
+  // x [B, hidden] (updated in place and returned) for tokens at positions pos [B], their keys and values going to
+  // cache rows rows [B] of each sequence; tables [B, width] are the sequences' block tables into the paged cache
+  // kv [layers, 2, kv_heads, blocks, block_size, head_dim] (float32 or float16), rope the (cos, sin) table
+  // [max_position, rope_dim/2, 2].
+  torch::Tensor step(torch::Tensor x, const torch::Tensor& kv, const torch::Tensor& tables, const torch::Tensor& pos,
                      const torch::Tensor& rows, const torch::Tensor& rope) {
     const int64_t B = x.size(0), hidden = layers_[0]->attn_norm.numel();
     TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden, "x must be [batch, ", hidden, "]");
     checked_float(x, B * hidden, "x");
-    TORCH_CHECK(kv.scalar_type() == torch::kFloat32 && kv.is_contiguous() && kv.dim() == 6 &&
-                kv.size(0) == static_cast<int64_t>(layers_.size()) && kv.size(1) == 2 && kv.size(3) == kv_heads_ &&
-                kv.size(5) == head_dim_, "the cache must be float32 [layers, 2, slots, kv_heads, max_len, head_dim]");
+    TORCH_CHECK((kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kFloat16) && kv.is_contiguous() &&
+                kv.dim() == 6 && kv.size(0) == static_cast<int64_t>(layers_.size()) && kv.size(1) == 2 &&
+                kv.size(2) == kv_heads_ && kv.size(5) == head_dim_,
+                "the cache must be float32 or float16 [layers, 2, kv_heads, blocks, block_size, head_dim]");
     TORCH_CHECK(rope.scalar_type() == torch::kFloat32 && rope.is_contiguous() && rope.dim() == 3 &&
                 rope.size(1) == rope_dim_ / 2 && rope.size(2) == 2, "rope must be float32 [positions, rope_dim/2, 2]");
-    for (const torch::Tensor* t : {&slots, &pos, &rows}) {
-      TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == B, "slots, pos and rows "
+    for (const torch::Tensor* t : {&pos, &rows}) {
+      TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == B, "pos and rows "
                   "must be int64 [batch]");
     }
-    const int64_t* slot = slots.data_ptr<int64_t>();
+    TORCH_CHECK(tables.scalar_type() == torch::kInt64 && tables.is_contiguous() && tables.dim() == 2 &&
+                tables.size(0) == B, "tables must be int64 [batch, blocks per sequence]");
     const int64_t* at = pos.data_ptr<int64_t>();
     const int64_t* row = rows.data_ptr<int64_t>();
+    const int64_t* table = tables.data_ptr<int64_t>();
+    const int64_t width = tables.size(1), bs = kv.size(4), blocks = kv.size(3);
     for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(slot[b] >= 0 && slot[b] < kv.size(2) && row[b] >= 0 && row[b] < kv.size(4) && at[b] >= 0 &&
-                  at[b] < rope.size(0), "row ", b, ": slot ", slot[b], ", cache row ", row[b], " or position ", at[b],
-                  " out of range");
+      TORCH_CHECK(row[b] >= 0 && row[b] < width * bs && at[b] >= 0 && at[b] < rope.size(0), "row ", b,
+                  ": cache row ", row[b], " or position ", at[b], " out of range");
+      for (int64_t j = 0; j <= row[b] / bs; ++j) {
+        const int64_t block = table[b * width + j];
+        TORCH_CHECK(block > 0 && block < blocks, "row ", b, ": block table entry ", j, " is ", block,
+                    ", not a block of the pool (1..", blocks - 1, ")");
+      }
     }
-    const int64_t nq = heads_ * head_dim_, nkv = kv_heads_ * head_dim_, width = nq + 2 * nkv;
+    if (kv.scalar_type() == torch::kFloat16) {
+      run(x, static_cast<c10::Half*>(kv.data_ptr()), kv, table, width, at, row, rope);
+    } else {
+      run(x, kv.data_ptr<float>(), kv, table, width, at, row, rope);
+    }
+    return x;
+  }
+
+ private:
+  template <typename T>
+  void run(torch::Tensor& x, T* cache, const torch::Tensor& kv, const int64_t* table, int64_t width, const int64_t* at,
+           const int64_t* row, const torch::Tensor& rope) const {
+    const int64_t B = x.size(0), hidden = layers_[0]->attn_norm.numel();
+    const int64_t nq = heads_ * head_dim_, nkv = kv_heads_ * head_dim_, qkv_width = nq + 2 * nkv;
     const int64_t ffn = layers_[0]->down.in;
-    std::vector<float> h(B * hidden), qkv(B * width), att(B * nq), gu(B * 2 * ffn), act(B * ffn), y(B * hidden);
+    std::vector<float> h(B * hidden), qkv(B * qkv_width), att(B * nq), gu(B * 2 * ffn), act(B * ffn), y(B * hidden);
     float* xs = x.data_ptr<float>();
-    float* cache = kv.data_ptr<float>();
-    const float* table = rope.data_ptr<float>();
-    const int64_t slot_stride = kv.stride(2), head_stride = kv.stride(3), half_stride = kv.stride(1);
+    const float* rot = rope.data_ptr<float>();
+    const Paged<T> paged{nullptr, table, width, kv.size(4), kv.stride(3), kv.stride(2), kv.stride(1), kv.stride(4)};
 
     for (size_t l = 0; l < layers_.size(); ++l) {
       const DecodeLayer& w = *layers_[l];
-      float* layer_kv = cache + l * kv.stride(0);
+      Paged<T> layer = paged;
+      layer.base = cache + l * kv.stride(0);
       for (int64_t b = 0; b < B; ++b) rms_norm(xs + b * hidden, w.attn_norm.data_ptr<float>(), eps_, hidden, &h[b * hidden]);
       w.qkv(h.data(), B, qkv.data(), tile_rows_);
       for (int64_t b = 0; b < B; ++b) {
-        float* r = &qkv[b * width];
-        const float* cs = table + at[b] * rope_dim_;
+        float* r = &qkv[b * qkv_width];
+        const float* cs = rot + at[b] * rope_dim_;
         for (int64_t i = 0; i < heads_ + kv_heads_; ++i) rotate(r + i * head_dim_, cs, rope_dim_, interleaved_);
         for (int64_t g = 0; g < kv_heads_; ++g) {  // this token's key and value into the cache
-          float* k = layer_kv + slot[b] * slot_stride + g * head_stride + row[b] * head_dim_;
-          std::copy_n(r + nq + g * head_dim_, head_dim_, k);
-          std::copy_n(r + nq + nkv + g * head_dim_, head_dim_, k + half_stride);
+          T* k = layer.row(b, g, row[b]);
+          for (int64_t d = 0; d < head_dim_; ++d) {
+            k[d] = static_cast<T>(r[nq + g * head_dim_ + d]);
+            k[layer.half_stride + d] = static_cast<T>(r[nq + nkv + g * head_dim_ + d]);
+          }
         }
       }
-      attend(layer_kv, slot, row, B, qkv.data(), width, att.data(), slot_stride, head_stride, half_stride);
+      attend(layer, row, B, qkv.data(), qkv_width, att.data());
       w.o(att.data(), B, y.data(), tile_rows_);
       for (int64_t i = 0; i < B * hidden; ++i) xs[i] += y[i];
       for (int64_t b = 0; b < B; ++b) rms_norm(xs + b * hidden, w.ffn_norm.data_ptr<float>(), eps_, hidden, &h[b * hidden]);
@@ -223,40 +272,47 @@ class FusedDecoder {
       w.down(act.data(), B, y.data(), tile_rows_);
       for (int64_t i = 0; i < B * hidden; ++i) xs[i] += y[i];
     }
-    return x;
   }
 
- private:
+  // One layer's keys of the paged cache: row j of sequence b, key head g (its value half_stride further on).
+  template <typename T>
+  struct Paged {
+    T* base;
+    const int64_t* table;
+    int64_t width, block_size, block_stride, head_stride, half_stride, row_stride;
+    T* row(int64_t b, int64_t g, int64_t j) const {
+      return base + table[b * width + j / block_size] * block_stride + g * head_stride + (j % block_size) * row_stride;
+    }
+  };
+
   // Each row's query heads over its cache rows 0..row[b] (the prefix, its past and itself): one task per
-  // sequence and key head, whose query heads meet each key and value as it is read.
-  void attend(const float* layer_kv, const int64_t* slot, const int64_t* row, int64_t B, const float* qkv,
-              int64_t width, float* out, int64_t slot_stride, int64_t head_stride, int64_t half_stride) const {
+  // sequence and key head, whose query heads meet each key and value as it is read, a block at a time.
+  template <typename T>
+  void attend(const Paged<T>& kv, const int64_t* row, int64_t B, const float* qkv, int64_t width, float* out) const {
     const int64_t group = heads_ / kv_heads_, D = head_dim_;
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
     at::parallel_for(0, B * kv_heads_, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> scores;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / kv_heads_, g = t % kv_heads_, n = row[b] + 1;
-        const float* keys = layer_kv + slot[b] * slot_stride + g * head_stride;
-        const float* values = keys + half_stride;
         const float* q = qkv + b * width + g * group * D;
         float* o = out + (b * heads_ + g * group) * D;
         scores.resize(group * n);
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t i = 0; i < group; ++i) scores[i * n + j] = dot(q + i * D, keys + j * D, D) * scale;
+        for (int64_t j0 = 0; j0 < n; j0 += kv.block_size) {
+          const T* keys = kv.row(b, g, j0);
+          for (int64_t j = j0; j < std::min(n, j0 + kv.block_size); ++j)
+            for (int64_t i = 0; i < group; ++i) scores[i * n + j] = dot(q + i * D, keys + (j - j0) * D, D) * scale;
+        }
         for (int64_t i = 0; i < group; ++i) {
           float* s = &scores[i * n];
           const float total = exp_shifted(s, n, *std::max_element(s, s + n));
           for (int64_t j = 0; j < n; ++j) s[j] /= total;
         }
         std::fill_n(o, group * D, 0.f);
-        for (int64_t j = 0; j < n; ++j) {
-          const float* v = values + j * D;
-          for (int64_t i = 0; i < group; ++i) {
-            const float p = scores[i * n + j];
-            float* oi = o + i * D;
-            for (int64_t d = 0; d < D; ++d) oi[d] += p * v[d];
-          }
+        for (int64_t j0 = 0; j0 < n; j0 += kv.block_size) {
+          const T* values = kv.row(b, g, j0) + kv.half_stride;
+          for (int64_t j = j0; j < std::min(n, j0 + kv.block_size); ++j)
+            for (int64_t i = 0; i < group; ++i) add_scaled(o + i * D, scores[i * n + j], values + (j - j0) * D, D);
         }
       }
     });
@@ -284,6 +340,6 @@ void register_decode_step(pybind11::module_& m) {
                     int64_t>(),
            py::arg("layers"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("rope_dim"),
            py::arg("interleaved"), py::arg("eps"), py::arg("tile_rows"))
-      .def("step", &FusedDecoder::step, py::arg("x"), py::arg("kv"), py::arg("slots"), py::arg("pos"), py::arg("rows"),
+      .def("step", &FusedDecoder::step, py::arg("x"), py::arg("kv"), py::arg("tables"), py::arg("pos"), py::arg("rows"),
            py::arg("rope"), py::call_guard<py::gil_scoped_release>());
 }
