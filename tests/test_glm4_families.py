@@ -140,7 +140,10 @@ def test_latent_cache_holds_latent_and_rotary_key_per_token(pair):
     cache = ours.new_cache(2, 10)
     assert isinstance(cache, LatentCache)
     c = ref.config
-    assert cache.kv.numel() == c.num_hidden_layers * 2 * 10 * (c.kv_lora_rank + c.qk_rope_head_dim)
+    per_token = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim)  # one entry per layer, no heads
+    assert cache.kv.numel() == cache.blocks * cache.block_size * per_token
+    assert LatentCache.block_bytes(ours.config, cache.kv.dtype, cache.block_size) == \
+        cache.block_size * per_token * cache.kv.itemsize
 
 
 def test_engines_generate_what_transformers_generates(pair):

@@ -18,10 +18,11 @@ from torch import nn
 from ..config import LatentSpec, ModelConfig, as_ids, need
 from ..errors import ModelFileError
 from ..kernels import make_linear
+from ..kv_cache import BLOCK_SIZE, NULL, BlockPool, KVCache, format_size
 from . import glm4_moe
 from .glm4 import gguf_config, gguf_key, gguf_layers, glm4_shapes, norm_weight
 from .glm4_moe import MOE_NAMES, Glm4MoeDecoder, MoEBlock, moe_shapes, moe_spec, rope_parameters
-from .layers import KVCache, Step, Weight, _float, apply_rope_, rms_norm
+from .layers import Step, Weight, _float, apply_rope_, rms_norm
 from .moe_gguf import SIGMOID, check_gating, moe_from_gguf, moe_metadata, unstack_experts
 
 ARCH = "glm4_moe_lite"
@@ -160,17 +161,23 @@ def sanitize(weights: dict[str, Weight], cfg: ModelConfig, source: object) -> di
 
 
 class LatentCache(KVCache):
-    """Per token and layer, the normed latent then the rotated shared key: [layer, 1, slot, 1, position,
-    kv_rank + rope_dim]; `by_row` and the reads work as for keys and values (one entry, one head)."""
+    """Per token and layer, the normed latent then the rotated shared key, in the pool's blocks:
+    [layer, 1, 1, block, row, kv_rank + rope_dim] (one entry of one head where others keep keys and values)."""
 
-    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+    def __init__(self, cfg: ModelConfig, slots: int, max_tokens: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", blocks: int | None = None, block_size: int = BLOCK_SIZE):
+        BlockPool.__init__(self, slots, max_tokens, blocks, block_size)
         width = cfg.latent.kv_rank + cfg.rope_dim
-        super().__init__(cfg, 0, 0, dtype, device)  # no keys and values: only the bookkeeping
-        shape = (cfg.num_layers, 1, slots, 1, max_len, width)
-        self.kv = (torch.empty if slots == 1 else torch.zeros)(shape, dtype=dtype, device=device)
-        self.by_row = [layer.permute(1, 3, 0, 2, 4) for layer in self.kv]
-        self.slots, self.max_len = slots, max_len
+        self.kv = torch.empty((cfg.num_layers, 1, 1, self.blocks, block_size, width), dtype=dtype, device=device)
+        self.by_row = [layer.permute(2, 3, 0, 1, 4) for layer in self.kv]
+        self.tables = self.tables.to(device)
+        self.storage = f"{format_size(self.kv.numel() * self.kv.itemsize)} {str(dtype).removeprefix('torch.')} in "
+        self.fresh = [True] * self.blocks
+        self.kv[:, :, :, NULL].zero_()
+
+    @staticmethod
+    def block_bytes(cfg: ModelConfig, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
+        return cfg.num_layers * block_size * (cfg.latent.kv_rank + cfg.rope_dim) * dtype.itemsize
 
 
 class LatentAttention(nn.Module):
@@ -202,8 +209,8 @@ class LatentAttention(nn.Module):
         kv = self.kv_a(x)
         entry = torch.cat([rms_norm(kv[..., : spec.kv_rank], self.kv_a_norm, spec.norm_eps), kv[..., spec.kv_rank :]], -1)
         apply_rope_(entry[:, :, None, spec.kv_rank :], cs, cfg.rope_interleaved)
-        cache.by_row[layer].index_put_((step.slots, step.rows), entry[:, :, None, None])
-        rows = cache.kv[layer][0, step.read, :, : step.span]  # [B, 1, span, rank + rope]
+        cache.by_row[layer].index_put_((step.blocks, step.offsets), entry[:, :, None, None].to(cache.kv.dtype))
+        rows = cache.kv[layer][0, 0][step.table].flatten(1, 2)[:, None, : step.span].to(x.dtype)  # [B, 1, span, rank + rope]
         query = torch.cat([torch.einsum("bthn,hnr->bthr", q[..., : spec.nope_dim], self.k_up),
                            q[..., spec.nope_dim :]], -1).transpose(1, 2)
         att = F.scaled_dot_product_attention(query, rows, rows[..., : spec.kv_rank], attn_mask=step.mask,
@@ -245,9 +252,12 @@ class Glm4MoeLiteDecoder(Glm4MoeDecoder):
         """attention_bias gives q_a, kv_a and o a bias (held as cfg.o_bias)."""
         return {"q_a_bias": cfg.o_bias, "kv_a_bias": cfg.o_bias, "o_bias": cfg.o_bias, "head": not cfg.tie_embeddings}
 
-    def new_cache(self, slots: int, max_len: int) -> KVCache:
+    def new_cache(self, slots: int, max_len: int, memory: int | None = None, dtype: torch.dtype | None = None,
+                  block_size: int = BLOCK_SIZE) -> KVCache:
         """A latent cache: kv_rank + rope_dim values per token and layer, whatever the number of heads."""
-        return LatentCache(self.config, slots, max_len, self.dtype, self.device)
+        dtype = dtype or self.kv_dtype
+        blocks = None if memory is None else memory // LatentCache.block_bytes(self.config, dtype, block_size)
+        return LatentCache(self.config, slots, max_len, dtype, self.device, blocks, block_size)
 
 
 DECODER = Glm4MoeLiteDecoder
