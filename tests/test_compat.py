@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 from chatglm.compat import AutoModel, AutoTokenizer
 
 from checkpoints import thudm_config, thudm_state_dict, tiny_glm, write_folder
-from patience import PATIENCE
+from patience import PATIENCE, free_port
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +81,6 @@ def seed_003_script(shared_dir) -> str:
     assert paths == 2
     return script
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: dict, timeout: float = PATIENCE):

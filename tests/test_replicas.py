@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from patience import PATIENCE
+from patience import PATIENCE, free_port
 from test_server_support import sse_events
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (a test dependency: make install)")
@@ -26,11 +25,6 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed (a test depe
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
