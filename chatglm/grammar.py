@@ -1,0 +1,143 @@
+"""Structured outputs: JSON schemas and tool calls enforced while decoding, by llguidance's token masks.
+
+A request's constraint is a Lark grammar (llguidance's dialect, with ``%json {schema}`` for JSON Schema) over the
+reply's bytes. ``Vocabulary`` gives llguidance a tokenizer's own tokens as bytes (specials as ``\\xff<name>``, as its
+llama.cpp bridge does), built once per tokenizer; ``TokenMask`` is one sequence's matcher, which the engine's
+Sampler asks for the allowed ids before each draw and tells the id it drew. The engine sees only ids and masks.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Collection, Mapping, Sequence
+
+import llguidance
+import numpy
+import torch
+
+from .errors import ChatGLMError
+from .tools import TOOL_FAMILIES
+
+class GrammarError(ChatGLMError, ValueError):
+    """A schema or grammar that is invalid or that the grammar engine does not support; `param` names its place."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+class Vocabulary:
+    """A tokenizer's vocabulary as llguidance reads it; building one takes a moment, so build one per tokenizer."""
+
+    def __init__(self, tokenizer, stop_ids: Collection[int]):
+        names = {i: name for name, i in tokenizer.specials.items()}
+        self.size = tokenizer.vocab_size
+        self.tokens = [b"\xff" + names[i].encode() if i in names else tokenizer.token_bytes(i) for i in range(self.size)]
+        self.eos_token_id = min(stop_ids) if stop_ids else None
+        self.bos_token_id = tokenizer.bos_id
+        self._tokenizer = tokenizer
+        self.ll: llguidance.LLTokenizer | None = None
+        self.ll = llguidance.LLTokenizer(llguidance.TokenizerWrapper(self), n_vocab=self.size,
+                                         eos_token=sorted(stop_ids) or None)
+
+    def __call__(self, text: bytes) -> list[int]:
+        """UTF-8 text to ids, as llguidance asks when it re-tokenizes forced text.
+
+        Where the tokenizer's ids would not spell exactly these bytes (SentencePiece puts a space first),
+        llguidance's own greedy tokenization of the bytes is used instead.
+        """
+        ids = self._tokenizer.encode(text.decode("utf-8", "replace"))
+        if b"".join(self.tokens[i] for i in ids) == text or self.ll is None:  # None: llguidance's probe call
+            return ids
+        return self.ll.greedy_tokenize(text.decode("utf-8", "replace"))
+
+    def check(self, grammar: str, param: str) -> None:
+        """Raise GrammarError (naming `param`) unless llguidance accepts the grammar."""
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.ll)
+        if error and not llguidance.LLMatcher.is_validate_warning(error):
+            raise GrammarError(f"{param}: the grammar engine cannot enforce it: {error}", param)
+
+    def mask(self, grammar: str) -> TokenMask:
+        return TokenMask(self, grammar)
+
+
+class TokenMask:
+    """One sequence's grammar state: the ids allowed next, and the ids drawn."""
+
+    def __init__(self, vocab: Vocabulary, grammar: str):
+        self.matcher = llguidance.LLMatcher(vocab.ll, grammar, log_level=0)
+        self.words = (vocab.size + 31) // 32
+        self._check()
+
+    def _check(self) -> None:
+        if self.matcher.is_error():
+            raise GrammarError(f"the grammar engine stopped: {self.matcher.get_error()}", "response_format")
+
+    def allowed(self, size: int) -> torch.Tensor:
+        """bool [size]: which ids keep the reply inside the grammar (the stop ids once it may end)."""
+        bits = torch.empty(self.words, dtype=torch.int32)
+        self.matcher.unsafe_compute_mask_ptr(bits.data_ptr(), self.words * 4)
+        self._check()
+        flags = torch.from_numpy(numpy.unpackbits(bits.numpy().view(numpy.uint8), bitorder="little")).view(torch.bool)
+        if size > flags.numel():
+            flags = torch.cat([flags, flags.new_zeros(size - flags.numel())])
+        return flags[:size]
+
+    def accept(self, token: int) -> None:
+        self.matcher.consume_token(token)
+        self._check()
+
+
+# ----- grammars for what the APIs ask -----------------------------------------------------------------------------
+
+def _json(schema: Mapping[str, Any]) -> str:
+    return "%json " + json.dumps(schema, ensure_ascii=False)
+
+
+def _reply_start(family: str) -> str:
+    """What a reply must begin with before its content: ChatGLM3 and GLM-4 write an (empty) metadata line first."""
+    return '" "? "\\n" ' if family in TOOL_FAMILIES else ""  # SentencePiece may put its space first
+
+
+def check_schema(schema: Any, param: str) -> dict[str, Any]:
+    """A JSON Schema as given, or GrammarError naming the part of it that is not a valid schema."""
+    import jsonschema
+
+    if not isinstance(schema, Mapping):
+        raise GrammarError(f"{param} must be a JSON Schema object, not {type(schema).__name__}", param)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path)
+        raise GrammarError(f"{param}{where} is not a valid JSON Schema: {e.message}", param) from None
+    return dict(schema)
+
+
+def json_grammar(family: str, schema: Mapping[str, Any] | None = None) -> str:
+    """A reply that is one JSON value of `schema` (any JSON object when None), whitespace allowed before it."""
+    return f'start: {_reply_start(family)}/[ \\t\\n]*/ {_json(schema if schema is not None else {"type": "object"})}'
+
+
+def tool_call_grammar(family: str, functions: Sequence[Mapping[str, Any]]) -> str:
+    """A reply that is one call of one of `functions`, its arguments valid for that function's parameters.
+
+    GLM-4 writes ``name\\n{json}``; ChatGLM3 writes ``name\\n```python\\ntool_call(key=value, ...)\\n```...``
+    with each value a JSON literal for its parameter (booleans and null excluded: ChatGLM3's Python would not
+    read them back).
+    """
+    rules, names = [], []
+    for k, f in enumerate(functions):
+        name = json.dumps(f["name"])
+        params = dict(f.get("parameters") or {"type": "object"})
+        if family == "glm4":
+            rules.append(f"call{k}: {name} \"\\n\" {_json(params)}")
+        elif family == "chatglm3":
+            props = params.get("properties") or {}
+            required = set(params.get("required") or props)
+            args = [f'"{key}=" {_json(schema)}' for key, schema in props.items() if key in required]
+            body = ' ", " '.join(args)
+            rules.append(f'call{k}: {name} "\\n```python\\ntool_call(" {body} ")\\n```"')
+        else:
+            raise GrammarError(f"tool calls need a ChatGLM3 or GLM-4 model; this one is of family {family!r}",
+                               "tool_choice")
+        names.append(f"call{k}")
+    return "start: " + " | ".join(names) + "\n" + "\n".join(rules)
