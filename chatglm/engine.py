@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 
@@ -35,12 +35,15 @@ class SamplingParams:
     presence_penalty: float = 0.0       # OpenAI's: subtracted once from each token already in the reply
     frequency_penalty: float = 0.0      # OpenAI's: subtracted per time a token is already in the reply
     seed: int | None = None
+    logprobs: int | None = None         # top entries to report per new token (0: the chosen one only); None: off
+    prompt_logprobs: bool = False       # report the prompt's own token logprobs too (echo); its prefix is recomputed
 
     def validate(self) -> None:
         for name in ("max_new_tokens", "max_length"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, not {v!r}")
+            least = 0 if name == "max_new_tokens" and self.prompt_logprobs else 1  # echo alone scores the prompt
+            if v is not None and (not isinstance(v, int) or v < least):
+                raise ValueError(f"{name} must be an integer of at least {least}, not {v!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, not {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -49,6 +52,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, not {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, not {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be between 0 and 20, not {self.logprobs}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not -2 <= v <= 2:
@@ -76,18 +81,43 @@ def budget(prompt_len: int, params: SamplingParams, context: int) -> int:
     return max(new, 0)
 
 
+Logprob = tuple[int, float, list[tuple[int, float]]]  # (id, its logprob, the top ids and logprobs)
+
+
+class TokenMask(Protocol):
+    """A grammar's state for one sequence (grammar.py): the ids it allows next, and the ids drawn."""
+
+    def allowed(self, size: int) -> torch.Tensor: ...
+
+    def accept(self, token: int) -> None: ...
+
+
+def logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[Logprob]:
+    """The log-softmax of raw logits rows [n, vocab] at `tokens` [n], with the `top` likeliest entries of each row."""
+    table = torch.log_softmax(logits.float(), dim=-1)
+    chosen = table.gather(1, torch.tensor(tokens, dtype=torch.long, device=table.device)[:, None])[:, 0].tolist()
+    best = table.topk(top, dim=-1) if top else None
+    out = []
+    for row, (token, value) in enumerate(zip(tokens, chosen)):
+        entries = list(zip(best.indices[row].tolist(), best.values[row].tolist())) if best is not None else []
+        out.append((token, value, entries))
+    return out
+
+
 class Sampler:
-    """Turns one row of logits into a token id: penalties, temperature, top-k, top-p, draw.
+    """Turns one row of logits into a token id: penalties, a grammar's mask, temperature, top-k, top-p, draw.
 
     A Sampler serves one sequence: it counts the tokens it returns, which are the reply's tokens
     (the one stop token it may return ends the reply), so OpenAI's presence and frequency penalties
     see the reply and never the prompt, at no per-token cost beyond one update of the counts.
     """
 
-    def __init__(self, params: SamplingParams, vocab_limit: int | None = None):
+    def __init__(self, params: SamplingParams, vocab_limit: int | None = None, mask: TokenMask | None = None):
         params.validate()
         self.params = params
         self.vocab_limit = vocab_limit
+        self.mask = mask
+        self.last_logprob: Logprob | None = None  # the last draw's, when params.logprobs asks
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
@@ -111,12 +141,18 @@ class Sampler:
             if self.counts is None:
                 self.counts = torch.zeros_like(logits)  # one row per real token, on the logits' device
             logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+        if self.mask is not None:
+            logits = logits.masked_fill(~self.mask.allowed(logits.shape[-1]).to(logits.device), float("-inf"))
         return logits
 
     def __call__(self, logits: torch.Tensor, previous: Sequence[int]) -> int:
         token = self._pick(self.penalized(logits, previous))
         if self.counts is not None:
             self.counts[token] += 1
+        if self.mask is not None:
+            self.mask.accept(token)
+        if self.params.logprobs is not None:  # of the model's own distribution: before penalties and temperature
+            self.last_logprob = logprobs(logits[None, : self.vocab_limit], [token], self.params.logprobs)[0]
         return token
 
     def _pick(self, logits: torch.Tensor) -> int:
@@ -138,9 +174,9 @@ class Sampler:
 
 
 def generate(model, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int] | set[int] = frozenset(),
-             vocab_limit: int | None = None) -> Iterator[int]:
+             vocab_limit: int | None = None, mask: TokenMask | None = None) -> Iterator[int]:
     """Yield new token ids until a stop id (not yielded), the token budget or the caller stops."""
-    sampler = Sampler(params, vocab_limit)
+    sampler = Sampler(params, vocab_limit, mask)
     new = budget(len(prompt), params, model.config.max_position)
     if new == 0:
         return
@@ -176,6 +212,8 @@ class Request:
     params: SamplingParams
     stop_ids: frozenset[int]
     vocab_limit: int | None = None
+    mask: TokenMask | None = None
+    leader: "Request | None" = None  # n > 1: the sibling whose prefill this one shares
 
     def __post_init__(self) -> None:
         self.tokens: "queue.Queue[int | None]" = queue.Queue()
@@ -183,7 +221,9 @@ class Request:
         self.finish_reason: str | None = None   # "stop", "length" or "cancelled"
         self.error: BaseException | None = None
         self.generated: list[int] = []
-        self.sampler = Sampler(self.params, self.vocab_limit)
+        self.logprobs: list[Logprob] = []        # one per generated token, when params.logprobs asks
+        self.prompt_logprobs: list[Logprob | None] | None = None  # params.prompt_logprobs: None for the first
+        self.sampler = Sampler(self.params, self.vocab_limit, self.mask)
 
     def cancel(self) -> None:
         """Free the slot at the next step (a client went away)."""
@@ -231,20 +271,30 @@ class BatchEngine:
         return len(self.waiting)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int] = frozenset(),
-               vocab_limit: int | None = None) -> Request:
+               vocab_limit: int | None = None, mask: TokenMask | None = None) -> Request:
         """Queue a request; raises QueueFullError when the line is full, ContextLengthError when too long."""
-        params.validate()
-        budget(len(prompt), params, self.context)
-        request = Request(list(prompt), params, frozenset(stop_ids), vocab_limit)
+        return self.submit_group(prompt, [params], stop_ids, vocab_limit, [mask])[0]
+
+    def submit_group(self, prompt: Sequence[int], params: Sequence[SamplingParams],
+                     stop_ids: frozenset[int] = frozenset(), vocab_limit: int | None = None,
+                     masks: Sequence[TokenMask | None] = ()) -> list[Request]:
+        """Queue len(params) continuations of one prompt (OpenAI's n): admitted together, they share one prefill."""
+        for p in params:
+            p.validate()
+            budget(len(prompt), p, self.context)
+        masks = list(masks) or [None] * len(params)
+        leader = Request(list(prompt), params[0], frozenset(stop_ids), vocab_limit, masks[0])
+        group = [leader] + [Request(leader.prompt, p, leader.stop_ids, vocab_limit, m, leader)
+                            for p, m in zip(params[1:], masks[1:])]
         with self.lock:
             if self.closed:
                 raise ChatGLMError("the engine is shut down")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(group) > self.max_queue:
                 raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
-            self.waiting.append(request)
-            self.stats["requests"] += 1
+            self.waiting.extend(group)
+            self.stats["requests"] += len(group)
             self.lock.notify()
-        return request
+        return group
 
     def close(self) -> None:
         with self.lock:
@@ -304,26 +354,64 @@ class BatchEngine:
         past their prompt (clamped to the cache): what they write there is overwritten by that
         sequence's own decode steps before any query reads it, and real tokens never look ahead.
         """
+        forks = self._forks(indices)
+        indices = [i for i in indices if i not in forks]
         device = self.model.device
         starts = []
         for index in indices:
             slot = self.slots[index]
             reuse = min(_common_prefix(slot.cached, slot.request.prompt), len(slot.request.prompt) - 1)
-            starts.append(reuse if self.model.prefix_reusable else 0)  # at least one token runs
+            scored = slot.request.params.prompt_logprobs  # echo: every prompt token's logits are needed
+            starts.append(reuse if self.model.prefix_reusable and not scored else 0)  # at least one token runs
         lengths = [len(self.slots[i].request.prompt) - start for i, start in zip(indices, starts)]
         width = max(lengths)
         ids = torch.zeros(len(indices), width, dtype=torch.long)
         for row, (index, start, n) in enumerate(zip(indices, starts, lengths)):
             ids[row, :n] = torch.tensor(self.slots[index].request.prompt[start:])
         pos = (torch.tensor(starts)[:, None] + torch.arange(width)).clamp(max=self.context - 1)
+        last = torch.tensor(lengths, device=device) - 1
+        full = any(self.slots[i].request.params.prompt_logprobs for i in indices)
         logits = self.model(ids.to(device), pos.to(device), self.cache, torch.tensor(indices, device=device),
-                            take=torch.tensor(lengths, device=device) - 1)[:, 0]
+                            take=None if full else last)
+        last_logits = logits[torch.arange(len(indices), device=device), last] if full else logits[:, 0]
         for row, (index, start) in enumerate(zip(indices, starts)):
             slot = self.slots[index]
-            slot.cached = list(slot.request.prompt)
+            request = slot.request
+            slot.cached = list(request.prompt)
             self.stats["prefill_tokens"] += lengths[row]
             self.stats["reused_tokens"] += start
-            self._accept(slot, logits[row])
+            if request.params.prompt_logprobs:
+                request.prompt_logprobs = [None, *logprobs(logits[row, : lengths[row] - 1, : request.vocab_limit],
+                                                           request.prompt[1:], request.params.logprobs or 0)]
+            self._start(slot, last_logits[row])
+            for fork, row_of in forks.items():
+                if row_of == index:
+                    self._fork(index, fork, last_logits[row])
+
+    def _forks(self, indices: list[int]) -> dict[int, int]:
+        """n > 1: the admitted slots whose request's leader is admitted beside it, each with its leader's slot."""
+        if not self.model.prefix_reusable:
+            return {}
+        where = {id(self.slots[i].request): i for i in indices}
+        return {i: where[id(self.slots[i].request.leader)] for i in indices
+                if self.slots[i].request.leader is not None and id(self.slots[i].request.leader) in where}
+
+    def _fork(self, source: int, index: int, logits: torch.Tensor) -> None:
+        """Start a sibling from its leader's prefill: copy the prompt's cache rows, draw from the same logits."""
+        slot = self.slots[index]
+        prompt = slot.request.prompt
+        self.cache.copy_rows(source, index, len(prompt))
+        slot.cached = list(prompt)
+        slot.request.prompt_logprobs = slot.request.leader.prompt_logprobs
+        self.stats["reused_tokens"] += len(prompt)
+        self._start(slot, logits)
+
+    def _start(self, slot: _Slot, logits: torch.Tensor) -> None:
+        """A prefilled request's first token; echo with max_tokens 0 ends at once."""
+        if slot.budget == 0:
+            self._finish(slot, "length")
+        else:
+            self._accept(slot, logits)
 
     def _decode(self) -> None:
         running = [i for i, s in enumerate(self.slots) if s.request is not None]
@@ -349,6 +437,8 @@ class BatchEngine:
         if token in request.stop_ids:
             self._finish(slot, "stop")
             return
+        if request.sampler.last_logprob is not None:
+            request.logprobs.append(request.sampler.last_logprob)
         request.generated.append(token)
         slot.cached.append(token)  # its keys and values are written by the next decode step
         self.stats["tokens"] += 1

@@ -54,7 +54,7 @@ class Vocabulary:
         """Raise GrammarError (naming `param`) unless llguidance accepts the grammar."""
         error = llguidance.LLMatcher.validate_grammar(grammar, self.ll)
         if error and not llguidance.LLMatcher.is_validate_warning(error):
-            raise GrammarError(f"{param}: the grammar engine cannot enforce it: {error}", param)
+            raise GrammarError(f"{param}: the grammar engine cannot enforce it: {error}", param.split(".")[0])
 
     def mask(self, grammar: str) -> TokenMask:
         return TokenMask(self, grammar)
@@ -103,12 +103,12 @@ def check_schema(schema: Any, param: str) -> dict[str, Any]:
     import jsonschema
 
     if not isinstance(schema, Mapping):
-        raise GrammarError(f"{param} must be a JSON Schema object, not {type(schema).__name__}", param)
+        raise GrammarError(f"{param} must be a JSON Schema object, not {type(schema).__name__}", param.split(".")[0])
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path)
-        raise GrammarError(f"{param}{where} is not a valid JSON Schema: {e.message}", param) from None
+        raise GrammarError(f"{param}{where} is not a valid JSON Schema: {e.message}", param.split(".")[0]) from None
     return dict(schema)
 
 
@@ -141,3 +141,25 @@ def tool_call_grammar(family: str, functions: Sequence[Mapping[str, Any]]) -> st
                                "tool_choice")
         names.append(f"call{k}")
     return "start: " + " | ".join(names) + "\n" + "\n".join(rules)
+
+
+def response_grammar(family: str, response_format: Mapping[str, Any] | None) -> str | None:
+    """The grammar of OpenAI's ``response_format`` (None for plain text), or GrammarError naming the bad part."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+    if kind in (None, "text"):
+        if kind is None:
+            raise GrammarError("response_format must be an object with a type: 'text', 'json_object' or "
+                               "'json_schema'", "response_format")
+        return None
+    if kind == "json_object":
+        return json_grammar(family)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, Mapping) or "schema" not in spec:
+            raise GrammarError("response_format.json_schema must be {'name': ..., 'schema': {...}, 'strict': ...}",
+                               "response_format")
+        return json_grammar(family, check_schema(spec["schema"], "response_format.json_schema.schema"))
+    raise GrammarError(f"response_format.type is {kind!r}; expected 'text', 'json_object' or 'json_schema'",
+                       "response_format")

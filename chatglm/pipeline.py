@@ -1,12 +1,15 @@
 """Pipeline: a model, its tokenizer and its chat format behind chat() and generate()."""
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .engine import SamplingParams, generate
+from .engine import SamplingParams, TokenMask, generate
+from .grammar import Vocabulary, response_grammar
 from .loaders import build_model, open_checkpoint
 from .messages import ChatMessage, MessageLike, as_messages
 from .tools import INTERPRETER, TOOL_FAMILIES, ReplyParser, ToolCall, model_messages, read_tools, system_messages
@@ -164,12 +167,29 @@ class Pipeline:
         self.config = model.config
         self.stop_ids = frozenset(tokenizer.eos_ids) | frozenset(self.config.eos_token_ids)
 
-    def _tokens(self, prompt: list[int], sampling: dict[str, Any]) -> Iterator[int]:
-        return generate(self.model, prompt, SamplingParams(**sampling), self.stop_ids, self.tokenizer.vocab_size)
+    @functools.cached_property
+    def vocabulary(self) -> Vocabulary:
+        """The tokenizer's vocabulary as the grammar engine reads it (built on first use)."""
+        return Vocabulary(self.tokenizer, self.stop_ids)
+
+    def token_mask(self, grammar: str | None, param: str = "response_format") -> TokenMask | None:
+        """A fresh grammar state for one reply, after checking the grammar (GrammarError names `param`)."""
+        if grammar is None:
+            return None
+        self.vocabulary.check(grammar, param)
+        return self.vocabulary.mask(grammar)
+
+    def _tokens(self, prompt: list[int], sampling: dict[str, Any], grammar: str | None = None) -> Iterator[int]:
+        return generate(self.model, prompt, SamplingParams(**sampling), self.stop_ids, self.tokenizer.vocab_size,
+                        self.token_mask(grammar))
 
     def chat(self, messages: Sequence[MessageLike], *, tools: Sequence[Mapping[str, Any]] | None = None,
-             stream: bool = False, stop: Sequence[str] = (), **sampling) -> ChatMessage | ChatStream:
+             stream: bool = False, stop: Sequence[str] = (), response_format: Mapping[str, Any] | None = None,
+             **sampling) -> ChatMessage | ChatStream:
         """The assistant's reply to a conversation; with stream=True, a ChatStream of text deltas.
+
+        response_format: OpenAI's ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+        {"name", "schema"}}``, enforced while decoding (grammar.py); a bad schema raises GrammarError.
 
         tools (ChatGLM3, GLM-4): function definitions, OpenAI's shape or ChatGLM3's bare one, and
         ``{"type": "code_interpreter"}`` (ChatGLM3). A reply that calls them carries ``tool_calls`` in
@@ -181,16 +201,18 @@ class Pipeline:
         history = system_messages(family, functions, interpreter) + as_messages(list(messages))
         prompt = self.tokenizer.encode_chat(model_messages(family, history))
         parser = ReplyParser(family, names) if family in TOOL_FAMILIES else None
-        reply = ChatStream(reply_text(self._tokens(prompt, sampling), self.tokenizer, stop, parser), parser)
+        tokens = self._tokens(prompt, sampling, response_grammar(family, response_format))
+        reply = ChatStream(reply_text(tokens, self.tokenizer, stop, parser), parser)
         return reply if stream else reply.message()
 
     def generate(self, prompt: str, *, stream: bool = False, stop: Sequence[str] = (), parse_special: bool | None = None,
-                 **sampling) -> str | Iterator[str]:
+                 response_format: Mapping[str, Any] | None = None, **sampling) -> str | Iterator[str]:
         """Plain completion of text (CodeGeeX2's mode, base models).
 
         parse_special=True reads special-token text in the prompt ("<|user|>", "[gMASK]") as control tokens, for
         hand-built prompts; the default is the family's (GLM: plain text, as the official tokenizers).
         """
         ids = self.tokenizer.encode(prompt, add_special_tokens=True, parse_special=parse_special)
-        deltas = detokenize(self._tokens(ids, sampling), self.tokenizer, stop)
+        deltas = detokenize(self._tokens(ids, sampling, response_grammar("llama", response_format)), self.tokenizer,
+                            stop)
         return deltas if stream else "".join(deltas)

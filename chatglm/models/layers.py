@@ -42,6 +42,12 @@ class KVCache:
         self.max_len = max_len
         self.meta: dict[int, dict] = {}  # per-slot state a family keeps between steps (GLM's <sop> place)
 
+    def copy_rows(self, source: int, target: int, length: int) -> None:
+        """Give slot `target` the first `length` rows of slot `source` (n > 1 continuations of one prefill)."""
+        self.kv[:, :, target, :, :length] = self.kv[:, :, source, :, :length]
+        if source in self.meta:
+            self.meta[target] = dict(self.meta[source])
+
 
 @dataclass
 class Step:

@@ -1,0 +1,110 @@
+"""The engine's token-selection extras: logprobs of the raw logits, the prompt's own logprobs (echo), n
+continuations from one prefill, and a grammar's token mask (llguidance over the default model's vocabulary)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from chatglm import load_model
+from chatglm.engine import BatchEngine, SamplingParams, generate
+
+from checkpoints import tiny_llama
+
+SAMPLE = dict(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    tiny_llama(layers=2).save_pretrained(folder)
+    return load_model(folder, dtype="f32")
+
+
+@pytest.fixture
+def engine(model):
+    e = BatchEngine(model, max_batch=4, max_queue=8)
+    yield e
+    e.close()
+
+
+def log_softmax(rows: np.ndarray) -> np.ndarray:
+    return torch.log_softmax(torch.from_numpy(rows).double(), dim=-1).numpy()
+
+
+def test_logprobs_are_the_log_softmax_of_the_raw_logits_whatever_the_temperature(engine, model):
+    prompt = [5, 9, 31, 7]
+    params = SamplingParams(**{**SAMPLE, "temperature": 1.7}, presence_penalty=1.5, logprobs=3, seed=4)
+    request = engine.submit(prompt, params)
+    out = list(request)
+    table = log_softmax(model.logits(prompt + out)[len(prompt) - 1 : -1])
+    assert len(request.logprobs) == len(out)
+    for row, (token, value, top), step in zip(table, request.logprobs, range(len(out))):
+        assert token == out[step]
+        assert value == pytest.approx(row[token], abs=1e-4)
+        assert [t for t, _ in top] == list(np.argsort(-row)[:3])
+        assert [v for _, v in top] == pytest.approx(sorted(row)[::-1][:3], abs=1e-4)
+
+
+def test_echo_scores_every_prompt_token_against_a_full_prefill(engine, model):
+    prompt = [3, 3, 50, 51, 52, 53, 8, 1]
+    engine.submit(prompt[:5], SamplingParams(do_sample=False, max_new_tokens=2)).tokens.get()  # a cached prefix
+    request = engine.submit(prompt, SamplingParams(do_sample=False, max_new_tokens=0, prompt_logprobs=True,
+                                                   logprobs=1))
+    assert list(request) == [] and request.finish_reason == "length"
+    table = log_softmax(model.logits(prompt))
+    assert request.prompt_logprobs[0] is None
+    for k, (token, value, top) in enumerate(request.prompt_logprobs[1:], 1):
+        assert token == prompt[k]
+        assert value == pytest.approx(table[k - 1, token], abs=1e-4)
+        assert top[0][0] == int(np.argmax(table[k - 1]))
+
+
+def test_n_continuations_share_one_prefill_and_repeat_with_their_seeds(engine, model):
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    before = dict(engine.stats)
+    group = engine.submit_group(prompt, [SamplingParams(**SAMPLE, seed=100 + k) for k in range(3)])
+    replies = [list(r) for r in group]
+    assert engine.stats["prefill_tokens"] - before["prefill_tokens"] == len(prompt)
+    assert engine.stats["reused_tokens"] - before["reused_tokens"] == 2 * len(prompt)
+    assert len({tuple(r) for r in replies}) > 1, "three seeds drew the same reply"
+    for k, reply in enumerate(replies):  # each as drawn alone with its seed
+        assert reply == list(generate(model, prompt, SamplingParams(**SAMPLE, seed=100 + k)))
+
+
+@pytest.fixture(scope="module")
+def pipeline(default_gguf):
+    from chatglm.pipeline import Pipeline
+
+    return Pipeline(default_gguf)
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pets"],
+          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0},
+                         "pets": {"type": "array", "maxItems": 2,
+                                  "items": {"type": "object", "required": ["kind"], "additionalProperties": False,
+                                            "properties": {"kind": {"enum": ["cat", "dog"]}}}}}}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_json_schema_holds_at_temperature_one(pipeline, seed):
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    reply = pipeline.chat([{"role": "user", "content": "Describe a person."}], response_format=fmt, temperature=1.0,
+                          top_p=1.0, max_new_tokens=120, seed=seed)
+    jsonschema.validate(json.loads(reply.content), PERSON)
+
+
+def test_json_object_and_refusals(pipeline):
+    from chatglm.grammar import GrammarError
+
+    for seed in range(3):
+        reply = pipeline.chat([{"role": "user", "content": "Give a JSON object with a name and an age."}],
+                              response_format={"type": "json_object"}, temperature=0.7, max_new_tokens=200, seed=seed)
+        assert isinstance(json.loads(reply.content), dict)
+    with pytest.raises(GrammarError, match=r"properties\.a") as e:
+        pipeline.chat([{"role": "user", "content": "hi"}], response_format={"type": "json_schema",
+                                             "json_schema": {"name": "x", "schema": {"properties": {"a": {"type": 7}}}}})
+    assert e.value.param == "response_format"
