@@ -53,9 +53,15 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def event_stream(gen: Generation, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
-    """Server-sent events that cancel the generation however the response ends, even before it started."""
-    return EventSourceResponse(events, background=BackgroundTask(gen.close))
+def event_stream(gen: Generation | Sequence[Generation], events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+    """Server-sent events that cancel the generations however the response ends, even before it started."""
+    gens = [gen] if isinstance(gen, Generation) else list(gen)
+
+    def close() -> None:
+        for g in gens:
+            g.close()
+
+    return EventSourceResponse(events, background=BackgroundTask(close))
 
 
 def json_event(data: Any, event: str | None = None) -> ServerSentEvent:
@@ -84,12 +90,21 @@ class Server:
                  tool_names: Sequence[str] = ()) -> Generation:
         """Start a chat reply; refusals (bad conversation, too long, queue full) raise now, before any reply."""
         prompt = self.tokenizer.encode_chat(messages)
-        parser = ReplyParser(self.family, tool_names) if self.family in TOOL_FAMILIES else None
-        return Generation(self, prompt, params, stop, parser)
+        return Generation(self, prompt, params, stop, self.parser(tool_names))
 
-    def submit(self, prompt: list[int], params: SamplingParams):
+    def parser(self, tool_names: Sequence[str] = ()) -> ReplyParser | None:
+        """The reader of a chat reply's parts and tool calls (ChatGLM3 / GLM-4), one per reply."""
+        return ReplyParser(self.family, tool_names) if self.family in TOOL_FAMILIES else None
+
+    def submit(self, prompt: list[int], params: SamplingParams | Sequence[SamplingParams], grammar: str | None = None):
+        """One engine request, or a list of them for a list of params (n > 1: one prefill), each with its own
+        grammar state when `grammar` (already checked) constrains the reply."""
+        group = [params] if isinstance(params, SamplingParams) else list(params)
+        masks = [self.pipeline.token_mask(grammar) for _ in group]
         try:
-            return self.engine.submit(prompt, params, self.pipeline.stop_ids, self.tokenizer.vocab_size)
+            requests = self.engine.submit_group(prompt, group, self.pipeline.stop_ids, self.tokenizer.vocab_size,
+                                                masks)
+            return requests[0] if isinstance(params, SamplingParams) else requests
         except QueueFullError as e:
             self.rejected += 1
             raise APIError(503, f"the server is busy ({e}); retry shortly", type="server_error", code="queue_full",
@@ -126,12 +141,18 @@ class Generation:
     """One reply in the engine, as text for async code; usage, finish reason and tool calls once it ends."""
 
     def __init__(self, server: Server, prompt: list[int], params: SamplingParams, stop: Sequence[str] = (),
-                 parser: ReplyParser | None = None):
+                 parser: ReplyParser | None = None, request=None):
         self.server = server
         self.prompt_tokens = len(prompt)
         self.stop = [s for s in stop if s]
         self.parser = parser  # chat replies of ChatGLM3 / GLM-4: parts, metadata lines, tool calls
-        self.request = server.submit(prompt, params)
+        self.request = request if request is not None else server.submit(prompt, params)
+        self.read = 0  # tokens turned into text so far: the logprobs of a streamed delta are those up to here
+
+    def _tokens(self):
+        for token in self.request:
+            self.read += 1
+            yield token
 
     @property
     def completion_tokens(self) -> int:
@@ -154,7 +175,7 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas as they are generated; leaving early (a client gone) frees the engine slot at once."""
-        texts = reply_text(self.request, self.server.tokenizer, self.stop, self.parser)  # read in worker threads
+        texts = reply_text(self._tokens(), self.server.tokenizer, self.stop, self.parser)  # read in worker threads
         try:
             while (text := await anyio.to_thread.run_sync(next, texts, None, abandon_on_cancel=True,
                                                           limiter=self.server.limiter)) is not None:
