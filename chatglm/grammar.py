@@ -89,8 +89,13 @@ class TokenMask:
 
 # ----- grammars for what the APIs ask -----------------------------------------------------------------------------
 
+# One line, OpenAI's separators: a model (a small one above all) may otherwise pad a reply with whitespace to the end.
+_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 def _json(schema: Mapping[str, Any]) -> str:
-    return "%json " + json.dumps(schema, ensure_ascii=False)
+    return "%json " + json.dumps({**schema, "x-guidance": {**_COMPACT, **schema.get("x-guidance", {})}},
+                                 ensure_ascii=False)
 
 
 def _reply_start(family: str) -> str:
@@ -114,7 +119,7 @@ def check_schema(schema: Any, param: str) -> dict[str, Any]:
 
 def json_grammar(family: str, schema: Mapping[str, Any] | None = None) -> str:
     """A reply that is one JSON value of `schema` (any JSON object when None), whitespace allowed before it."""
-    return f'start: {_reply_start(family)}/[ \\t\\n]*/ {_json(schema if schema is not None else {"type": "object"})}'
+    return f'start: {_reply_start(family)}" "? {_json(schema if schema is not None else {"type": "object"})}'
 
 
 def tool_call_grammar(family: str, functions: Sequence[Mapping[str, Any]]) -> str:

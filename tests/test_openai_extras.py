@@ -141,12 +141,12 @@ WEATHER = {"type": "function", "function": {
                    "properties": {"city": {"type": "string", "maxLength": 10},
                                   "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
 OTHER = {"type": "function", "function": {"name": "add", "parameters": {
-    "type": "object", "properties": {"a": {"type": "number"}}, "required": ["a"]}}}
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["a"]}}}
 
 
 def tool_pipeline(shared_dir, tmp_path_factory, name: str, tokenizer: str, vocab: int) -> Pipeline:
     glm = tiny_glm(layers=1, vocab=vocab)
-    folder = write_folder(tmp_path_factory.mktemp(name.split("/")[1]), thudm_config(glm, _name_or_path=name),
+    folder = write_folder(tmp_path_factory.mktemp(name.split("/")[1]), thudm_config(glm, _name_or_path=name, seq_length=1024),
                           thudm_state_dict(glm))
     shutil.copy(shared_dir / "tokenizers" / tokenizer, folder / "tokenizer.model")
     return Pipeline(folder, dtype="f32")
