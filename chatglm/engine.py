@@ -85,9 +85,9 @@ Logprob = tuple[int, float, list[tuple[int, float]]]  # (id, its logprob, the to
 
 
 class TokenMask(Protocol):
-    """A grammar's state for one sequence (grammar.py): the ids it allows next, and the ids drawn."""
+    """A grammar's state for one sequence (grammar.py): logits with the ids it forbids at -inf, and the ids drawn."""
 
-    def allowed(self, size: int) -> torch.Tensor: ...
+    def apply(self, logits: torch.Tensor) -> torch.Tensor: ...
 
     def accept(self, token: int) -> None: ...
 
@@ -142,7 +142,7 @@ class Sampler:
                 self.counts = torch.zeros_like(logits)  # one row per real token, on the logits' device
             logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
         if self.mask is not None:
-            logits = logits.masked_fill(~self.mask.allowed(logits.shape[-1]).to(logits.device), float("-inf"))
+            logits = self.mask.apply(logits)
         return logits
 
     def __call__(self, logits: torch.Tensor, previous: Sequence[int]) -> int:

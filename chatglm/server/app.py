@@ -100,7 +100,7 @@ class Server:
         """One engine request, or a list of them for a list of params (n > 1: one prefill), each with its own
         grammar state when `grammar` (already checked) constrains the reply."""
         group = [params] if isinstance(params, SamplingParams) else list(params)
-        masks = [self.pipeline.token_mask(grammar) for _ in group]
+        masks = [self.pipeline.token_mask(grammar) for _ in group] if grammar is not None else []
         try:
             requests = self.engine.submit_group(prompt, group, self.pipeline.stop_ids, self.tokenizer.vocab_size,
                                                 masks)
