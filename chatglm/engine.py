@@ -221,7 +221,7 @@ class Request:
         self.finish_reason: str | None = None   # "stop", "length" or "cancelled"
         self.error: BaseException | None = None
         self.generated: list[int] = []
-        self.logprobs: list[Logprob] = []        # one per generated token, when params.logprobs asks
+        self.logprobs: list[Logprob] = []        # per generated token (and the stop token), if params.logprobs asks
         self.prompt_logprobs: list[Logprob | None] | None = None  # params.prompt_logprobs: None for the first
         self.sampler = Sampler(self.params, self.vocab_limit, self.mask)
 
@@ -434,11 +434,11 @@ class BatchEngine:
         """Sample the next token of a slot's request from its logits, emit it or finish."""
         request = slot.request
         token = request.sampler(logits, slot.cached)  # the prompt and the reply so far, without a copy
+        if request.sampler.last_logprob is not None:  # the stop token's too, last (legacy completions show it)
+            request.logprobs.append(request.sampler.last_logprob)
         if token in request.stop_ids:
             self._finish(slot, "stop")
             return
-        if request.sampler.last_logprob is not None:
-            request.logprobs.append(request.sampler.last_logprob)
         request.generated.append(token)
         slot.cached.append(token)  # its keys and values are written by the next decode step
         self.stats["tokens"] += 1

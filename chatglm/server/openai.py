@@ -249,7 +249,8 @@ async def chat_completions(body: ChatRequest, server: Server = Depends(get_serve
         if gen.tool_calls:
             message["content"] = content or None  # OpenAI sends null content beside tool calls
             message["tool_calls"] = [call.to_openai() for call in gen.tool_calls]
-        logprobs = chat_logprobs(server.tokenizer, gen.request.logprobs) if top is not None else None
+        entries = gen.request.logprobs[: gen.completion_tokens]  # chat leaves the stop token out
+        logprobs = chat_logprobs(server.tokenizer, entries) if top is not None else None
         choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": gen.finish_reason})
     return {**head, "object": "chat.completion", "usage": _usage(gens), "choices": choices}
 
@@ -310,7 +311,8 @@ async def completions(body: CompletionRequest, server: Server = Depends(get_serv
         if body.logprobs is None:
             return None
         request, tokenizer = gen.request, server.tokenizer
-        out = completion_logprobs(tokenizer, request.logprobs[start:end], request.generated[start:end])
+        entries = request.logprobs[start:end]
+        out = completion_logprobs(tokenizer, entries, [e[0] for e in entries])
         if echo:
             head_part = completion_logprobs(tokenizer, request.prompt_logprobs or [], ids)
             offset = len("".join(head_part["tokens"]))
@@ -336,8 +338,8 @@ async def completions(body: CompletionRequest, server: Server = Depends(get_serv
     choices = []
     for index, gen in enumerate(gens):
         text = await gen.text()
-        choices.append(choice(index, echoed + text, gen.finish_reason, scores(gen, 0, len(gen.request.generated),
-                                                                                  body.echo)))
+        end = len(gen.request.logprobs)  # the stop token's too, as vLLM and lm-evaluation-harness expect
+        choices.append(choice(index, echoed + text, gen.finish_reason, scores(gen, 0, end, body.echo)))
     return {**head, "choices": choices, "usage": _usage(gens)}
 
 
