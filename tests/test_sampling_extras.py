@@ -108,3 +108,21 @@ def test_json_object_and_refusals(pipeline):
         pipeline.chat([{"role": "user", "content": "hi"}], response_format={"type": "json_schema",
                                              "json_schema": {"name": "x", "schema": {"properties": {"a": {"type": 7}}}}})
     assert e.value.param == "response_format"
+
+
+def test_cli_json_schema(default_gguf, tmp_path):
+    import subprocess
+    import sys
+
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}}, "required": ["colour"],
+              "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "bad.json").write_text('{"type": 5}')
+    run = [sys.executable, "-m", "chatglm", "chat", "-m", str(default_gguf), "-p", "Pick a colour.", "--temp", "0.8",
+           "--seed", "1", "--json-schema"]
+    good = subprocess.run(run + [str(tmp_path / "s.json")], capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout.strip().splitlines()[-1])["colour"] in ("red", "green", "blue")
+    bad = subprocess.run(run + [str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "bad.json: schema.type is not a valid JSON Schema" in bad.stderr
+    assert "Traceback" not in bad.stderr
