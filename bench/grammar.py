@@ -46,7 +46,8 @@ def llguidance_run(tokenizer, ids: list[int]) -> dict:
         assert mask.apply(logits)[i] == logits[i]
         mask.accept(i)
     end = time.perf_counter()
-    return {"vocab_s": read - start, "compile_ms": 1e3 * (compiled - read), "per_token_ms": 1e3 * (end - compiled) / len(ids)}
+    return {"vocab_s": read - start, "compile_ms": 1e3 * (compiled - read),
+            "per_token_ms": 1e3 * (end - compiled) / len(ids)}
 
 
 def xgrammar_run(tokenizer, ids: list[int]) -> dict:
@@ -68,7 +69,8 @@ def xgrammar_run(tokenizer, ids: list[int]) -> dict:
         assert numpy.where(flags, logits, numpy.float32(-numpy.inf))[i] == logits[i]
         assert matcher.accept_token(i)
     end = time.perf_counter()
-    return {"vocab_s": read - start, "compile_ms": 1e3 * (compiled - read), "per_token_ms": 1e3 * (end - compiled) / len(ids)}
+    return {"vocab_s": read - start, "compile_ms": 1e3 * (compiled - read),
+            "per_token_ms": 1e3 * (end - compiled) / len(ids)}
 
 
 def engines(args) -> None:

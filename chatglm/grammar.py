@@ -31,7 +31,8 @@ class Vocabulary:
     def __init__(self, tokenizer, stop_ids: Collection[int]):
         names = {i: name for name, i in tokenizer.specials.items()}
         self.size = tokenizer.vocab_size
-        self.tokens = [b"\xff" + names[i].encode() if i in names else tokenizer.token_bytes(i) for i in range(self.size)]
+        self.tokens = [b"\xff" + names[i].encode() if i in names else tokenizer.token_bytes(i)
+                       for i in range(self.size)]
         self.eos_token_id = min(stop_ids) if stop_ids else None
         self.bos_token_id = tokenizer.bos_id
         self._tokenizer = tokenizer

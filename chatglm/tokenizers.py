@@ -571,7 +571,8 @@ class HFJsonTokenizer(TemplateTokenizer):
         token = self._backend.id_to_token(id) or ""
         if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
             return GGUFTokenizer._piece_bytes(token, TokenType.BYTE, False)
-        return GGUFTokenizer._piece_bytes(token, TokenType.NORMAL, isinstance(self._backend.decoder, decoders.ByteLevel))
+        byte_level = isinstance(self._backend.decoder, decoders.ByteLevel)
+        return GGUFTokenizer._piece_bytes(token, TokenType.NORMAL, byte_level)
 
 
 class SentencePieceTemplate(TemplateTokenizer):

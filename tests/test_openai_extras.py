@@ -14,21 +14,12 @@ from chatglm.pipeline import Pipeline
 from chatglm.server import create_app
 
 from checkpoints import thudm_config, thudm_state_dict, tiny_glm, write_folder
-from test_server import assert_error
+from test_server import assert_error, client, pipeline  # noqa: F401 - the default model in process
 from test_server_support import sse_events
 
 HI = [{"role": "user", "content": "Name a colour."}]
 
 
-@pytest.fixture(scope="module")
-def pipeline(default_gguf):
-    return Pipeline(default_gguf)
-
-
-@pytest.fixture(scope="module")
-def client(pipeline):
-    with TestClient(create_app(pipeline, max_batch=4, max_queue=8)) as c:
-        yield c
 
 
 def log_softmax(rows: np.ndarray) -> np.ndarray:
@@ -146,8 +137,8 @@ OTHER = {"type": "function", "function": {"name": "add", "parameters": {
 
 def tool_pipeline(shared_dir, tmp_path_factory, name: str, tokenizer: str, vocab: int) -> Pipeline:
     glm = tiny_glm(layers=1, vocab=vocab)
-    folder = write_folder(tmp_path_factory.mktemp(name.split("/")[1]), thudm_config(glm, _name_or_path=name, seq_length=1024),
-                          thudm_state_dict(glm))
+    config = thudm_config(glm, _name_or_path=name, seq_length=1024)
+    folder = write_folder(tmp_path_factory.mktemp(name.split("/")[1]), config, thudm_state_dict(glm))
     shutil.copy(shared_dir / "tokenizers" / tokenizer, folder / "tokenizer.model")
     return Pipeline(folder, dtype="f32")
 

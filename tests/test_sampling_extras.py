@@ -8,26 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from chatglm import load_model
-from chatglm.engine import BatchEngine, SamplingParams, generate
+from chatglm.engine import SamplingParams, generate
 
-from checkpoints import tiny_llama
+from test_batching import engine, model  # noqa: F401 - a tiny random llama and a batch engine of 4 slots
 
 SAMPLE = dict(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=10)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llama")
-    tiny_llama(layers=2).save_pretrained(folder)
-    return load_model(folder, dtype="f32")
-
-
-@pytest.fixture
-def engine(model):
-    e = BatchEngine(model, max_batch=4, max_queue=8)
-    yield e
-    e.close()
 
 
 def log_softmax(rows: np.ndarray) -> np.ndarray:
@@ -105,8 +92,8 @@ def test_json_object_and_refusals(pipeline):
                               response_format={"type": "json_object"}, temperature=0.7, max_new_tokens=200, seed=seed)
         assert isinstance(json.loads(reply.content), dict)
     with pytest.raises(GrammarError, match=r"properties\.a") as e:
-        pipeline.chat([{"role": "user", "content": "hi"}], response_format={"type": "json_schema",
-                                             "json_schema": {"name": "x", "schema": {"properties": {"a": {"type": 7}}}}})
+        bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"properties": {"a": {"type": 7}}}}}
+        pipeline.chat([{"role": "user", "content": "hi"}], response_format=bad)
     assert e.value.param == "response_format"
 
 

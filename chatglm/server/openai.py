@@ -288,8 +288,8 @@ def _prompt_ids(body: CompletionRequest, server: Server) -> list[int]:
         ids = list(prompts[0])
         bad = next((i for i in ids if not 0 <= i < server.tokenizer.vocab_size), None)
         if bad is not None:
-            raise APIError(400, f"prompt holds token id {bad}, outside the vocabulary (0..{server.tokenizer.vocab_size - 1})",
-                           param="prompt")
+            raise APIError(400, f"prompt holds token id {bad}, outside the vocabulary "
+                                f"(0..{server.tokenizer.vocab_size - 1})", param="prompt")
     if not ids:
         raise APIError(400, "the prompt is empty", param="prompt")
     return ids
@@ -327,7 +327,8 @@ async def completions(body: CompletionRequest, server: Server = Depends(get_serv
                 if body.echo:
                     yield json_event({**head, "choices": [choice(index, echoed, None, scores(gen, 0, 0, True))]})
                 async for text in gen.deltas():
-                    yield json_event({**head, "choices": [choice(index, text, None, scores(gen, shown, gen.read, False))]})
+                    logprobs = scores(gen, shown, gen.read, False)
+                    yield json_event({**head, "choices": [choice(index, text, None, logprobs)]})
                     shown = gen.read
                 yield json_event({**head, "choices": [choice(index, "", gen.finish_reason)]})
             if body.stream_options is not None and body.stream_options.include_usage:
