@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from patience import PATIENCE
-from test_server_live import base_url, free_port  # noqa: F401 - the live server fixture
+from test_server_live import base_url  # noqa: F401 - the live server fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = ROOT / "tests" / "lm_eval"

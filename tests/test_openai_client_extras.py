@@ -9,8 +9,8 @@ import pytest
 from pydantic import BaseModel
 
 from patience import PATIENCE
-from test_openai_extras import OTHER, WEATHER, tool_client, tool_pipeline  # noqa: F401 - fixtures
-from test_server_live import base_url, free_port, openai_client  # noqa: F401 - the live server fixtures
+from test_openai_extras import OTHER, WEATHER, tool_client  # noqa: F401 - the tiny GLM-4 / ChatGLM3 servers
+from test_server_live import base_url, openai_client  # noqa: F401 - the live server fixtures
 
 ASK = [{"role": "user", "content": "Invent a person with two pets."}]
 
