@@ -175,3 +175,13 @@ def test_tool_choice_none_and_auto_leave_the_reply_free(tool_client):
     for choice in ("none", "auto"):
         body = {"messages": HI, "tools": [WEATHER], "tool_choice": choice, "temperature": 0, "max_tokens": 4}
         assert tool_client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_json_schema_on_the_tool_families_writes_the_metadata_line_first(tool_client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}}
+    for seed in range(2):
+        body = {"messages": HI, "response_format": fmt, "temperature": 1.0, "seed": seed, "max_tokens": 30}
+        message = tool_client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        assert isinstance(json.loads(message["content"])["ok"], bool)
