@@ -8,6 +8,7 @@ Sampler asks for the allowed ids before each draw and tells the id it drew. The 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Collection, Mapping, Sequence
 
 import llguidance
@@ -53,9 +54,10 @@ class Vocabulary:
 
     def check(self, grammar: str, param: str) -> None:
         """Raise GrammarError (naming `param`) unless llguidance accepts the grammar."""
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.ll)
-        if error and not llguidance.LLMatcher.is_validate_warning(error):
-            raise GrammarError(f"{param}: the grammar engine cannot enforce it: {error}", param.split(".")[0])
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll)
+        if is_error:  # "at 1(8): failed to compile JSON schema: Unimplemented keys: ["not"]" and the grammar below
+            detail = re.sub(r"^at \d+\(\d+\): (failed to compile JSON schema: )?", "", messages[0].splitlines()[0])
+            raise GrammarError(f"{param} is not supported by the grammar engine: {detail}", param.split(".")[0])
 
     def mask(self, grammar: str) -> TokenMask:
         return TokenMask(self, grammar)

@@ -96,8 +96,9 @@ def test_stream_options_usage_and_max_completion_tokens(client):
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
                                                                      "properties": {"a": {"type": "strin"}}}}},
      "response_format"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "no-such",
-                                                                     "pattern": "("}}}, "response_format"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "("}}},
+     "response_format"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}}, "response_format"),
     ({"type": "yaml"}, "response_format"),
 ])
 def test_bad_schemas_get_400_naming_the_part(client, fmt, param):
@@ -109,6 +110,10 @@ def test_bad_schema_message_names_the_schema_path(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"properties": {"a": {"type": "strin"}}}}}
     r = client.post("/v1/chat/completions", json={"messages": HI, "response_format": fmt})
     assert "schema.properties.a.type" in r.json()["error"]["message"]
+    unsupported = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}}
+    message = client.post("/v1/chat/completions", json={"messages": HI, "response_format": unsupported}).json()
+    assert message["error"]["message"] == ('response_format.json_schema.schema is not supported by the grammar engine: '
+                                           'Unimplemented keys: ["not"]')
 
 
 def test_completions_follow_a_schema_and_bad_token_ids_are_refused(client):

@@ -81,7 +81,8 @@ class ResponseFormat(BaseModel):
     def grammar(self, server: Server) -> str | None:
         """The reply's grammar (None: free text), checked against the vocabulary; a bad schema is a 400."""
         fmt = self.model_dump(by_alias=True, exclude_none=True)
-        return checked(server, lambda: response_grammar(server.family, fmt), "response_format")
+        where = "response_format.json_schema.schema" if self.type == "json_schema" else "response_format"
+        return checked(server, lambda: response_grammar(server.family, fmt), where)
 
 
 def checked(server: Server, build: Callable[[], str | None], param: str) -> str | None:
