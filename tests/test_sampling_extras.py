@@ -113,3 +113,32 @@ def test_cli_json_schema(default_gguf, tmp_path):
     bad = subprocess.run(run + [str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "bad.json: schema.type is not a valid JSON Schema" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["chatglm-6b", "chatglm3-6b", "codegeex2-6b", "glm-4-9b", "default"])
+def test_a_schema_mask_admits_a_valid_reply_token_by_token_in_each_real_vocabulary(name, shared_dir, default_gguf):
+    """token_bytes spells each vocabulary's text as decode() does, so a valid reply is never masked away (where the
+    grammar forces bytes, llguidance allows its own spelling of them, not every one)."""
+    from chatglm.grammar import Vocabulary, json_grammar
+    from chatglm.loaders import open_checkpoint
+    from chatglm.tokenizers import load_tokenizer
+
+    tokenizer = (open_checkpoint(default_gguf) if name == "default" else None)
+    tokenizer = tokenizer.load_tokenizer() if tokenizer else load_tokenizer(shared_dir / "tokenizers" / name)
+    vocab = Vocabulary(tokenizer, tokenizer.eos_ids)
+    reply = '{"name": "Ann", "age": 31, "pets": [{"kind": "cat"}]}'
+    ids = tokenizer.encode(reply)
+    assert b"".join(tokenizer.token_bytes(i) for i in ids).decode().strip() == reply
+    mask = vocab.mask(json_grammar("llama", PERSON))
+    logits = torch.zeros(tokenizer.vocab_size)
+    assert mask.apply(logits)[ids[0]] == 0
+    rest = reply.encode()
+    while rest:  # the reply can be written: some allowed token always spells its next bytes
+        allowed = torch.isfinite(mask.apply(logits)).nonzero().flatten().tolist()
+        fits = [i for i in allowed if tokenizer.token_bytes(i) and rest.startswith(tokenizer.token_bytes(i))]
+        assert fits, rest
+        token = max(fits, key=lambda i: len(tokenizer.token_bytes(i)))
+        mask.accept(token)
+        rest = rest[len(tokenizer.token_bytes(token)):]
+    allowed = torch.isfinite(mask.apply(logits)).nonzero().flatten().tolist()
+    assert allowed and set(allowed) <= set(tokenizer.eos_ids)  # the reply is complete: only a stop token is left
