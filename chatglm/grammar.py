@@ -2,8 +2,9 @@
 
 A request's constraint is a Lark grammar (llguidance's dialect, with ``%json {schema}`` for JSON Schema) over the
 reply's bytes. ``Vocabulary`` gives llguidance a tokenizer's own tokens as bytes (specials as ``\\xff<name>``, as its
-llama.cpp bridge does), built once per tokenizer; ``TokenMask`` is one sequence's matcher, which the engine's
-Sampler asks for the allowed ids before each draw and tells the id it drew. The engine sees only ids and masks.
+llama.cpp bridge does), built once per tokenizer; ``TokenMask`` is one sequence's matcher: before each draw the
+engine's Sampler has it put the logits the grammar forbids at -inf, after it tells it the id drawn. The engine sees
+only ids and logits.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from .errors import ChatGLMError
 from .tools import TOOL_FAMILIES
+
 
 class GrammarError(ChatGLMError, ValueError):
     """A schema or grammar that is invalid or that the grammar engine does not support; `param` names its place."""
@@ -73,7 +75,7 @@ class Vocabulary:
 
 
 class TokenMask:
-    """One sequence's grammar state: the ids allowed next, and the ids drawn."""
+    """One sequence's grammar state: which ids may come next, advanced by each id drawn."""
 
     def __init__(self, vocab: Vocabulary, grammar: str):
         self.vocab = vocab
@@ -158,8 +160,8 @@ def tool_call_grammar(family: str, functions: Sequence[Mapping[str, Any]]) -> st
     """A reply that is one call of one of `functions`, its arguments valid for that function's parameters.
 
     GLM-4 writes ``name\\n{json}``; ChatGLM3 writes ``name\\n```python\\ntool_call(key=value, ...)\\n```...``
-    with each value a JSON literal for its parameter (booleans and null excluded: ChatGLM3's Python would not
-    read them back).
+    with each value a JSON literal for its parameter (tools.py reads true, false and null back as Python's); only
+    the required parameters are written, in the order of ``properties``.
     """
     rules, names = [], []
     for k, f in enumerate(functions):

@@ -133,9 +133,10 @@ def test_completions_follow_a_schema_and_bad_token_ids_are_refused(client):
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
-    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "days", "metric"],
                    "properties": {"city": {"type": "string", "maxLength": 10},
-                                  "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+                                  "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                                  "metric": {"type": "boolean"}}}}}
 OTHER = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["a"]}}}
 
