@@ -282,6 +282,8 @@ class BatchEngine:
         for p in params:
             p.validate()
             budget(len(prompt), p, self.context)
+        if len(params) > self.max_queue:
+            raise ValueError(f"n is {len(params)}, but at most {self.max_queue} requests may wait at once")
         masks = list(masks) or [None] * len(params)
         leader = Request(list(prompt), params[0], frozenset(stop_ids), vocab_limit, masks[0])
         group = [leader] + [Request(leader.prompt, p, leader.stop_ids, vocab_limit, m, leader)
@@ -390,8 +392,8 @@ class BatchEngine:
 
     def _forks(self, indices: list[int]) -> dict[int, int]:
         """n > 1: the admitted slots whose request's leader is admitted beside it, each with its leader's slot."""
-        if not self.model.prefix_reusable:
-            return {}
+        if not self.model.prefix_reusable or not hasattr(self.cache, "copy_rows"):
+            return {}  # each prefills its own prompt: same tokens, more work (a cache that cannot copy rows)
         where = {id(self.slots[i].request): i for i in indices}
         return {i: where[id(self.slots[i].request.leader)] for i in indices
                 if self.slots[i].request.leader is not None and id(self.slots[i].request.leader) in where}

@@ -10,6 +10,7 @@ import secrets
 import time
 from typing import Any, AsyncIterator
 
+import anyio
 from fastapi import APIRouter, Depends
 from sse_starlette import ServerSentEvent
 
@@ -73,6 +74,12 @@ def _chat_grammar(body: ChatRequest, server: Server, functions: list[FunctionDef
     return body.response_format.grammar(server) if body.response_format else None
 
 
+async def _off_loop(function, *args):
+    """Run a step that may compile grammars (the vocabulary's first read takes up to a second; a schema, ms) in a
+    worker thread: llguidance releases the GIL, so other requests go on meanwhile."""
+    return await anyio.to_thread.run_sync(function, *args)
+
+
 def _usage(gens: list[Generation]) -> dict[str, int]:
     completion = sum(g.completion_tokens for g in gens)
     return {"prompt_tokens": gens[0].prompt_tokens, "completion_tokens": completion,
@@ -84,11 +91,11 @@ async def chat_completions(body: ChatRequest, server: Server = Depends(get_serve
     top = (body.top_logprobs or 0) if body.logprobs else None
     params, stop = body.checked(server, body.max_completion_tokens or body.max_tokens, logprobs=top)
     functions = _active_tools(body, server.family)
-    grammar = _chat_grammar(body, server, functions)
+    grammar = await _off_loop(_chat_grammar, body, server, functions)
     prompt = server.tokenizer.encode_chat(_messages(body, server.family, functions))
     names = [f.name for f in functions]
     gens = [Generation(server, prompt, p, stop, server.parser(names), request)
-            for p, request in zip(params, server.submit(prompt, params, grammar))]
+            for p, request in zip(params, await _off_loop(server.submit, prompt, params, grammar))]
     head = {"id": _id("chatcmpl"), "created": int(time.time()), "model": server.model_id}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
@@ -150,8 +157,9 @@ def _prompt_ids(body: CompletionRequest, server: Server) -> list[int]:
 async def completions(body: CompletionRequest, server: Server = Depends(get_server)):
     params, stop = body.checked(server, logprobs=body.logprobs, echo=body.echo)
     ids = _prompt_ids(body, server)
-    grammar = body.response_format.grammar(server) if body.response_format else None
-    gens = [Generation(server, ids, p, stop, request=r) for p, r in zip(params, server.submit(ids, params, grammar))]
+    grammar = await _off_loop(body.response_format.grammar, server) if body.response_format else None
+    requests = await _off_loop(server.submit, ids, params, grammar)
+    gens = [Generation(server, ids, p, stop, request=r) for p, r in zip(params, requests)]
     head = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": server.model_id}
     echoed = server.tokenizer.decode(ids) if body.echo else ""
 
