@@ -29,6 +29,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from ..engine import BatchEngine, ContextLengthError, QueueFullError, SamplingParams
 from ..errors import ChatFormatError
+from ..grammar import GrammarError
 from ..messages import ChatMessage
 from ..pipeline import reply_text
 from ..tools import TOOL_FAMILIES, ReplyParser, ToolCall
@@ -181,6 +182,8 @@ class Generation:
                                                           limiter=self.server.limiter)) is not None:
                 if text:
                     yield text
+        except GrammarError as e:  # a grammar that reached a dead end while decoding: the request's fault
+            raise APIError(400, str(e), param=e.param) from None
         finally:
             self.close()
 
