@@ -191,3 +191,17 @@ def test_json_schema_on_the_tool_families_writes_the_metadata_line_first(tool_cl
         body = {"messages": HI, "response_format": fmt, "temperature": 1.0, "seed": seed, "max_tokens": 30}
         message = tool_client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
         assert isinstance(json.loads(message["content"])["ok"], bool)
+
+
+def test_streamed_completions_carry_echo_and_logprobs(client, pipeline):
+    ids = pipeline.tokenizer.encode("Count: one, two,")
+    body = {"prompt": ids, "max_tokens": 4, "echo": True, "logprobs": 1, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        events = [json.loads(d) for _, d in sse_events(r.iter_lines()) if d != "[DONE]"]
+    choices = [c for e in events for c in e["choices"]]
+    assert choices[0]["text"] == pipeline.tokenizer.decode(ids)
+    assert len(choices[0]["logprobs"]["tokens"]) == len(ids) and choices[0]["logprobs"]["token_logprobs"][0] is None
+    streamed = [t for c in choices[1:] if c["logprobs"] for t in c["logprobs"]["tokens"]]
+    assert "".join(streamed) == "".join(c["text"] for c in choices[1:])
+    whole = client.post("/v1/completions", json={**body, "stream": False}).json()["choices"][0]
+    assert whole["text"] == "".join(c["text"] for c in choices)

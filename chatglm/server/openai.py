@@ -180,15 +180,21 @@ async def completions(body: CompletionRequest, server: Server = Depends(get_serv
         return out
 
     if body.stream:
+        def echo_event(index: int, gen: Generation) -> ServerSentEvent:
+            return json_event({**head, "choices": [choice(index, echoed, None, scores(gen, 0, 0, True))]})
+
         async def chunks() -> AsyncIterator[ServerSentEvent]:
             for index, gen in enumerate(gens):
-                shown = 0
-                if body.echo:
-                    yield json_event({**head, "choices": [choice(index, echoed, None, scores(gen, 0, 0, True))]})
+                shown, echo = 0, body.echo  # the echo goes first, once the prefill has scored the prompt
                 async for text in gen.deltas():
+                    if echo:
+                        yield echo_event(index, gen)
+                        echo = False
                     logprobs = scores(gen, shown, gen.read, False)
                     yield json_event({**head, "choices": [choice(index, text, None, logprobs)]})
                     shown = gen.read
+                if echo:
+                    yield echo_event(index, gen)
                 yield json_event({**head, "choices": [choice(index, "", gen.finish_reason)]})
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield json_event({**head, "choices": [], "usage": _usage(gens)})
