@@ -16,10 +16,30 @@ def _sampling(args: argparse.Namespace) -> dict:
                 frequency_penalty=args.frequency_penalty)
 
 
+def _json_schema_format(path: str) -> dict:
+    """OpenAI's response_format for a JSON Schema file, checked before the model loads."""
+    import json
+
+    from .grammar import GrammarError, check_schema
+
+    try:
+        schema = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError) as e:
+        raise ChatGLMError(f"--json-schema {path}: cannot be read as JSON ({e})") from None
+    try:
+        check_schema(schema, "schema")
+    except GrammarError as e:
+        raise ChatGLMError(f"--json-schema {path}: {e}") from None
+    return {"type": "json_schema", "json_schema": {"name": "cli", "schema": schema, "strict": True}}
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from .terminal import run_chat
 
-    return run_chat(args, _sampling(args))
+    sampling = _sampling(args)
+    if args.json_schema:
+        sampling["response_format"] = _json_schema_format(args.json_schema)
+    return run_chat(args, sampling)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -77,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--parse-special", action="store_true",
                       help="generate mode: read special-token text in the prompt ('<|user|>', '[gMASK]') as control "
                            "tokens (GLM tokenizers otherwise keep it as text, as the official ones do)")
+    chat.add_argument("--json-schema", metavar="FILE",
+                      help="every reply is JSON valid for this JSON Schema, enforced while decoding")
     chat.add_argument("--max-new-tokens", type=int, default=None)
     chat.add_argument("--max-length", type=int, default=2048, help="prompt + reply tokens at most (default 2048)")
     chat.add_argument("--temp", type=float, default=0.8, help="sampling temperature; 0 means greedy")

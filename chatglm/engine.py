@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 
@@ -36,12 +36,15 @@ class SamplingParams:
     presence_penalty: float = 0.0       # OpenAI's: subtracted once from each token already in the reply
     frequency_penalty: float = 0.0      # OpenAI's: subtracted per time a token is already in the reply
     seed: int | None = None
+    logprobs: int | None = None         # top entries to report per new token (0: the chosen one only); None: off
+    prompt_logprobs: bool = False       # report the prompt's own token logprobs too (echo); its prefix is recomputed
 
     def validate(self) -> None:
         for name in ("max_new_tokens", "max_length"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, not {v!r}")
+            least = 0 if name == "max_new_tokens" and self.prompt_logprobs else 1  # echo alone scores the prompt
+            if v is not None and (not isinstance(v, int) or v < least):
+                raise ValueError(f"{name} must be an integer of at least {least}, not {v!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, not {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -50,6 +53,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, not {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, not {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be between 0 and 20, not {self.logprobs}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not -2 <= v <= 2:
@@ -77,18 +82,43 @@ def budget(prompt_len: int, params: SamplingParams, context: int) -> int:
     return max(new, 0)
 
 
+Logprob = tuple[int, float, list[tuple[int, float]]]  # (id, its logprob, the top ids and logprobs)
+
+
+class TokenMask(Protocol):
+    """A grammar's state for one sequence (grammar.py): logits with the ids it forbids at -inf, and the ids drawn."""
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def accept(self, token: int) -> None: ...
+
+
+def logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[Logprob]:
+    """The log-softmax of raw logits rows [n, vocab] at `tokens` [n], with the `top` likeliest entries of each row."""
+    table = torch.log_softmax(logits.float(), dim=-1)
+    chosen = table.gather(1, torch.tensor(tokens, dtype=torch.long, device=table.device)[:, None])[:, 0].tolist()
+    best = table.topk(top, dim=-1) if top else None
+    out = []
+    for row, (token, value) in enumerate(zip(tokens, chosen)):
+        entries = list(zip(best.indices[row].tolist(), best.values[row].tolist())) if best is not None else []
+        out.append((token, value, entries))
+    return out
+
+
 class Sampler:
-    """Turns one row of logits into a token id: penalties, temperature, top-k, top-p, draw.
+    """Turns one row of logits into a token id: penalties, a grammar's mask, temperature, top-k, top-p, draw.
 
     A Sampler serves one sequence: it counts the tokens it returns, which are the reply's tokens
     (the one stop token it may return ends the reply), so OpenAI's presence and frequency penalties
     see the reply and never the prompt, at no per-token cost beyond one update of the counts.
     """
 
-    def __init__(self, params: SamplingParams, vocab_limit: int | None = None):
+    def __init__(self, params: SamplingParams, vocab_limit: int | None = None, mask: TokenMask | None = None):
         params.validate()
         self.params = params
         self.vocab_limit = vocab_limit
+        self.mask = mask
+        self.last_logprob: Logprob | None = None  # the last draw's, when params.logprobs asks
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
@@ -112,12 +142,18 @@ class Sampler:
             if self.counts is None:
                 self.counts = torch.zeros_like(logits)  # one row per real token, on the logits' device
             logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+        if self.mask is not None:
+            logits = self.mask.apply(logits)
         return logits
 
     def __call__(self, logits: torch.Tensor, previous: Sequence[int]) -> int:
         token = self._pick(self.penalized(logits, previous))
         if self.counts is not None:
             self.counts[token] += 1
+        if self.mask is not None:
+            self.mask.accept(token)
+        if self.params.logprobs is not None:  # of the model's own distribution: before penalties and temperature
+            self.last_logprob = logprobs(logits[None, : self.vocab_limit], [token], self.params.logprobs)[0]
         return token
 
     def _pick(self, logits: torch.Tensor) -> int:
@@ -139,9 +175,9 @@ class Sampler:
 
 
 def generate(model, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int] | set[int] = frozenset(),
-             vocab_limit: int | None = None) -> Iterator[int]:
+             vocab_limit: int | None = None, mask: TokenMask | None = None) -> Iterator[int]:
     """Yield new token ids until a stop id (not yielded), the token budget or the caller stops."""
-    sampler = Sampler(params, vocab_limit)
+    sampler = Sampler(params, vocab_limit, mask)
     new = budget(len(prompt), params, model.config.max_position)
     if new == 0:
         return
@@ -180,6 +216,8 @@ class Request:
     params: SamplingParams
     stop_ids: frozenset[int]
     vocab_limit: int | None = None
+    mask: TokenMask | None = None
+    leader: "Request | None" = None  # n > 1: the sibling whose prefill this one shares
 
     def __post_init__(self) -> None:
         self.tokens: "queue.Queue[int | None]" = queue.Queue()
@@ -187,7 +225,9 @@ class Request:
         self.finish_reason: str | None = None   # "stop", "length" or "cancelled"
         self.error: BaseException | None = None
         self.generated: list[int] = []
-        self.sampler = Sampler(self.params, self.vocab_limit)
+        self.logprobs: list[Logprob] = []        # per generated token (and the stop token), if params.logprobs asks
+        self.prompt_logprobs: list[Logprob | None] | None = None  # params.prompt_logprobs: None for the first
+        self.sampler = Sampler(self.params, self.vocab_limit, self.mask)
 
     def cancel(self) -> None:
         """Free the slot at the next step (a client went away)."""
@@ -235,6 +275,7 @@ class BatchEngine:
         self.closed = False
         self.stats = {"requests": 0, "tokens": 0, "batch_size": 0, "prefill_tokens": 0, "reused_tokens": 0,
                       "pool_short": 0, "peak_blocks": 0, "prefix_lookups": 0, "prefix_hit_blocks": 0}
+        self._siblings: dict[int, list[int]] = {}
         self.thread = threading.Thread(target=self._run, name="chatglm-batch", daemon=True)
         self.thread.start()
 
@@ -243,24 +284,37 @@ class BatchEngine:
         return len(self.waiting)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int] = frozenset(),
-               vocab_limit: int | None = None) -> Request:
+               vocab_limit: int | None = None, mask: TokenMask | None = None) -> Request:
         """Queue a request; raises QueueFullError when the line is full, ContextLengthError when too long
         for the context or for the whole KV pool."""
-        params.validate()
-        budget(len(prompt), params, self.context)
+        return self.submit_group(prompt, [params], stop_ids, vocab_limit, [mask])[0]
+
+    def submit_group(self, prompt: Sequence[int], params: Sequence[SamplingParams],
+                     stop_ids: frozenset[int] = frozenset(), vocab_limit: int | None = None,
+                     masks: Sequence[TokenMask | None] = ()) -> list[Request]:
+        """Queue len(params) continuations of one prompt (OpenAI's n). Queued together, they share the prompt's
+        full blocks in the pool by content: the first prefills them, the others find them cached."""
+        for p in params:
+            p.validate()
+            budget(len(prompt), p, self.context)
         if len(prompt) + 1 > self.cache.capacity:
             raise ContextLengthError(f"the prompt is {len(prompt)} tokens but the KV cache holds "
                                      f"{self.cache.capacity} tokens at most; raise --kv-memory")
-        request = Request(list(prompt), params, frozenset(stop_ids), vocab_limit)
+        if len(params) > self.max_queue:
+            raise ValueError(f"n is {len(params)}, but at most {self.max_queue} requests may wait at once")
+        masks = list(masks) or [None] * len(params)
+        leader = Request(list(prompt), params[0], frozenset(stop_ids), vocab_limit, masks[0])
+        group = [leader] + [Request(leader.prompt, p, leader.stop_ids, vocab_limit, m, leader)
+                            for p, m in zip(params[1:], masks[1:])]
         with self.lock:
             if self.closed:
                 raise ChatGLMError("the engine is shut down")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(group) > self.max_queue:
                 raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
-            self.waiting.append(request)
-            self.stats["requests"] += 1
+            self.waiting.extend(group)
+            self.stats["requests"] += len(group)
             self.lock.notify()
-        return request
+        return group
 
     def close(self) -> None:
         with self.lock:
@@ -302,6 +356,7 @@ class BatchEngine:
         """
         admitted: list[tuple[int, int]] = []
         pending: set[bytes] = set()  # full prompt blocks this round computes
+        leaders: set[int] = set()  # ids of the requests admitted this round (n > 1: their siblings fork them)
         for request in list(self.waiting):
             free = [s for s in self.slots if s.request is None]
             if not free:
@@ -312,7 +367,9 @@ class BatchEngine:
                 request.tokens.put(None)
                 continue
             slot, prompt = free[0], request.prompt
-            shared = prompt if self.share else ()
+            forked = self.model.prefix_reusable and request.leader is not None and id(request.leader) in leaders
+            scored = request.params.prompt_logprobs  # echo scores the whole prompt
+            shared = prompt if self.share and not scored and not forked else ()
             start = self.cache.start(slot.index, shared)
             chain = list(self.cache.hashes(shared, len(shared) - 1))
             hit = len(self.cache.chains[slot.index])  # blocks found cached
@@ -327,6 +384,7 @@ class BatchEngine:
             pending.update(chain[hit:])
             self.stats["prefix_lookups"] += bool(shared)
             self.stats["prefix_hit_blocks"] += hit
+            leaders.add(id(request))
             slot.request, slot.cached = request, list(prompt)
             slot.budget = budget(len(prompt), request.params, self.context)
             admitted.append((slot.index, start))
@@ -341,6 +399,23 @@ class BatchEngine:
         unwritten rows, overwritten by its decode steps before any query reads them, or in the null block.
         A family whose context attends both ways (GLM v1) takes its prompts whole.
         """
+        where = {id(self.slots[i].request): i for i, _ in admitted}
+        self._siblings: dict[int, list[int]] = {}  # n > 1: a leader's slot -> the slots that fork its prefill
+        if self.model.prefix_reusable:
+            for index, _ in admitted:
+                leader = self.slots[index].request.leader
+                if leader is not None and id(leader) in where:
+                    self._siblings.setdefault(where[id(leader)], []).append(index)
+        forks = {i for group in self._siblings.values() for i in group}
+        admitted = [a for a in admitted if a[0] not in forks]
+        scored = [a for a in admitted if self.slots[a[0]].request.params.prompt_logprobs]
+        plain = [a for a in admitted if not self.slots[a[0]].request.params.prompt_logprobs]
+        if plain:
+            self._prefill_rows(plain)
+        for index, _ in scored:
+            self._prefill_scored(index)
+
+    def _prefill_rows(self, admitted: list[tuple[int, int]]) -> None:
         device = self.model.device
         indices = [i for i, _ in admitted]
         starts = [start for _, start in admitted]
@@ -367,7 +442,44 @@ class BatchEngine:
                 self.cache.commit(index, slot.cached)
             self.stats["prefill_tokens"] += lengths[row]
             self.stats["reused_tokens"] += start
-            self._accept(slot, logits[row])
+            self._begin(index, logits[row])
+
+    def _prefill_scored(self, index: int) -> None:
+        """Echo: the whole prompt in one forward (no cached blocks, no chunks) with every position's logits,
+        for the logprobs of the prompt's own tokens."""
+        device = self.model.device
+        slot = self.slots[index]
+        request, prompt = slot.request, slot.cached
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        pos = torch.arange(len(prompt), device=device).clamp(max=self.context - 1)[None]
+        logits = self.model(ids, pos, self.cache, torch.tensor([index], device=device), take=None)[0]
+        request.prompt_logprobs = [None, *logprobs(logits[:-1, : request.vocab_limit], prompt[1:],
+                                                   request.params.logprobs or 0)]
+        if self.share:
+            self.cache.commit(index, slot.cached)
+        self.stats["prefill_tokens"] += len(prompt)
+        self._begin(index, logits[-1])
+
+    def _begin(self, index: int, logits: torch.Tensor) -> None:
+        """A prefilled slot's first token, and its siblings' (n > 1): each takes the leader's prompt blocks
+        (full ones shared, the last partial one copied) and draws from the same logits."""
+        leader = self.slots[index]
+        siblings = [self.slots[i] for i in self._siblings.get(index, ())]
+        for slot in siblings:  # before the leader starts: a leader that ends at once frees its blocks
+            self.cache.fork(index, slot.index, len(leader.cached))
+            slot.cached = list(leader.cached)
+            slot.request.prompt_logprobs = leader.request.prompt_logprobs
+            self.stats["reused_tokens"] += len(leader.cached)
+        self._start(leader, logits)
+        for slot in siblings:
+            self._start(slot, logits)
+
+    def _start(self, slot: _Slot, logits: torch.Tensor) -> None:
+        """A prefilled request's first token; echo with max_tokens 0 ends at once."""
+        if slot.budget == 0:
+            self._finish(slot, "length")
+        else:
+            self._accept(slot, logits)
 
     def _decode(self) -> None:
         for slot in self.slots:
@@ -395,6 +507,8 @@ class BatchEngine:
         """Sample the next token of a slot's request from its logits, emit it or finish."""
         request = slot.request
         token = request.sampler(logits, slot.cached)  # the prompt and the reply so far, without a copy
+        if request.sampler.last_logprob is not None:  # the stop token's too, last (legacy completions show it)
+            request.logprobs.append(request.sampler.last_logprob)
         if token in request.stop_ids:
             self._finish(slot, "stop")
             return

@@ -142,6 +142,23 @@ class BlockPool:
         self.tables[slot] = NULL
         self.meta.pop(slot, None)
 
+    def fork(self, source: int, target: int, tokens: int) -> None:
+        """Begin `target` as a copy of `source`'s first `tokens` tokens (n > 1 continuations of one prefill):
+        their full blocks shared, a last partial block copied. `target`'s own blocks go back first, so a target
+        that held blocks for as many tokens always finds the one block it takes."""
+        self.release(target)
+        full, total = divmod(tokens + self.prefix_rows, self.block_size)
+        total = full + (total > 0)
+        for block in self.owned[source][:full]:
+            self._append(target, self._hold(block))
+        for k in range(full, total):
+            block = self._take()
+            self._copy(self.owned[source][k], block)
+            self._append(target, block)
+        self.chains[target] = list(self.chains[source][: full - self.prefix_rows // self.block_size])
+        if source in self.meta:
+            self.meta[target] = dict(self.meta[source])
+
     def hashes(self, tokens: Sequence[int], limit: int) -> Iterator[bytes]:
         """The chain hashes of the full blocks among the first `limit` tokens (after the full prefix blocks)."""
         parent = b""
@@ -175,6 +192,9 @@ class BlockPool:
 
     def _prepare(self, block: int, position: int) -> None:
         """Storage hook: make `block` ready to be table entry `position` of a sequence."""
+
+    def _copy(self, source: int, target: int) -> None:
+        """Storage hook: `target` takes the rows of block `source`."""
 
 
 class KVCache(BlockPool):
@@ -216,6 +236,10 @@ class KVCache(BlockPool):
         elif self.fresh[block]:
             self.kv[:, :, :, block].zero_()
         self.fresh[block] = False
+
+    def _copy(self, source: int, target: int) -> None:
+        self.kv[:, :, :, target] = self.kv[:, :, :, source]
+        self.fresh[target] = False
 
 
 def _digest(parent: bytes, tokens: Sequence[int]) -> bytes:

@@ -1,14 +1,16 @@
 """Pipeline: a model, its tokenizer and its chat format behind chat() and generate()."""
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .engine import SamplingParams, generate
+from .engine import SamplingParams, TokenMask, generate
 from .errors import ChatFormatError
+from .grammar import Vocabulary, response_grammar
 from .loaders import build_model, open_checkpoint
 from .markup import MarkupParser, Reasoning, markup_parser, openai_tools, takes_tools
 from .messages import ChatMessage, MessageLike, as_messages
@@ -194,12 +196,25 @@ class Pipeline:
         self.config = model.config
         self.stop_ids = frozenset(tokenizer.eos_ids) | frozenset(self.config.eos_token_ids)
 
-    def _tokens(self, prompt: list[int], sampling: dict[str, Any]) -> Iterator[int]:
-        return generate(self.model, prompt, SamplingParams(**sampling), self.stop_ids, self.tokenizer.vocab_size)
+    @functools.cached_property
+    def vocabulary(self) -> Vocabulary:
+        """The tokenizer's vocabulary as the grammar engine reads it (built on first use)."""
+        return Vocabulary(self.tokenizer, self.stop_ids)
+
+    def token_mask(self, grammar: str | None, param: str = "response_format") -> TokenMask | None:
+        """A fresh grammar state for one reply, after checking the grammar (GrammarError names `param`)."""
+        if grammar is None:
+            return None
+        self.vocabulary.check(grammar, param)
+        return self.vocabulary.mask(grammar)
+
+    def _tokens(self, prompt: list[int], sampling: dict[str, Any], grammar: str | None = None) -> Iterator[int]:
+        return generate(self.model, prompt, SamplingParams(**sampling), self.stop_ids, self.tokenizer.vocab_size,
+                        self.token_mask(grammar))
 
     def chat(self, messages: Sequence[MessageLike], *, tools: Sequence[Mapping[str, Any]] | None = None,
              stream: bool = False, stop: Sequence[str] = (), template_kwargs: Mapping[str, Any] | None = None,
-             **sampling) -> ChatMessage | ChatStream:
+             response_format: Mapping[str, Any] | None = None, **sampling) -> ChatMessage | ChatStream:
         """The assistant's reply to a conversation; with stream=True, a ChatStream of text deltas.
 
         tools (ChatGLM3, GLM-4, and models whose chat template offers tools: GLM-4.5/4.6/4.7): function
@@ -208,6 +223,9 @@ class Pipeline:
         (or "tool") messages after that reply. A reasoning model's thoughts (GLM-Z1, GLM-4.5) come apart:
         ``Reasoning`` pieces in a stream, ``reasoning_content`` in the message. template_kwargs are more
         variables for a Jinja chat template (``{"enable_thinking": False}`` turns GLM-4.5's thinking off).
+
+        response_format: OpenAI's ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+        {"name", "schema"}}``, enforced while decoding (grammar.py); a bad schema raises GrammarError.
         """
         family = self.tokenizer.family
         functions, interpreter = read_tools(tools or ())
@@ -221,16 +239,18 @@ class Pipeline:
             raise ChatFormatError(f"the code interpreter needs a ChatGLM3 model; this one is of family {family!r}")
         else:
             prompt, parser = template_chat(self.tokenizer, messages, functions, template_kwargs or {})
-        reply = ChatStream(reply_text(self._tokens(prompt, sampling), self.tokenizer, stop, parser), parser)
+        tokens = self._tokens(prompt, sampling, response_grammar(family, response_format))
+        reply = ChatStream(reply_text(tokens, self.tokenizer, stop, parser), parser)
         return reply if stream else reply.message()
 
     def generate(self, prompt: str, *, stream: bool = False, stop: Sequence[str] = (), parse_special: bool | None = None,
-                 **sampling) -> str | Iterator[str]:
+                 response_format: Mapping[str, Any] | None = None, **sampling) -> str | Iterator[str]:
         """Plain completion of text (CodeGeeX2's mode, base models).
 
         parse_special=True reads special-token text in the prompt ("<|user|>", "[gMASK]") as control tokens, for
         hand-built prompts; the default is the family's (GLM: plain text, as the official tokenizers).
         """
         ids = self.tokenizer.encode(prompt, add_special_tokens=True, parse_special=parse_special)
-        deltas = detokenize(self._tokens(ids, sampling), self.tokenizer, stop)
+        deltas = detokenize(self._tokens(ids, sampling, response_grammar("llama", response_format)), self.tokenizer,
+                            stop)
         return deltas if stream else "".join(deltas)

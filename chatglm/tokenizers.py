@@ -24,7 +24,7 @@ import sentencepiece as spm
 import tiktoken
 import tokenizers as hf
 from gguf import TokenType
-from tokenizers import Regex, models, normalizers, pre_tokenizers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 
 from . import chat_format
 from .chat_format import Segment
@@ -80,6 +80,10 @@ class Tokenizer:
         """How many chars at the end of settled text a later id may still change (family rules)."""
         return 0
 
+    def _piece(self, id: int) -> bytes:
+        """The bytes an ordinary (not special) token stands for, leading space and partial UTF-8 kept."""
+        raise NotImplementedError
+
     # ----- shared behaviour -----
 
     def split_specials(self, text: str) -> list[Segment]:
@@ -134,6 +138,11 @@ class Tokenizer:
                 ids.append(s)
         return ids
 
+    def token_bytes(self, id: int) -> bytes:
+        """The bytes one token adds to the text (b"" for a special id), as grammar engines and logprobs need them."""
+        _check_id(self, id)
+        return b"" if id in self._names else self._piece(id)
+
     def unsettled(self, text: str) -> int:
         """How many chars at the end of decode(ids) may still change when more ids follow."""
         settled = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes as U+FFFD until it completes
@@ -157,6 +166,13 @@ def _bytes_text(data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return "".join(f"<0x{b:02X}>" for b in data)
+
+
+def _sp_piece_bytes(sp: spm.SentencePieceProcessor, id: int) -> bytes:
+    piece = sp.id_to_piece(id)
+    if sp.is_byte(id):
+        return bytes([int(piece[3:5], 16)])
+    return b"" if sp.is_control(id) or sp.is_unknown(id) else piece.replace("\u2581", " ").encode()
 
 
 def _check_id(tok: Tokenizer, id: int) -> None:
@@ -241,6 +257,12 @@ class SentencePieceGLM(Tokenizer):
         piece = self._sp.id_to_piece(id)
         return piece if self._sp.is_byte(id) else piece.replace("\u2581", " ")
 
+    def _piece(self, id: int) -> bytes:
+        if id >= self._pieces:
+            return b""
+        data = _sp_piece_bytes(self._sp, id)
+        return chatglm_postprocess(data.decode("utf-8", "replace")).encode() if self.family == "chatglm" else data
+
     def _hold(self, text: str) -> int:
         if self.family == "chatglm3" or not text:
             return 0
@@ -286,6 +308,9 @@ class TiktokenGLM4(Tokenizer):
     def token_text(self, id: int) -> str:
         _check_id(self, id)
         return self._names.get(id) or _bytes_text(self._enc.decode_single_token_bytes(id))
+
+    def _piece(self, id: int) -> bytes:
+        return self._enc.decode_single_token_bytes(id)
 
 
 def read_tiktoken_ranks(path: Path, data: bytes | None = None) -> dict[bytes, int]:
@@ -478,6 +503,9 @@ class GGUFTokenizer(TemplateTokenizer):
         _check_id(self, id)
         return self._names.get(id) or _bytes_text(self._pieces[id])
 
+    def _piece(self, id: int) -> bytes:
+        return self._pieces[id]
+
 
 def tokenizer_from_gguf(meta: Mapping[str, Any], path: str | Path) -> Tokenizer:
     """The tokenizer a GGUF file carries, from its metadata (the model loader passes what it already parsed)."""
@@ -550,6 +578,13 @@ class HFJsonTokenizer(TemplateTokenizer):
         text = self._backend.decode([id], skip_special_tokens=False)
         return self._backend.id_to_token(id) if "\ufffd" in text else text
 
+    def _piece(self, id: int) -> bytes:
+        token = self._backend.id_to_token(id) or ""
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            return GGUFTokenizer._piece_bytes(token, TokenType.BYTE, False)
+        byte_level = isinstance(self._backend.decoder, decoders.ByteLevel)
+        return GGUFTokenizer._piece_bytes(token, TokenType.NORMAL, byte_level)
+
 
 class SentencePieceTemplate(TemplateTokenizer):
     """A llama-family folder with only a SentencePiece tokenizer.model (Baichuan, InternLM)."""
@@ -585,6 +620,9 @@ class SentencePieceTemplate(TemplateTokenizer):
         _check_id(self, id)
         piece = self._sp.id_to_piece(id)
         return piece if id in self._names or self._sp.is_byte(id) else piece.replace("\u2581", " ")
+
+    def _piece(self, id: int) -> bytes:
+        return _sp_piece_bytes(self._sp, id)
 
 
 # ===== loading =====

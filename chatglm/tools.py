@@ -178,6 +178,14 @@ def call_message(family: str, name: str, arguments: str) -> ChatMessage:
     return ChatMessage("assistant", _dumps(args), metadata=name)
 
 
+class _JsonNames(ast.NodeTransformer):
+    """JSON's true, false and null read as Python's (a model writes them in calls; grammar.py's calls are JSON)."""
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        values = {"true": True, "false": False, "null": None}
+        return ast.Constant(values[node.id]) if node.id in values else node
+
+
 def _keyword_arguments(code: str) -> dict[str, Any] | None:
     """The keyword arguments of ``tool_call(...)``, read as literals with ast (model output is never run)."""
     try:
@@ -186,7 +194,7 @@ def _keyword_arguments(code: str) -> dict[str, Any] | None:
             return None
         if call.args or any(kw.arg is None for kw in call.keywords):
             return None
-        return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+        return {kw.arg: ast.literal_eval(_JsonNames().visit(kw.value)) for kw in call.keywords}
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
         return None
 

@@ -58,7 +58,7 @@ def assert_error(r, status: int, param: str | None = None, code: str | None = No
     ({"messages": HI, "max_tokens": -5}, "max_tokens"),
     ({"messages": HI, "max_tokens": 0}, "max_tokens"),
     ({"messages": HI, "max_tokens": 10**12}, "max_tokens"),
-    ({"messages": HI, "n": 2}, "n"),
+    ({"messages": HI, "n": 0}, "n"),
     ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"messages": HI, "stop": 7}, "stop"),
     ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),

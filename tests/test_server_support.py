@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import torch
 
 from chatglm.kv_cache import BlockPool
-
+from chatglm.pipeline import Pipeline
 from chatglm.tokenizers import load_tokenizer
 
 TOKENIZER_FILES = {"chatglm3": "chatglm3-6b/tokenizer.model", "glm4": "glm-4-9b/tokenizer.model"}
@@ -31,7 +31,7 @@ class ScriptedModel:
 
     def __init__(self, vocab_size: int, script: Sequence[int], end: int, context: int = 1024):
         self.vocab_size, self.script, self.end = vocab_size, list(script), end
-        self.config = SimpleNamespace(max_position=context)
+        self.config = SimpleNamespace(max_position=context, eos_token_ids=())
         self.device = torch.device("cpu")
         self.seen: dict[int, dict[int, int]] = defaultdict(dict)  # slot -> position -> id
 
@@ -75,9 +75,7 @@ def scripted_pipeline(tokenizer, reply: str | Sequence[str | int], end_name: str
     parts = [reply] if isinstance(reply, str) else reply
     script = [i for p in parts for i in (tokenizer.encode(p) if isinstance(p, str) else [p])]
     model = ScriptedModel(tokenizer.vocab_size, script, tokenizer.specials[end_name])
-    return SimpleNamespace(tokenizer=tokenizer, model=model, config=model.config,
-                           stop_ids=frozenset(tokenizer.eos_ids), path=Path(f"scripted-{tokenizer.family}"),
-                           format="test")
+    return Pipeline.from_model(model, tokenizer, f"scripted-{tokenizer.family}", "test")
 
 
 def sse_events(lines: Iterable[str]) -> list[tuple[str, str]]:

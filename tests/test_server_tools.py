@@ -165,3 +165,9 @@ def test_reply_parser_keeps_what_is_not_a_call_as_text():
     broken = "get_current_weather\n```python\ntool_call(location=\n```"
     assert feed_in_pieces(ReplyParser("chatglm3", ["get_current_weather"]), [broken]) == broken
     assert feed_in_pieces(ReplyParser("chatglm3"), ["no metadata line"]) == "no metadata line"
+
+
+def test_chatglm3_call_reads_json_literals_as_python():
+    call = parse_call("chatglm3", "f", '```python\ntool_call(a=true, b=null, c=[false, 1], d="true")\n```')
+    assert json.loads(call.arguments) == {"a": True, "b": None, "c": [False, 1], "d": "true"}
+    assert parse_call("chatglm3", "f", "```python\ntool_call(a=os.system)\n```") is None

@@ -31,7 +31,8 @@ from starlette.middleware.cors import CORSMiddleware
 
 from ..engine import BatchEngine, ContextLengthError, QueueFullError, SamplingParams
 from ..errors import ChatFormatError
-from ..markup import MarkupParser, Reasoning
+from ..grammar import GrammarError
+from ..markup import MarkupParser, Reasoning, markup_parser
 from ..messages import ChatMessage
 from ..pipeline import reply_text, template_chat
 from ..tools import TOOL_FAMILIES, ReplyParser, ToolCall
@@ -56,9 +57,15 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def event_stream(gen: Generation, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
-    """Server-sent events that cancel the generation however the response ends, even before it started."""
-    return EventSourceResponse(events, background=BackgroundTask(gen.close))
+def event_stream(gen: Generation | Sequence[Generation], events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+    """Server-sent events that cancel the generations however the response ends, even before it started."""
+    gens = [gen] if isinstance(gen, Generation) else list(gen)
+
+    def close() -> None:
+        for g in gens:
+            g.close()
+
+    return EventSourceResponse(events, background=BackgroundTask(close))
 
 
 def json_event(data: Any, event: str | None = None) -> ServerSentEvent:
@@ -111,17 +118,33 @@ class Server:
 
         functions: the definitions the model may call (for ChatGLM3 / GLM-4 already in `messages` as their
         system message; a chat template that offers tools gets them itself, and template_kwargs)."""
-        parser: ReplyParser | MarkupParser | None
+        prompt, parser = self.chat_prompt(messages, functions, template_kwargs)
+        return Generation(self, prompt, params, stop, parser())
+
+    def chat_prompt(self, messages: Sequence[ChatMessage], functions: Sequence[Mapping[str, Any]] = (),
+                    template_kwargs: Mapping[str, Any] = {}
+                    ) -> tuple[list[int], Callable[[], ReplyParser | MarkupParser | None]]:
+        """A conversation's prompt, and a maker of its reply's parser (one parser per reply: n > 1 takes several)."""
         if self.family in TOOL_FAMILIES:
             prompt = self.tokenizer.encode_chat(messages)
-            parser = ReplyParser(self.family, [f["name"] for f in functions])
-        else:
-            prompt, parser = template_chat(self.tokenizer, messages, functions, template_kwargs)
-        return Generation(self, prompt, params, stop, parser)
+            names = [f["name"] for f in functions]
+            return prompt, lambda: ReplyParser(self.family, names)
+        prompt, _ = template_chat(self.tokenizer, messages, functions, template_kwargs)
+        return prompt, lambda: markup_parser(self.tokenizer, prompt, functions)
 
-    def submit(self, prompt: list[int], params: SamplingParams):
+    def parser(self, tool_names: Sequence[str] = ()) -> ReplyParser | None:
+        """The reader of a chat reply's parts and tool calls (ChatGLM3 / GLM-4), one per reply."""
+        return ReplyParser(self.family, tool_names) if self.family in TOOL_FAMILIES else None
+
+    def submit(self, prompt: list[int], params: SamplingParams | Sequence[SamplingParams], grammar: str | None = None):
+        """One engine request, or a list of them for a list of params (n > 1: one prefill), each with its own
+        grammar state when `grammar` (already checked) constrains the reply."""
+        group = [params] if isinstance(params, SamplingParams) else list(params)
+        masks = [self.pipeline.token_mask(grammar) for _ in group] if grammar is not None else []
         try:
-            return self.engine.submit(prompt, params, self.pipeline.stop_ids, self.tokenizer.vocab_size)
+            requests = self.engine.submit_group(prompt, group, self.pipeline.stop_ids, self.tokenizer.vocab_size,
+                                                masks)
+            return requests[0] if isinstance(params, SamplingParams) else requests
         except QueueFullError as e:
             self.rejected += 1
             raise APIError(503, f"the server is busy ({e}); retry shortly", type="server_error", code="queue_full",
@@ -158,12 +181,18 @@ class Generation:
     """One reply in the engine, as text for async code; usage, finish reason and tool calls once it ends."""
 
     def __init__(self, server: Server, prompt: list[int], params: SamplingParams, stop: Sequence[str] = (),
-                 parser: ReplyParser | MarkupParser | None = None):
+                 parser: ReplyParser | MarkupParser | None = None, request=None):
         self.server = server
         self.prompt_tokens = len(prompt)
         self.stop = [s for s in stop if s]
         self.parser = parser  # chat replies of ChatGLM3 / GLM-4: parts, metadata lines, tool calls
-        self.request = server.submit(prompt, params)
+        self.request = request if request is not None else server.submit(prompt, params)
+        self.read = 0  # tokens turned into text so far: the logprobs of a streamed delta are those up to here
+
+    def _tokens(self):
+        for token in self.request:
+            self.read += 1
+            yield token
 
     @property
     def completion_tokens(self) -> int:
@@ -186,12 +215,14 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas as they are generated; leaving early (a client gone) frees the engine slot at once."""
-        texts = reply_text(self.request, self.server.tokenizer, self.stop, self.parser)  # read in worker threads
+        texts = reply_text(self._tokens(), self.server.tokenizer, self.stop, self.parser)  # read in worker threads
         try:
             while (text := await anyio.to_thread.run_sync(next, texts, None, abandon_on_cancel=True,
                                                           limiter=self.server.limiter)) is not None:
                 if text:
                     yield text
+        except GrammarError as e:  # a grammar that reached a dead end while decoding: the request's fault
+            raise APIError(400, str(e), param=e.param) from None
         finally:
             self.close()
 

@@ -1,141 +1,36 @@
 """OpenAI's API: /v1/chat/completions (with tools for ChatGLM3 and GLM-4), /v1/completions, /v1/models,
-/v1/embeddings. Shapes follow OpenAI's reference, so the official client and LangChain's ChatOpenAI work as is.
+/v1/embeddings. Shapes follow OpenAI's reference, so the official client and LangChain's ChatOpenAI work as is:
+structured outputs and tool_choice (grammar.py), logprobs (logprobs.py), echo and token-id prompts, n choices.
+The request bodies are in openai_models.py.
 """
 from __future__ import annotations
 
 import base64
 import secrets
 import time
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
+import anyio
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, Field
 from sse_starlette import ServerSentEvent
 
+from ..grammar import tool_call_grammar
 from ..markup import Reasoning, takes_tools
 from ..messages import ChatMessage
 from ..tools import TOOL_FAMILIES, model_messages, tools_message
-from .app import APIError, Generation, Server, event_stream, get_server, json_event, sampling
+from .app import APIError, Generation, Server, event_stream, get_server, json_event
+from .logprobs import chat_logprobs, completion_logprobs
+from .openai_models import ChatRequest, CompletionRequest, EmbeddingRequest, FunctionDef, NamedToolChoice, \
+    checked
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str = "{}"
-
-
-class ToolCallIn(BaseModel):
-    id: str | None = None
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCallIn] | None = None
-    tool_call_id: str | None = None
-    reasoning_content: str | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
-class FunctionDef(BaseModel):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    description: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
-
-    def spec(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
-
-
-class Tool(BaseModel):
-    type: Literal["function"] = "function"
-    function: FunctionDef
-
-
-class ToolName(BaseModel):
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    type: Literal["function"] = "function"
-    function: ToolName
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class GenerationRequest(BaseModel):
-    """Fields shared by chat and text completions."""
-
-    model: str | None = Field(default=None, description="ignored: the server serves one model")
-    max_tokens: int | None = Field(default=None, ge=1, description="at most the model's context")
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, ge=0, le=1)
-    n: int = Field(default=1, ge=1, le=128, description="only 1 is supported")
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2, description="off the logit of tokens in the reply, once")
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2, description="off a token's logit per use in the reply")
-    repetition_penalty: float = Field(default=1.0, ge=0.1, le=10, description="ChatGLM's penalty (extension)")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-
-    def checked(self, server: Server, max_tokens: int | None = None):
-        """Sampling parameters and stop strings, after the checks the schema cannot express."""
-        if self.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
-        limit = max_tokens if max_tokens is not None else self.max_tokens
-        if limit is not None and limit > server.context:
-            raise APIError(400, f"max_tokens is {limit}, but the model's context is {server.context} tokens",
-                           param="max_tokens")
-        params = sampling(self.temperature, self.top_p, max_new_tokens=limit, seed=self.seed,
-                          repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                          frequency_penalty=self.frequency_penalty)
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
-        return params, stop
-
-
-class ChatRequest(GenerationRequest):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = Field(
-        default=None, description='more variables for the chat template, as vLLM takes them: {"enable_thinking": false}')
-
-
-class CompletionRequest(GenerationRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1)]
-    max_tokens: int | None = Field(default=16, ge=1, description="at most the model's context")
-    parse_special: bool | None = Field(default=None, description="read special-token text in the prompt as control "
-                                       "tokens (default: the model family's own rule; GLM keeps it as text)")
-
-
-class EmbeddingRequest(BaseModel):
-    input: str | Annotated[list[str], Field(min_length=1, max_length=2048)]
-    model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
-    user: str | None = None
-
-
 def _active_tools(body: ChatRequest, server: Server) -> list[FunctionDef]:
     """The functions the model may call, after tool_choice; refused for models without a tool format."""
+    if body.tool_choice in ("required",) or isinstance(body.tool_choice, NamedToolChoice):
+        if not body.tools:
+            raise APIError(400, "tool_choice asks for a call, but tools is empty", param="tool_choice")
     if not body.tools or body.tool_choice == "none":
         return []
     if server.family not in TOOL_FAMILIES and not takes_tools(server.tokenizer.chat_template):
@@ -173,69 +68,151 @@ async def models(server: Server = Depends(get_server)) -> dict[str, Any]:
                      for name in cards]}
 
 
+def _chat_grammar(body: ChatRequest, server: Server, functions: list[FunctionDef]) -> str | None:
+    """tool_choice "required" or a named function: one call, its arguments valid for the function's parameters;
+    otherwise response_format's grammar, if any."""
+    if functions and (body.tool_choice == "required" or isinstance(body.tool_choice, NamedToolChoice)):
+        return checked(server, lambda: tool_call_grammar(server.family, [f.spec() for f in functions]), "tools")
+    return body.response_format.grammar(server) if body.response_format else None
+
+
+async def _off_loop(function, *args):
+    """Run a step that may compile grammars (the vocabulary's first read takes up to a second; a schema, ms) in a
+    worker thread: llguidance releases the GIL, so other requests go on meanwhile."""
+    return await anyio.to_thread.run_sync(function, *args)
+
+
+def _usage(gens: list[Generation]) -> dict[str, int]:
+    completion = sum(g.completion_tokens for g in gens)
+    return {"prompt_tokens": gens[0].prompt_tokens, "completion_tokens": completion,
+            "total_tokens": gens[0].prompt_tokens + completion}
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatRequest, server: Server = Depends(get_server)):
-    params, stop = body.checked(server, body.max_completion_tokens or body.max_tokens)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    params, stop = body.checked(server, body.max_completion_tokens or body.max_tokens, logprobs=top)
     functions = _active_tools(body, server)
-    gen = server.generate(_messages(body, server.family, functions), params, stop, [f.spec() for f in functions],
-                          body.chat_template_kwargs or {})
+    grammar = await _off_loop(_chat_grammar, body, server, functions)
+    prompt, parser = server.chat_prompt(_messages(body, server.family, functions), [f.spec() for f in functions],
+                                        body.chat_template_kwargs or {})
+    gens = [Generation(server, prompt, p, stop, parser(), request)
+            for p, request in zip(params, await _off_loop(server.submit, prompt, params, grammar))]
     head = {"id": _id("chatcmpl"), "created": int(time.time()), "model": server.model_id}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return event_stream(gen, _chat_chunks(gen, head, usage))
-    pieces = [delta async for delta in gen.deltas()]
-    content = "".join(p for p in pieces if not isinstance(p, Reasoning))
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if reasoning := "".join(p for p in pieces if isinstance(p, Reasoning)):
-        message["reasoning_content"] = reasoning  # as vLLM and DeepSeek's API return a model's thinking
-    if gen.tool_calls:
-        message["content"] = content or None  # OpenAI sends null content beside tool calls
-        message["tool_calls"] = [call.to_openai() for call in gen.tool_calls]
-    return {**head, "object": "chat.completion", "usage": gen.usage,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": gen.finish_reason}]}
+        return event_stream(gens, _chat_chunks(gens, head, usage, server.tokenizer))
+    choices = []
+    for index, gen in enumerate(gens):
+        pieces = [delta async for delta in gen.deltas()]
+        content = "".join(p for p in pieces if not isinstance(p, Reasoning))
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if reasoning := "".join(p for p in pieces if isinstance(p, Reasoning)):
+            message["reasoning_content"] = reasoning  # as vLLM and DeepSeek's API return a model's thinking
+        if gen.tool_calls:
+            message["content"] = content or None  # OpenAI sends null content beside tool calls
+            message["tool_calls"] = [call.to_openai() for call in gen.tool_calls]
+        entries = gen.request.logprobs[: gen.completion_tokens]  # chat leaves the stop token out
+        logprobs = chat_logprobs(server.tokenizer, entries) if top is not None else None
+        choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": gen.finish_reason})
+    return {**head, "object": "chat.completion", "usage": _usage(gens), "choices": choices}
 
 
-async def _chat_chunks(gen: Generation, head: dict[str, Any], usage: bool) -> AsyncIterator[ServerSentEvent]:
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> ServerSentEvent:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return json_event({**head, "object": "chat.completion.chunk", "choices": [choice]})
+async def _chat_chunks(gens: list[Generation], head: dict[str, Any], usage: bool,
+                       tokenizer) -> AsyncIterator[ServerSentEvent]:
+    """Each choice's chunks in turn (their index tells them apart); all choices are generated at once meanwhile."""
+    for index, gen in enumerate(gens):
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None, logprobs=None) -> ServerSentEvent:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            return json_event({**head, "object": "chat.completion.chunk", "choices": [choice]})
 
-    yield chunk({"role": "assistant", "content": ""})
-    async for text in gen.deltas():
-        yield chunk({"reasoning_content": text} if isinstance(text, Reasoning) else {"content": text})
-    if gen.tool_calls:
-        yield chunk({"tool_calls": [call.to_openai(index=i) for i, call in enumerate(gen.tool_calls)]})
-    yield chunk({}, gen.finish_reason)
+        wanted = gen.request.params.logprobs is not None
+        yield chunk({"role": "assistant", "content": ""})
+        shown = 0
+        async for text in gen.deltas():
+            entries, shown = gen.request.logprobs[shown:gen.read], gen.read
+            delta = {"reasoning_content": text} if isinstance(text, Reasoning) else {"content": text}
+            yield chunk(delta, logprobs=chat_logprobs(tokenizer, entries) if wanted else None)
+        if gen.tool_calls:
+            yield chunk({"tool_calls": [call.to_openai(index=i) for i, call in enumerate(gen.tool_calls)]})
+        yield chunk({}, gen.finish_reason)
     if usage:
-        yield json_event({**head, "object": "chat.completion.chunk", "choices": [], "usage": gen.usage})
+        yield json_event({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(gens)})
     yield ServerSentEvent(data="[DONE]")
+
+
+def _prompt_ids(body: CompletionRequest, server: Server) -> list[int]:
+    """One prompt's ids: text (tokenized with the family's decoration) or token ids as given (lm-evaluation-harness)."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
+    if len(prompts) != 1:
+        raise APIError(400, "give one prompt: batches of prompts are not supported", param="prompt")
+    if isinstance(prompts[0], str):
+        ids = server.tokenizer.encode(prompts[0], add_special_tokens=True, parse_special=body.parse_special)
+    else:
+        ids = list(prompts[0])
+        bad = next((i for i in ids if not 0 <= i < server.tokenizer.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"prompt holds token id {bad}, outside the vocabulary "
+                                f"(0..{server.tokenizer.vocab_size - 1})", param="prompt")
+    if not ids:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    return ids
 
 
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, server: Server = Depends(get_server)):
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if len(prompts) != 1:
-        raise APIError(400, "give one prompt: batches of prompts are not supported", param="prompt")
-    params, stop = body.checked(server)
-    ids = server.tokenizer.encode(prompts[0], add_special_tokens=True, parse_special=body.parse_special)
-    if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    gen = Generation(server, ids, params, stop)
+    params, stop = body.checked(server, logprobs=body.logprobs, echo=body.echo)
+    ids = _prompt_ids(body, server)
+    grammar = await _off_loop(body.response_format.grammar, server) if body.response_format else None
+    requests = await _off_loop(server.submit, ids, params, grammar)
+    gens = [Generation(server, ids, p, stop, request=r) for p, r in zip(params, requests)]
     head = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": server.model_id}
+    echoed = server.tokenizer.decode(ids) if body.echo else ""
 
-    def choice(text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(index: int, text: str, finish_reason: str | None, logprobs=None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def scores(gen: Generation, start: int, end: int, echo: bool) -> dict[str, Any] | None:
+        if body.logprobs is None:
+            return None
+        request, tokenizer = gen.request, server.tokenizer
+        entries = request.logprobs[start:end]
+        out = completion_logprobs(tokenizer, entries, [e[0] for e in entries])
+        if echo:
+            head_part = completion_logprobs(tokenizer, request.prompt_logprobs or [], ids)
+            offset = len("".join(head_part["tokens"]))
+            out["text_offset"] = [offset + o for o in out["text_offset"]]
+            out = {k: head_part[k] + out[k] for k in out}
+        return out
 
     if body.stream:
+        def echo_event(index: int, gen: Generation) -> ServerSentEvent:
+            return json_event({**head, "choices": [choice(index, echoed, None, scores(gen, 0, 0, True))]})
+
         async def chunks() -> AsyncIterator[ServerSentEvent]:
-            async for text in gen.deltas():
-                yield json_event({**head, "choices": [choice(text, None)]})
-            yield json_event({**head, "choices": [choice("", gen.finish_reason)]})
+            for index, gen in enumerate(gens):
+                shown, echo = 0, body.echo  # the echo goes first, once the prefill has scored the prompt
+                async for text in gen.deltas():
+                    if echo:
+                        yield echo_event(index, gen)
+                        echo = False
+                    logprobs = scores(gen, shown, gen.read, False)
+                    yield json_event({**head, "choices": [choice(index, text, None, logprobs)]})
+                    shown = gen.read
+                if echo:
+                    yield echo_event(index, gen)
+                yield json_event({**head, "choices": [choice(index, "", gen.finish_reason)]})
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield json_event({**head, "choices": [], "usage": _usage(gens)})
             yield ServerSentEvent(data="[DONE]")
 
-        return event_stream(gen, chunks())
-    text = await gen.text()
-    return {**head, "choices": [choice(text, gen.finish_reason)], "usage": gen.usage}
+        return event_stream(gens, chunks())
+    choices = []
+    for index, gen in enumerate(gens):
+        text = await gen.text()
+        end = len(gen.request.logprobs)  # the stop token's too, as vLLM and lm-evaluation-harness expect
+        choices.append(choice(index, echoed + text, gen.finish_reason, scores(gen, 0, end, body.echo)))
+    return {**head, "choices": choices, "usage": _usage(gens)}
 
 
 @router.post("/embeddings")
