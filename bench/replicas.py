@@ -3,10 +3,11 @@
 Starts, one after another, the default model on 1 replica, on 2 replicas with prefix routing and on 2 replicas
 with load-only routing (1 thread each, a local Ray instance), and against each:
 - 32 concurrent streamed chats: generated tokens / wall time;
-- 4 conversations of 5 turns, one after another, each turn's request interleaved with an unrelated one:
-  median time to the first streamed token of turn 5.
+- 4 conversations of 5 turns about a document of their own (--document-words, so that a turn landing on a
+  replica without the conversation's prefix must compute it again), one after another, each turn's request
+  interleaved with an unrelated one: median time to the first streamed token of turn 5.
 
-Usage: .venv/bin/python bench/replicas.py [--streams 32] [--new-tokens 64]
+Usage: .venv/bin/python bench/replicas.py [--streams 32] [--new-tokens 64] [--document-words 600]
 Prints one JSON line.
 """
 from __future__ import annotations
@@ -83,10 +84,18 @@ def throughput(url: str, streams: int, new_tokens: int) -> float:
     return tokens / (time.perf_counter() - begin)
 
 
-def turn5_ttft(url: str) -> float:
+def document(c: int, words: int) -> str:
+    """A text of its own for conversation c: no two conversations share a prefix beyond the template's."""
+    vocabulary = ("river bridge market tower garden museum street square palace church harbour station library "
+                  "theatre school park fountain gate wall hill").split()
+    return " ".join(vocabulary[(c * 7 + k * k) % len(vocabulary)] for k in range(words))
+
+
+def turn5_ttft(url: str, words: int) -> float:
     times = []
     for c in range(4):
-        messages = [{"role": "system", "content": f"You are guide number {c}. Answer in two sentences."}]
+        messages = [{"role": "system", "content": f"You are guide number {c}. Answer in two sentences about this "
+                                                  f"city's notes: {document(c, words)}"}]
         for k, question in enumerate(QUESTIONS):
             messages.append({"role": "user", "content": question})
             ttft, reply, _ = stream(url, messages, 32)
@@ -100,15 +109,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--document-words", type=int, default=600)
     args = ap.parse_args()
-    result = {"streams": args.streams, "new_tokens": args.new_tokens, "threads_per_replica": 1}
+    result = {"streams": args.streams, "new_tokens": args.new_tokens, "threads_per_replica": 1,
+              "document_words": args.document_words}
     for name, replicas, routing in (("1_replica", 1, "prefix"), ("2_replicas", 2, "prefix"),
                                     ("2_replicas_balanced", 2, "balanced")):
         proc, url = start(replicas, routing)
         try:
             if routing == "prefix":
                 result[f"{name}_tok_s"] = round(throughput(url, args.streams, args.new_tokens), 1)
-            result[f"{name}_turn5_ttft_s"] = round(turn5_ttft(url), 4)
+            result[f"{name}_turn5_ttft_s"] = round(turn5_ttft(url, args.document_words), 4)
         finally:
             stop(proc)
     result["scale_2_vs_1"] = round(result["2_replicas_tok_s"] / result["1_replica_tok_s"], 2)
