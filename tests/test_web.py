@@ -6,6 +6,7 @@ reply can hold Markdown, a Python code block and CJK text; one runs the real def
 """
 from __future__ import annotations
 
+import copy
 import html
 import re
 import shutil
@@ -268,6 +269,33 @@ def test_a_refusal_is_a_line_on_the_page(browser, tokenizer):
         error.wait_for(timeout=PATIENCE * 1000)
         assert "max_tokens" in error.inner_text() and "context" in error.inner_text()
         assert page.locator(".msg").count() == 0 and page.locator("#input").input_value() == "too long"
+
+
+def test_reasoning_shows_apart_and_folds_when_the_answer_starts(browser, tokenizer):
+    """A model that thinks first (its template opens <think>, as GLM-Z1's does): the reasoning arrives as
+    reasoning_content and shows above the answer, folded once the answer starts; the next request carries only the
+    answer."""
+    thinking = copy.copy(tokenizer)
+    thinking.chat_template = tokenizer.chat_template.replace("'<|im_start|>assistant\n'",
+                                                             "'<|im_start|>assistant\n<think>'")
+    assert thinking.chat_template != tokenizer.chat_template
+    pipe = scripted_pipeline(thinking, "The user greets me.</think>\nHello **there**.", END)
+    with serving(create_app(pipe, max_batch=1)) as url, chat_page(browser, url) as page:
+        send(page, "Hi")
+        reply = last_reply(page)
+        reasoning = reply.locator("details.reasoning")
+        assert reasoning.is_visible() and reasoning.get_attribute("open") is None
+        assert reasoning.locator("div").text_content() == "The user greets me."
+        assert reply.locator(".md strong").inner_text() == "there"
+        assert "The user greets me." not in reply.locator(".md").inner_text()
+        reasoning.locator("summary").click()
+        assert reasoning.get_attribute("open") is not None and reasoning.locator("div").is_visible()
+
+        send(page, "Again")
+        last_reply(page)
+        history = [ChatMessage("user", "Hi"), ChatMessage("assistant", "Hello **there**."), ChatMessage("user", "Again")]
+        expected = thinking.encode_chat(history)
+        assert fed_prompt(pipe.model, expected) == expected + pipe.model.script[:1]
 
 
 def test_with_an_api_key_the_page_asks_for_it_and_keeps_it(browser, tokenizer):

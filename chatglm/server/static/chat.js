@@ -78,15 +78,38 @@ function addMessage(role) {
   return div;
 }
 
-// An assistant reply: Markdown rendered so far, then the raw text that arrived since.
+// An assistant reply: the model's reasoning when it sends some (reasoning_content, as GLM-Z1 and GLM-4.5 do),
+// folded away once the answer starts; then the Markdown rendered so far and the raw text that arrived since.
 function newReply() {
   const el = addMessage("assistant");
   el.setAttribute("aria-busy", "true");
+  const thinking = el.appendChild(document.createElement("details"));
+  thinking.className = "reasoning";
+  thinking.hidden = true;
+  thinking.open = true;
+  thinking.appendChild(document.createElement("summary")).textContent = "Thinking";
+  const thought = thinking.appendChild(document.createElement("div"));
   const md = el.appendChild(document.createElement("div"));
   md.className = "md";
   const tail = el.appendChild(document.createElement("div"));
   tail.className = "tail";
-  return {el, md, tail, text: "", rendered: 0, timer: null, busy: false, dirty: false, done: false};
+  return {el, thinking, thought, md, tail, text: "", reasoning: "", rendered: 0, timer: null, busy: false, dirty: false,
+          done: false};
+}
+
+function showReasoning(turn, piece) {
+  turn.reasoning += piece;
+  turn.thinking.hidden = false;
+  turn.thought.textContent = turn.reasoning;
+  scrollToEnd();
+}
+
+// The answer has begun: the reasoning folds to one line, still there to open.
+function foldReasoning(turn) {
+  if (!turn.reasoning || turn.thinking.dataset.folded) return;
+  turn.thinking.dataset.folded = "1";
+  turn.thinking.open = false;
+  turn.thinking.querySelector("summary").textContent = "Reasoning";
 }
 
 function showText(turn) {
@@ -163,9 +186,11 @@ async function send() {
       if (data === "[DONE]") break;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message);
-      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta.content;
-      if (delta) {
-        turn.text += delta;
+      const delta = (chunk.choices && chunk.choices[0] && chunk.choices[0].delta) || {};
+      if (delta.reasoning_content) showReasoning(turn, delta.reasoning_content);
+      if (delta.content) {
+        foldReasoning(turn);
+        turn.text += delta.content;
         showText(turn);
         scheduleRender(turn);
       }
@@ -179,7 +204,8 @@ async function send() {
   }
   if (mine !== epoch) return;
   turn.done = true;
-  if (turn.text) {
+  foldReasoning(turn);
+  if (turn.text || turn.reasoning) {  // the reasoning stays on the page; the next request carries the answer only
     conversation.push({role: "assistant", content: turn.text});
     finishIfRendered(turn);
   } else {  // nothing came back: take the question back into the box to retry
