@@ -111,14 +111,17 @@ def test_fused_step_reads_the_ptuning_prefix(tmp_path):
         assert torch.abs(fused - reference).max() < 1e-4 * torch.abs(reference).max()
 
 
-def fused_and_torch_decode(model, prompts, follow, **cache_args) -> None:
+def fused_and_torch_decode(model, prompts, follow, dtype: torch.dtype) -> None:
     """Prefill, then batched one-token steps at mixed positions over scrambled blocks of 2 rows: every step's
-    logits from the fused step equal the torch blocks'."""
-    fused = paged_decode(model, prompts, follow, scrambled_cache(model, **cache_args))
-    reference = without_fused(model, lambda m: paged_decode(m, prompts, follow, scrambled_cache(m, **cache_args)))
+    logits from the fused step equal the torch blocks' (to float32 noise, about 1e-7 here). In a float16 cache
+    a key that float32 noise puts on a float16 rounding edge is stored one ulp apart (about 1e-4 of the logits,
+    seen once in 18 GLM v1 steps), hence the wider bound there; a wrong rotation or norm is off by far more."""
+    tol = 1e-4 if dtype == torch.float32 else 1e-3
+    fused = paged_decode(model, prompts, follow, scrambled_cache(model, dtype=dtype))
+    reference = without_fused(model, lambda m: paged_decode(m, prompts, follow, scrambled_cache(m, dtype=dtype)))
     for mine, theirs in zip(fused, reference):
         for step, (a, b) in enumerate(zip(mine, theirs)):
-            assert np.abs(a - b).max() < 1e-4 * np.abs(b).max(), f"step {step}"
+            assert np.abs(a - b).max() < tol * np.abs(b).max(), f"step {step}"
 
 
 @pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q8_0])
