@@ -62,8 +62,14 @@ _CHATGLM_6B = dict(model_type="chatglm", position_encoding_2d=True, vocab_size=1
                    gmask_token_id=130001, pad_token_id=3)
 _ICE_TEXT = (130344, {1: "<s>", 2: "</s>", 3: "<pad>", 130000: "[MASK]", 130001: "[gMASK]", 130002: "[sMASK]",
                       130004: "<sop>", 130005: "<eop>"})  # ice_text.model: its pieces, its control pieces
+_CHATGLM3_6B = {"model_type": "chatglm", "_name_or_path": "THUDM/chatglm3-6b", "multi_query_attention": True,
+                "padded_vocab_size": 65024, "hidden_size": 4096, "num_attention_heads": 32, "multi_query_group_num": 2,
+                "kv_channels": 128, "num_layers": 28, "ffn_hidden_size": 13696, "layernorm_epsilon": 1e-5,
+                "seq_length": 8192, "add_qkv_bias": True, "add_bias_linear": False, "rmsnorm": True, "eos_token_id": 2}
 GGML_SHAPES = {
     "chatglm-6b": (_CHATGLM_6B, _ICE_TEXT),
+    # ChatGLM3-6B as chatglm.cpp's file (its tokenizer.model: 64789 pieces, the special tokens after them)
+    "chatglm3-6b-ggml": (_CHATGLM3_6B, (64789, {1: "<s>", 2: "</s>"})),
     "chatglm-6b-tiny": (dict(_CHATGLM_6B, hidden_size=256, num_attention_heads=4, num_layers=2,
                              inner_hidden_size=1024), _ICE_TEXT),  # for tests
 }
@@ -167,13 +173,15 @@ def _ggml_file(path: Path, name: str, q: QType) -> None:
     from .convert import WRITERS
     from .loaders import Checkpoint
     from .models import family_for_hf
+    from .models.layers import Decoder
     from .tokenizers import tokenizer_from_bytes
 
     config, (pieces, specials) = GGML_SHAPES[name]
     family = family_for_hf(config, path)
     cfg = family.config_from_hf(config, path)
-    required = family.DECODER.required(cfg)
-    sizes = {c: s for c, s in family.DECODER.expected_shapes(cfg).items() if required.get(c.rsplit(".", 1)[-1], True)}
+    decoder = getattr(family, "DECODER", Decoder)  # as the loader picks it
+    required = decoder.required(cfg)
+    sizes = {c: s for c, s in decoder.expected_shapes(cfg).items() if required.get(c.rsplit(".", 1)[-1], True)}
     rng, tokenizer = np.random.default_rng(0), sentencepiece_model(pieces, specials)
 
     def get(canon: str):
