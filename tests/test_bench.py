@@ -64,3 +64,10 @@ def test_bench_glm_v1_decodes_in_the_fused_step(tmp_path):
     assert result["fused_step"] is True and result["decode_tok_s"] > 0
     proc = subprocess.run(args + ["--compare", "llama.cpp"], capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "chatglm.cpp's GGML format" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not ggml.available(), reason="the C++ kernels were not built on this machine")
+def test_synthetic_glm4_0414_takes_the_fused_step(tmp_path, default_gguf):
+    """GLM-4-0414's blocks as llama.cpp's glm4 file lays them out (q, k, v apart, post norms) decode in one call."""
+    model = load_model(synthetic_gguf("glm4-tiny", "q4_0", tmp_path))
+    assert model.config.post_norms and model.fused is not None
