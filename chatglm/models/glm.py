@@ -151,7 +151,8 @@ class GLMDecoder(Decoder):
         cs = (self.rope[position].unsqueeze(2), self.rope[block].unsqueeze(2))
         return cs, pos + self.prefix_len, self.causal_mask(pos, both_ways)
 
-    def rotary_positions(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
+    def rotary_positions(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                         slots: torch.Tensor) -> torch.Tensor:
         """A one-token step's (position, block position) per row: [B, 2] for the fused step's 2D rotary."""
         position, block, _ = self.positions_2d(ids, pos, cache, slots)
         return torch.stack([position[:, 0], block[:, 0]], dim=1).contiguous()

@@ -198,7 +198,8 @@ class Decoder(nn.Module):
         """Rotary rows [B,T,1,rope_dim/2], cache rows to write and the attention mask [B,1,T,span] (causal)."""
         return self.rope[pos].unsqueeze(2), pos + self.prefix_len, self.causal_mask(pos)
 
-    def rotary_positions(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
+    def rotary_positions(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                         slots: torch.Tensor) -> torch.Tensor:
         """A one-token step's rotary positions for the fused step: int64 [B] (GLM v1: [B, 2], its 2D positions)."""
         return pos[:, 0].contiguous()
 

@@ -300,7 +300,7 @@ class FusedDecoder {
     const int64_t* table = tables.data_ptr<int64_t>();
     const int64_t width = tables.size(1), bs = kv.size(4), blocks = kv.size(3);
     for (int64_t i = 0; i < pos.numel(); ++i) {
-      TORCH_CHECK(at[i] >= 0 && at[i] < rope.size(0), "row ", i / pos.size(-1), ": position ", at[i],
+      TORCH_CHECK(at[i] >= 0 && at[i] < rope.size(0), "row ", two_d ? i / 2 : i, ": position ", at[i],
                   " out of range (the rotary table has ", rope.size(0), ")");
     }
     for (int64_t b = 0; b < B; ++b) {
@@ -336,7 +336,8 @@ class FusedDecoder {
       const DecodeLayer& w = *layers_[l];
       Paged<T> layer = paged;
       layer.base = cache + l * kv.stride(0);
-      for (int64_t b = 0; b < B; ++b) w.norm(w.attn_norm, w.attn_norm_bias, xs + b * hidden, eps_, hidden, &h[b * hidden]);
+      for (int64_t b = 0; b < B; ++b)
+        w.norm(w.attn_norm, w.attn_norm_bias, xs + b * hidden, eps_, hidden, &h[b * hidden]);
       w.qkv(h.data(), B, qkv.data(), tile_rows_);
       for (int64_t b = 0; b < B; ++b) {
         float* r = &qkv[b * qkv_width];
@@ -363,7 +364,8 @@ class FusedDecoder {
       attend(layer, row, B, qkv.data(), qkv_width, att.data());
       w.o(att.data(), B, y.data(), tile_rows_);
       w.residual(xs, y.data(), h.data(), w.attn_post_norm, eps_, B, hidden);
-      for (int64_t b = 0; b < B; ++b) w.norm(w.ffn_norm, w.ffn_norm_bias, xs + b * hidden, eps_, hidden, &h[b * hidden]);
+      for (int64_t b = 0; b < B; ++b)
+        w.norm(w.ffn_norm, w.ffn_norm_bias, xs + b * hidden, eps_, hidden, &h[b * hidden]);
       w.gate_up(h.data(), B, gu.data(), tile_rows_);
       for (int64_t b = 0; b < B; ++b) {
         if (w.gelu) {
