@@ -59,27 +59,32 @@ def main() -> None:
         model(token, pos, cache, slots, last_only=True)
 
     whole = cpu_ms(step)
-    names = ("qkv", "o", "gate_up", "down")
-    real = {(i, n): getattr(layer, n) for i, layer in enumerate(model.layers) for n in names}
+    names = ("qkv", "o", "gate_up", "up", "down")  # wherever a family's block holds them (GLM-4-0414: attn.qkv)
+    real = {(i, path): module for i, layer in enumerate(model.layers) for path, module in layer.named_modules()
+            if path.rsplit(".", 1)[-1] in names}
     x = torch.randn(1, 1, cfg.hidden_size).to(model.dtype)
     wide = torch.randn(1, 1, cfg.ffn_size).to(model.dtype)
 
     def linears() -> None:
-        for (_, name), module in real.items():
-            module(wide if name == "down" else x)
+        for (_, path), module in real.items():
+            module(wide if path.endswith("down") else x)
         model.head(x)
+
+    def put(i: int, path: str, module: nn.Module) -> None:
+        parent, _, name = path.rpartition(".")
+        setattr(model.layers[i].get_submodule(parent), name, module)
 
     kernels = cpu_ms(linears)
     fused, model.fused = model.fused, None  # the torch blocks, whose glue the stubs isolate
     torch_step = cpu_ms(step)
     head = model.head
     with torch.inference_mode():
-        for (i, name), module in real.items():
-            setattr(model.layers[i], name, Stub(module.out_features, model.dtype))
+        for (i, path), module in real.items():
+            put(i, path, Stub(module.out_features, model.dtype))
         model.head = Stub(cfg.vocab_size, model.dtype)
         glue = cpu_ms(step)
-    for (i, name), module in real.items():
-        setattr(model.layers[i], name, module)
+    for (i, path), module in real.items():
+        put(i, path, module)
     model.head, model.fused = head, fused
     print(json.dumps({"model": args.model, "layers": cfg.num_layers, "threads": args.threads,
                       "step_ms": round(whole, 2), "fused": fused is not None, "linears_ms": round(kernels, 2),

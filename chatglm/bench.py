@@ -56,7 +56,8 @@ def bench_ours(path: str, device: str, dtype: str, prompt_tokens: int, new_token
     decode_s = time.perf_counter() - t
     out = {"engine": "chatglm", "load_s": round(load_s, 3), "prefill_tok_s": round(batch * prompt_tokens / prefill_s, 2),
            "decode_tok_s": round(batch * new_tokens / decode_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-           "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": torch.get_num_threads()}
+           "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+           "fused_step": getattr(model, "fused", None) is not None}  # decode ran as one C++ call per token
     if model.device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
@@ -89,12 +90,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     path = args.model
     if args.synthetic:
-        from .synthetic import synthetic_gguf
+        from .synthetic import synthetic_file
 
-        path = str(synthetic_gguf(args.synthetic, args.qtype, Path(args.synthetic_dir)))
+        path = str(synthetic_file(args.synthetic, args.qtype, Path(args.synthetic_dir)))
     ours = bench_ours(path, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch)
     result: dict[str, Any] = {"model": str(path), **ours}
     if args.compare == "llama.cpp":
+        if str(path).endswith(".bin"):
+            raise ValueError(f"--compare llama.cpp: llama.cpp cannot read {path} (chatglm.cpp's GGML format); "
+                             "measure chatglm.cpp on it instead")
         if args.batch != 1:
             raise ValueError("--compare llama.cpp measures batch 1 only")
         from .loaders import resolve_path
@@ -129,7 +133,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--compare", choices=["llama.cpp"], default=None, help="run llama.cpp on the same file too")
     p.add_argument("--synthetic", default=None,
-                   help="build a random-weight GGUF of this shape (chatglm3-6b, glm4-9b, glm4-9b-0414, glm-4.7-flash)")
+                   help="build a random-weight GGUF of this shape (chatglm3-6b, glm4-9b, glm4-9b-0414, glm-4.7-flash), "
+                        "or a chatglm.cpp GGML .bin (chatglm-6b)")
     p.add_argument("--qtype", default="q4_0", help="quant type of the synthetic file")
     p.add_argument("--synthetic-dir", default=str(Path.home() / ".cache" / "chatglm"), help="where synthetic files go")
     p.set_defaults(func=cmd_bench)

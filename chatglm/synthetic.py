@@ -53,6 +53,26 @@ FAMILY_SHAPES = {
                                moe=MoESpec(8, 2, 128, 128, scaling=1.8, dense_layers=(0,)),
                                latent=LatentSpec(kv_rank=64, q_rank=128, nope_dim=64, value_dim=64, scale=96 ** -0.5)),
 }
+# chatglm.cpp's GGML .bin files (GLM v1 has no llama.cpp architecture), written by our converter from random blocks
+# so that ours and chatglm.cpp run the same file: each shape's config.json, and a SentencePiece tokenizer made to
+# measure (the real one's piece count, its special tokens at their real ids)
+_CHATGLM_6B = dict(model_type="chatglm", position_encoding_2d=True, vocab_size=130528, hidden_size=4096,
+                   num_attention_heads=32, num_layers=28, inner_hidden_size=16384, layernorm_epsilon=1e-5,
+                   max_sequence_length=2048, bos_token_id=130004, eos_token_id=130005, mask_token_id=130000,
+                   gmask_token_id=130001, pad_token_id=3)
+_ICE_TEXT = (130344, {1: "<s>", 2: "</s>", 3: "<pad>", 130000: "[MASK]", 130001: "[gMASK]", 130002: "[sMASK]",
+                      130004: "<sop>", 130005: "<eop>"})  # ice_text.model: its pieces, its control pieces
+_CHATGLM3_6B = {"model_type": "chatglm", "_name_or_path": "THUDM/chatglm3-6b", "multi_query_attention": True,
+                "padded_vocab_size": 65024, "hidden_size": 4096, "num_attention_heads": 32, "multi_query_group_num": 2,
+                "kv_channels": 128, "num_layers": 28, "ffn_hidden_size": 13696, "layernorm_epsilon": 1e-5,
+                "seq_length": 8192, "add_qkv_bias": True, "add_bias_linear": False, "rmsnorm": True, "eos_token_id": 2}
+GGML_SHAPES = {
+    "chatglm-6b": (_CHATGLM_6B, _ICE_TEXT),
+    # ChatGLM3-6B as chatglm.cpp's file (its tokenizer.model: 64789 pieces, the special tokens after them)
+    "chatglm3-6b-ggml": (_CHATGLM3_6B, (64789, {1: "<s>", 2: "</s>"})),
+    "chatglm-6b-tiny": (dict(_CHATGLM_6B, hidden_size=256, num_attention_heads=4, num_layers=2,
+                             inner_hidden_size=1024), _ICE_TEXT),  # for tests
+}
 SCALES = {QType.Q4_0: 0.004, QType.Q4_1: 0.004, QType.Q5_0: 0.002, QType.Q5_1: 0.002, QType.Q8_0: 0.0002}
 
 
@@ -126,34 +146,94 @@ def _family_file(path: Path, name: str, q: QType) -> None:
                tensors, lambda t: encode(t.load(), t.qtype), extra=getattr(family, "gguf_metadata", lambda _: {})(cfg))
 
 
+def sentencepiece_model(pieces: int, specials: dict[int, str]) -> bytes:
+    """A SentencePiece model of exactly `pieces` pieces with `specials` at their ids: <unk> at 0, the specials and
+    placeholders up to the last special as control pieces, then user-defined placeholders and a few hundred BPE
+    pieces learned from the alphabet."""
+    import io
+
+    import sentencepiece as spm
+
+    learned = 200
+    top = max(specials) + 1
+    controls = [specials.get(i, f"<synthetic_{i}>") for i in range(1, top)]
+    users = [f"<synthetic_{i}>" for i in range(top, pieces - learned)]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    text = [" ".join(letters[i:] + letters[:i] for i in range(len(letters)))] * 50
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=out, vocab_size=pieces, model_type="bpe",
+                                   control_symbols=controls,
+                                   user_defined_symbols=users, unk_id=0, bos_id=-1, eos_id=-1, hard_vocab_limit=False,
+                                   minloglevel=2)
+    return out.getvalue()
+
+
+def _ggml_file(path: Path, name: str, q: QType) -> None:
+    """A GLM v1 file as `chatglm convert --format ggml` writes it, from a checkpoint of random blocks."""
+    from .convert import WRITERS
+    from .loaders import Checkpoint
+    from .models import family_for_hf
+    from .models.layers import Decoder
+    from .tokenizers import tokenizer_from_bytes
+
+    config, (pieces, specials) = GGML_SHAPES[name]
+    family = family_for_hf(config, path)
+    cfg = family.config_from_hf(config, path)
+    decoder = getattr(family, "DECODER", Decoder)  # as the loader picks it
+    required = decoder.required(cfg)
+    sizes = {c: s for c, s in decoder.expected_shapes(cfg).items() if required.get(c.rsplit(".", 1)[-1], True)}
+    rng, tokenizer = np.random.default_rng(0), sentencepiece_model(pieces, specials)
+
+    def get(canon: str):
+        t = OutTensor(canon, sizes[canon], None, q if len(sizes[canon]) == 2 else QType.F32)
+        data = torch.from_numpy(_random_data(t, rng))
+        return QTensor(data, q, t.shape) if t.qtype == q else data
+
+    ckpt = Checkpoint(path, family, cfg, {c: [c] for c in sizes}, family.HF_NAMES, get, None,
+                      lambda: tokenizer_from_bytes(tokenizer, cfg.family, path), format="ggml")
+    WRITERS["ggml"](path, ckpt, q, lambda tensors: tensors)
+
+
+def synthetic_file(name: str, qtype: str, folder: Path) -> Path:
+    """`synthetic_gguf`, or for the GGML shapes (chatglm.cpp's format) a .bin file: written once, reused after."""
+    if name not in GGML_SHAPES:
+        return synthetic_gguf(name, qtype, folder)
+    q = qtype_of(qtype)
+    path = Path(folder) / f"synthetic-{name}-{q.name.lower()}.bin"
+    if not path.is_file():
+        _written(path, lambda partial: _ggml_file(partial, name, q))
+    return path
+
+
+def _written(path: Path, write) -> None:
+    """write(partial), then the partial file renamed to `path`: no half-written file is ever reused."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".part")
+    try:
+        write(partial)
+        partial.rename(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def synthetic_gguf(name: str, qtype: str, folder: Path) -> Path:
     """The file for shape `name` and type `qtype`, written once into `folder` and reused after."""
     if name not in SHAPES and name not in FAMILY_SHAPES:
-        raise ValueError(f"unknown synthetic shape {name!r}; expected one of {', '.join([*SHAPES, *FAMILY_SHAPES])}")
+        known = ", ".join([*SHAPES, *FAMILY_SHAPES, *GGML_SHAPES])
+        raise ValueError(f"unknown synthetic shape {name!r}; expected one of {known}")
     q = qtype_of(qtype)
     path = Path(folder) / f"synthetic-{name}-{q.name.lower()}.gguf"
     if path.is_file():
         return path
     if name in FAMILY_SHAPES:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".part")
-        try:
-            _family_file(partial, name, q)
-            partial.rename(path)
-        finally:
-            partial.unlink(missing_ok=True)
+        _written(path, lambda partial: _family_file(partial, name, q))
         return path
     shape = SHAPES[name]
     cfg = ModelConfig(arch=shape["arch"], family="gguf", norm_eps=1e-5,
                       rope_dim=shape["head_dim"] // 2 if shape["arch"] == "chatglm" else 0,
                       **{"max_position": 8192, **{k: v for k, v in shape.items() if k != "arch"}})
-    path.parent.mkdir(parents=True, exist_ok=True)
     vocab, rng = _default_vocab(), np.random.default_rng(0)
-    partial = path.with_suffix(".part")
-    try:
-        write_gguf(partial, shape["arch"], cfg, f"synthetic {name}", q, lambda w: vocab.write(w, cfg.vocab_size),
-                   _tensors(shape, cfg, q), lambda t: _random_data(t, rng))
-        partial.rename(path)
-    finally:
-        partial.unlink(missing_ok=True)
+    _written(path, lambda partial: write_gguf(partial, shape["arch"], cfg, f"synthetic {name}", q,
+                                              lambda w: vocab.write(w, cfg.vocab_size), _tensors(shape, cfg, q),
+                                              lambda t: _random_data(t, rng)))
     return path

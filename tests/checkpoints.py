@@ -184,3 +184,28 @@ def _randomize_moe(model: torch.nn.Module) -> None:
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.3, 0.3)
+
+
+GLM_V1_LAYER = ("input_layernorm.weight", "input_layernorm.bias", "attention.query_key_value.weight",
+                "attention.query_key_value.bias", "attention.dense.weight", "attention.dense.bias",
+                "post_attention_layernorm.weight", "post_attention_layernorm.bias", "mlp.dense_h_to_4h.weight",
+                "mlp.dense_h_to_4h.bias", "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias")
+
+
+def tiny_glm_v1(folder: Path, layers: int = 2, hidden: int = 64, heads: int = 4, ffn: int = 128, vocab: int = 20,
+                seed: int = 0, **config) -> Path:
+    """A random ChatGLM-6B (GLM v1) folder under THUDM's names: [gMASK] is id 1, <sop> id 2, [MASK] id 3."""
+    shapes = {"transformer.word_embeddings.weight": (vocab, hidden), "transformer.final_layernorm.weight": (hidden,),
+              "transformer.final_layernorm.bias": (hidden,)}
+    for i in range(layers):
+        sizes = ((hidden,), (hidden,), (3 * hidden, hidden), (3 * hidden,), (hidden, hidden), (hidden,), (hidden,),
+                 (hidden,), (ffn, hidden), (ffn,), (hidden, ffn), (hidden,))
+        shapes.update({f"transformer.layers.{i}.{n}": s for n, s in zip(GLM_V1_LAYER, sizes)})
+    g = torch.Generator().manual_seed(seed)
+    state = {n: (torch.randn(*s, generator=g) * s[-1] ** -0.5 if len(s) == 2 else 0.5 + torch.rand(*s, generator=g))
+             for n, s in shapes.items()}
+    cfg = {"model_type": "chatglm", "position_encoding_2d": True, "num_layers": layers, "hidden_size": hidden,
+           "num_attention_heads": heads, "inner_hidden_size": ffn, "vocab_size": vocab, "layernorm_epsilon": 1e-5,
+           "max_sequence_length": 64, "gmask_token_id": 1, "mask_token_id": 3, "bos_token_id": 2, "eos_token_id": 4,
+           "torch_dtype": "float32", **config}
+    return write_folder(folder, cfg, state)

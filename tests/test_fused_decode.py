@@ -1,7 +1,9 @@
 """The fused one-token step (kernels/csrc/decode_step.cpp) against the torch blocks it replaces, with the
 same ggml-block weights: llama with biases and half-split rotary, GLM-4 with partial interleaved rotary and
-grouped keys, a P-Tuning prefix; a batch at mixed positions in scattered cache slots. And on the default
-model, the steps really are fused and agree with llama.cpp."""
+grouped keys, GLM-4-0414 with its post norms, GLM v1 (LayerNorm, per-head q/k/v, 2D rotary, GELU, alpha
+residuals), a P-Tuning prefix; a batch at mixed positions in scattered cache slots. The torch blocks are checked
+against transformers and the official code elsewhere (test_models, test_glm4_families), so equality carries
+over. And on the default model, the steps really are fused and agree with llama.cpp."""
 from __future__ import annotations
 
 import random
@@ -16,7 +18,8 @@ from chatglm.kernels import ggml
 from chatglm.kernels.ggml import GGMLLinear, fused_decoder
 from chatglm.quant import QTensor, QType, quantize
 
-from checkpoints import tiny_glm, tiny_llama
+from checkpoints import tiny_glm, tiny_glm4, tiny_glm4_moe, tiny_glm_v1, tiny_llama
+from test_paged_cache import paged_decode, scrambled_cache
 
 pytestmark = pytest.mark.skipif(not ggml.available(), reason="the C++ kernels were not built on this machine")
 
@@ -27,12 +30,16 @@ def blocks_of(w: torch.Tensor, qtype: QType) -> QTensor:
     return QTensor(torch.from_numpy(quantize(w.numpy(), qtype)), qtype, tuple(w.shape))
 
 
+PRODUCTS = ("qkv", "o", "gate_up", "up", "down")  # the block linears, wherever a family's block holds them
+
+
 def to_blocks(model, qtype: QType) -> None:
     """Every block linear of a float model as ggml blocks, and the fused step built over them."""
     for block in model.layers:
-        for name in ("qkv", "o", "gate_up", "down"):
-            dense = getattr(block, name)
-            setattr(block, name, GGMLLinear(blocks_of(dense.weight, qtype), dense.bias, torch.float32))
+        for parent in list(block.modules()):
+            for name, dense in list(parent.named_children()):
+                if name in PRODUCTS:
+                    setattr(parent, name, GGMLLinear(blocks_of(dense.weight, qtype), dense.bias, torch.float32))
     model.fused = fused_decoder(model.layers, model.config)
     assert model.fused is not None
 
@@ -102,6 +109,77 @@ def test_fused_step_reads_the_ptuning_prefix(tmp_path):
         fused = batched_step(model, block_size=size)
         reference = without_fused(model, lambda m: batched_step(m, block_size=size))
         assert torch.abs(fused - reference).max() < 1e-4 * torch.abs(reference).max()
+
+
+def fused_and_torch_decode(model, prompts, follow, dtype: torch.dtype) -> None:
+    """Prefill, then batched one-token steps at mixed positions over scrambled blocks of 2 rows: every step's
+    logits from the fused step equal the torch blocks' (to float32 noise, about 1e-7 here). In a float16 cache
+    a key that float32 noise puts on a float16 rounding edge is stored one ulp apart (about 1e-4 of the logits,
+    seen once in 18 GLM v1 steps), hence the wider bound there; a wrong rotation or norm is off by far more."""
+    tol = 1e-4 if dtype == torch.float32 else 1e-3
+    fused = paged_decode(model, prompts, follow, scrambled_cache(model, dtype=dtype))
+    reference = without_fused(model, lambda m: paged_decode(m, prompts, follow, scrambled_cache(m, dtype=dtype)))
+    for mine, theirs in zip(fused, reference):
+        for step, (a, b) in enumerate(zip(mine, theirs)):
+            assert np.abs(a - b).max() < tol * np.abs(b).max(), f"step {step}"
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q8_0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_glm4_0414_post_norms_in_the_fused_step(tmp_path, qtype, dtype):
+    """GLM-4-0414 / GLM-Z1: RMSNorms on the attention and MLP outputs, partial interleaved rotary, grouped keys."""
+    tiny_glm4().save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype="f32")
+    assert model.config.post_norms and model.config.rope_dim < model.config.head_dim
+    to_blocks(model, qtype)
+    rng = np.random.default_rng(1)
+    fused_and_torch_decode(model, PROMPTS, [rng.integers(0, 96, 5).tolist() for _ in PROMPTS], dtype=dtype)
+
+
+# GLM v1 prompts: [gMASK] <sop> (generation: 2D positions (mask position, 1, 2, ...)), plain text (no <sop>:
+# positions (p, 0)), and [MASK] <sop>
+GLM_V1_PROMPTS = [[0, 5, 6, 1, 2], [5, 6, 7], [7, 7, 5, 0, 0, 5, 3, 2]]
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q8_0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("prefix", [0, 3], ids=["no-prefix", "ptuning"])
+def test_glm_v1_block_in_the_fused_step(tmp_path, qtype, dtype, prefix):
+    """ChatGLM-6B: LayerNorms with biases, q/k/v per head, 2D rotary, GELU with biases, alpha residuals, and
+    P-Tuning v2 rows ahead of each sequence's cache rows."""
+    model = load_model(tiny_glm_v1(tmp_path), dtype="f32")
+    if prefix:
+        cfg = model.config
+        torch.manual_seed(1)
+        model.prefix = torch.randn(cfg.num_layers, 2, prefix, cfg.num_kv_heads, cfg.head_dim)
+    to_blocks(model, qtype)
+    rng = np.random.default_rng(1)
+    follow = [rng.integers(4, 20, 6).tolist() for _ in GLM_V1_PROMPTS]
+    fused_and_torch_decode(model, GLM_V1_PROMPTS, follow, dtype=dtype)
+
+
+def test_glm_v1_fused_step_takes_2d_positions(tmp_path):
+    """The step rotates by the positions it is given: a block position off by one changes the result, so the
+    test above could not pass with 2D rotary ignored."""
+    model = load_model(tiny_glm_v1(tmp_path), dtype="f32")
+    to_blocks(model, QType.Q8_0)
+    cache = model.new_cache(1, 16)
+    slot = torch.zeros(1, dtype=torch.long)
+    model(torch.tensor([[5, 6, 1, 2]]), torch.arange(4)[None], cache, slot)
+    x = model.embed(torch.tensor([7]))
+    rope, rows, tables = torch.view_as_real(model.rope), torch.tensor([4]), cache.tables[slot]
+    right = model.fused.step(x.clone(), cache.kv.clone(), tables, torch.tensor([[2, 2]]), rows, rope)
+    wrong = model.fused.step(x.clone(), cache.kv.clone(), tables, torch.tensor([[2, 1]]), rows, rope)
+    assert torch.abs(right - wrong).max() > 1e-3 * torch.abs(right).max()
+    with pytest.raises(RuntimeError, match="position 64 out of range"):
+        model.fused.step(x.clone(), cache.kv, tables, torch.tensor([[2, 64]]), rows, rope)
+
+
+def test_moe_blocks_keep_the_torch_step(tmp_path):
+    """GLM-4.5's QK norm and experts are not in the fused step: its blocks say so, and decode runs as torch."""
+    tiny_glm4_moe().save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype="f32")
+    assert all(block.fused_parts() is None for block in model.layers)
 
 
 def test_default_model_decode_steps_agree_with_llama_cpp(default_gguf, llama_cpp):

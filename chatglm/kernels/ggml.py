@@ -61,22 +61,27 @@ class GGMLLinear(nn.Module):
         return QTensor(raw, self.qtype, (self.out_features, self.in_features)).rows(ids, self.dtype)
 
 
+LINEARS = ("qkv", "o", "gate_up", "down")  # the block products of a fused layer, by DecodeLayer's names
+
+
 def fused_decoder(blocks: Sequence[nn.Module], cfg: ModelConfig) -> "_ggml.FusedDecoder | None":
-    """Every block's one-token step as one C++ call (csrc/decode_step.cpp), when the blocks are the shared
-    decoder's (`qkv`, `o`, `gate_up`, `down` and two norms) with all four weights in ggml blocks and float32
-    activations; None otherwise, and the blocks run as torch code."""
+    """Every block's one-token step as one C++ call (csrc/decode_step.cpp), when each block describes itself
+    (`fused_parts()`: its norms, its four products and its shape switches) with all four products in ggml blocks
+    and float32 activations; None otherwise, and the blocks run as torch code."""
     if _ggml is None:
         return None
     layers = []
     for block in blocks:
-        linears = (block.qkv, block.o, block.gate_up, block.down)
-        if not all(isinstance(m, GGMLLinear) and m.dtype == torch.float32 for m in linears):
+        parts = block.fused_parts() if hasattr(block, "fused_parts") else None
+        if parts is None:
+            return None
+        linears = {name: parts.pop(name) for name in LINEARS}
+        if not all(isinstance(m, GGMLLinear) and m.dtype == torch.float32 for m in linears.values()):
             return None
         # biases and norms are float32 like the activations (the C++ side checks, naming any that is not)
-        (qkv, qkv_type, qkv_bias), (o, o_type, o_bias), (gate_up, gate_up_type, _), (down, down_type, _) = (
-            (list(m.parts), int(m.qtype), m.bias) for m in linears)
-        layers.append(_ggml.DecodeLayer(
-            block.attn_norm.data, block.ffn_norm.data, qkv, qkv_type, qkv_bias, o, o_type, o_bias,
-            cfg.num_heads * cfg.head_dim, gate_up, gate_up_type, down, down_type, cfg.ffn_size))
+        for name, m in linears.items():
+            parts.update({name: list(m.parts), f"{name}_type": int(m.qtype), f"{name}_bias": m.bias})
+        parts = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in parts.items()}
+        layers.append(_ggml.DecodeLayer(attn_width=cfg.num_heads * cfg.head_dim, ffn=cfg.ffn_size, **parts))
     return _ggml.FusedDecoder(layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_dim,
                               cfg.rope_interleaved, cfg.norm_eps, TILE_ROWS)

@@ -95,6 +95,13 @@ class GLMBlock(nn.Module):
         self.up = make_linear(w["up"], w["up_bias"], dtype, device)
         self.down = make_linear(w["down"], w["down_bias"], dtype, device)
 
+    def fused_parts(self) -> dict[str, object]:
+        """This block for the one-call C++ step (kernels.fused_decoder): LayerNorms with biases, q, k, v
+        interleaved per head, a GELU MLP and alpha residuals."""
+        return dict(attn_norm=self.attn_norm, attn_norm_bias=self.attn_norm_bias, ffn_norm=self.ffn_norm,
+                    ffn_norm_bias=self.ffn_norm_bias, qkv=self.qkv, o=self.o, gate_up=self.up, down=self.down,
+                    mlp="gelu", residual_alpha=ALPHA, qkv_per_head=True)
+
     def forward(self, x: torch.Tensor, cs, layer: int, cache: KVCache, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
@@ -140,6 +147,20 @@ class GLMDecoder(Decoder):
         with position id = the mask position and block position = 1, 2, ... . As in the official code, the
         mask position is that of the first [gMASK] of the sequence so far, or else of its first [MASK].
         """
+        position, block, both_ways = self.positions_2d(ids, pos, cache, slots)
+        cs = (self.rope[position].unsqueeze(2), self.rope[block].unsqueeze(2))
+        return cs, pos + self.prefix_len, self.causal_mask(pos, both_ways)
+
+    def rotary_positions(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                         slots: torch.Tensor) -> torch.Tensor:
+        """A one-token step's (position, block position) per row: [B, 2] for the fused step's 2D rotary."""
+        position, block, _ = self.positions_2d(ids, pos, cache, slots)
+        return torch.stack([position[:, 0], block[:, 0]], dim=1).contiguous()
+
+    def positions_2d(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                     slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Position ids and block position ids [B, T], and where each row's two-way context ends [B, 1];
+        records in cache.meta where each sequence's [gMASK], [MASK] and <sop> first stand."""
         firsts = {"gmask": self.config.extra["gmask"], "mask": self.config.extra["mask"],
                   "context": self.config.bos_token_id}  # where each of these ids first stands
         context, mask_pos = [], []
@@ -159,8 +180,7 @@ class GLMDecoder(Decoder):
         generated = pos >= ctx
         position = torch.where(generated, torch.tensor(mask_pos, device=pos.device)[:, None], pos)
         block = torch.where(generated, pos - ctx + 1, torch.zeros_like(pos))
-        cs = (self.rope[position].unsqueeze(2), self.rope[block].unsqueeze(2))
-        return cs, pos + self.prefix_len, self.causal_mask(pos, both_ways)
+        return position, block, both_ways
 
 
 DECODER = GLMDecoder

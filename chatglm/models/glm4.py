@@ -186,6 +186,15 @@ class Glm4Block(nn.Module):
                      device: torch.device | str) -> nn.Module:
         return SwiGLU(w["gate_up"], w["down"], dtype, device)
 
+    def fused_parts(self) -> dict[str, object] | None:
+        """This block for the one-call C++ step (kernels.fused_decoder): GLM-4-0414's, where the attention and
+        feed-forward are the plain ones (QK norm, experts and latent attention are not in that step)."""
+        if type(self.attn) is not Attention or self.attn.q_norm is not None or type(self.ffn) is not SwiGLU:
+            return None
+        return dict(attn_norm=self.attn_norm, ffn_norm=self.ffn_norm, qkv=self.attn.qkv, o=self.attn.o,
+                    gate_up=self.ffn.gate_up, down=self.ffn.down, attn_post_norm=self.attn_post_norm,
+                    ffn_post_norm=self.ffn_post_norm)
+
     def forward(self, x: torch.Tensor, cs: torch.Tensor, layer: int, cache: KVCache, step: Step) -> torch.Tensor:
         h = self.attn(rms_norm(x, self.attn_norm, self.eps), cs, layer, cache, step)
         x = x + (h if self.attn_post_norm is None else rms_norm(h, self.attn_post_norm, self.eps))

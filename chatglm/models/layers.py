@@ -99,6 +99,11 @@ class Block(nn.Module):
         self.gate_up = make_linear(w["gate_up"], None, dtype, device)
         self.down = make_linear(w["down"], None, dtype, device)
 
+    def fused_parts(self) -> dict[str, object]:
+        """This block for the one-call C++ step (kernels.fused_decoder): its norms and products."""
+        return dict(attn_norm=self.attn_norm, ffn_norm=self.ffn_norm, qkv=self.qkv, o=self.o, gate_up=self.gate_up,
+                    down=self.down)
+
     def forward(self, x: torch.Tensor, cs: torch.Tensor | None, layer: int, cache: KVCache,
                 step: Step) -> torch.Tensor:
         cfg = self.cfg
@@ -137,8 +142,9 @@ class Decoder(nn.Module):
         self.norm = nn.Parameter(_float(weights["norm"], dtype, device), requires_grad=False)
         self.head = tied_head(self.embed) if "head" not in weights else make_linear(weights["head"], None, dtype, device)
         self.register_buffer("rope", rope_table(cfg, device), persistent=False)
-        # one-token steps of the shared block over ggml weights run as one C++ call (ALiBi has no rotary there)
-        fusable = self.block_class is Block and not cfg.extra.get("alibi") and self.device.type == "cpu"
+        # one-token steps over ggml weights run as one C++ call where the blocks describe themselves for it
+        # (fused_parts); ALiBi has no rotary there
+        fusable = not cfg.extra.get("alibi") and self.device.type == "cpu"
         self.fused = fused_decoder(self.layers, cfg) if fusable else None
         prefix = prefix_kv(cfg, weights, source)
         self.prefix = None if prefix is None else prefix.to(device=device, dtype=dtype)
@@ -192,6 +198,11 @@ class Decoder(nn.Module):
         """Rotary rows [B,T,1,rope_dim/2], cache rows to write and the attention mask [B,1,T,span] (causal)."""
         return self.rope[pos].unsqueeze(2), pos + self.prefix_len, self.causal_mask(pos)
 
+    def rotary_positions(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                         slots: torch.Tensor) -> torch.Tensor:
+        """A one-token step's rotary positions for the fused step: int64 [B] (GLM v1: [B, 2], its 2D positions)."""
+        return pos[:, 0].contiguous()
+
     def step(self, cache: KVCache, slots: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> Step:
         """The per-forward attention plan; a one-token step takes its mask as a float32 bias over
         the grouped query heads, or none when every query sees its whole span."""
@@ -225,9 +236,9 @@ class Decoder(nn.Module):
                 raise ChatGLMError(f"the KV cache has no free block for sequence {slot} at {tokens} tokens")
         x = self.embed(ids)
         if self.fused is not None and ids.shape[1] == 1 and cache.kv.dtype in FUSED_KV_TYPES:
-            at = pos[:, 0].contiguous()
-            x = self.fused.step(x[:, 0], cache.kv, cache.tables[slots], at, at + self.prefix_len,
-                                torch.view_as_real(self.rope))[:, None]
+            rows = pos[:, 0].contiguous() + self.prefix_len
+            x = self.fused.step(x[:, 0], cache.kv, cache.tables[slots], self.rotary_positions(ids, pos, cache, slots),
+                                rows, torch.view_as_real(self.rope))[:, None]
         else:
             cs, rows, mask = self.attention_inputs(ids, pos, cache, slots)
             step = self.step(cache, slots, rows, mask)

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -134,6 +135,32 @@ torch::Tensor checked_float(const torch::Tensor& t, int64_t n, const char* what)
   return t;
 }
 
+// LayerNorm with a bias (GLM v1): (x - mean) / sqrt(var + eps) * w + b, both moments in two passes as torch does.
+void layer_norm(const float* x, const float* w, const float* b, float eps, int64_t n, float* y) {
+  float mean = 0.f, var = 0.f;
+  for (int64_t i = 0; i < n; ++i) mean += x[i];
+  mean /= static_cast<float>(n);
+  for (int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+  const float scale = 1.f / std::sqrt(var / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * scale * w[i] + b[i];
+}
+
+// out[i] = gelu(x[i]) in torch's tanh form, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), written
+// as x / (1 + e^(-2u)) (the same value, one exponential, no overflow: e^(-2u) saturates to 0 or inf).
+void gelu_tanh(const float* x, float* out, int64_t n) {
+  constexpr float k = -2.f * 0.7978845608028654f, c = 0.044715f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.f), kk = _mm512_set1_ps(k), cc = _mm512_set1_ps(c);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m512 u = _mm512_mul_ps(kk, _mm512_fmadd_ps(_mm512_mul_ps(cc, v), _mm512_mul_ps(v, v), v));
+    _mm512_storeu_ps(out + i, _mm512_div_ps(v, _mm512_add_ps(one, exp16(u))));
+  }
+#endif
+  for (; i < n; ++i) out[i] = x[i] / (1.f + std::exp(k * (x[i] + c * x[i] * x[i] * x[i])));
+}
+
 // A weight in ggml blocks with its optional bias.
 struct Linear {
   std::vector<torch::Tensor> parts;
@@ -157,22 +184,70 @@ struct Linear {
 using Parts = std::vector<torch::Tensor>;
 using Bias = std::optional<torch::Tensor>;
 
+std::optional<torch::Tensor> checked_norm(const Bias& t, int64_t n, const char* what) {
+  if (!t) return std::nullopt;
+  return checked_float(*t, n, what);
+}
+
+// One block's weights, and the switches of its shape (fixed per layer, so the step branches per layer, never per
+// value): the shared block is RMSNorm, SwiGLU and plain residuals; GLM-4-0414 adds RMSNorms on the attention and
+// MLP outputs (attn_post_norm, ffn_post_norm); GLM v1 has LayerNorms with biases, its q, k, v interleaved per
+// head (qkv_per_head), a GELU MLP with biases, and residuals alpha * the normed input (residual_alpha > 0).
 struct DecodeLayer {
   torch::Tensor attn_norm, ffn_norm;
   Linear qkv, o, gate_up, down;
+  std::optional<torch::Tensor> attn_norm_bias, ffn_norm_bias, attn_post_norm, ffn_post_norm;
+  bool gelu, qkv_per_head;
+  float residual_alpha;
 
   DecodeLayer(const torch::Tensor& attn_norm_, const torch::Tensor& ffn_norm_, Parts qkv_, int64_t qkv_type,
               const Bias& qkv_bias, Parts o_, int64_t o_type, const Bias& o_bias, int64_t attn_width, Parts gate_up_,
-              int64_t gate_up_type, Parts down_, int64_t down_type, int64_t ffn)
+              int64_t gate_up_type, Parts down_, int64_t down_type, int64_t ffn, const Bias& gate_up_bias,
+              const Bias& down_bias, const Bias& attn_norm_bias_, const Bias& ffn_norm_bias_,
+              const Bias& attn_post_norm_, const Bias& ffn_post_norm_, const std::string& mlp, double alpha,
+              bool per_head)
       : attn_norm(checked_float(attn_norm_, attn_norm_.numel(), "attn_norm")),
         ffn_norm(checked_float(ffn_norm_, attn_norm.numel(), "ffn_norm")),
         qkv(std::move(qkv_), qkv_type, attn_norm.numel(), qkv_bias, "qkv_bias"),
         o(std::move(o_), o_type, attn_width, o_bias, "o_bias"),
-        gate_up(std::move(gate_up_), gate_up_type, attn_norm.numel(), std::nullopt, ""),
-        down(std::move(down_), down_type, ffn, std::nullopt, "") {
-    TORCH_CHECK(o.out == attn_norm.numel() && down.out == attn_norm.numel() && gate_up.out == 2 * ffn,
+        gate_up(std::move(gate_up_), gate_up_type, attn_norm.numel(), gate_up_bias, "gate_up_bias"),
+        down(std::move(down_), down_type, ffn, down_bias, "down_bias"),
+        attn_norm_bias(checked_norm(attn_norm_bias_, attn_norm.numel(), "attn_norm_bias")),
+        ffn_norm_bias(checked_norm(ffn_norm_bias_, attn_norm.numel(), "ffn_norm_bias")),
+        attn_post_norm(checked_norm(attn_post_norm_, attn_norm.numel(), "attn_post_norm")),
+        ffn_post_norm(checked_norm(ffn_post_norm_, attn_norm.numel(), "ffn_post_norm")),
+        gelu(mlp == "gelu"), qkv_per_head(per_head), residual_alpha(static_cast<float>(alpha)) {
+    TORCH_CHECK(mlp == "swiglu" || mlp == "gelu", "mlp must be 'swiglu' or 'gelu', got '", mlp, "'");
+    TORCH_CHECK(attn_norm_bias.has_value() == ffn_norm_bias.has_value(), "attn_norm_bias and ffn_norm_bias "
+                "come together (LayerNorm) or not at all (RMSNorm)");
+    TORCH_CHECK(alpha >= 0, "residual_alpha must be >= 0 (0: plain residuals), got ", alpha);
+    const int64_t up_rows = gelu ? ffn : 2 * ffn;
+    TORCH_CHECK(o.out == attn_norm.numel() && down.out == attn_norm.numel() && gate_up.out == up_rows,
                 "layer shapes disagree: o has ", o.out, " rows, down ", down.out, ", gate_up ", gate_up.out,
-                " for hidden size ", attn_norm.numel(), " and ffn size ", ffn);
+                " (expected ", up_rows, " for ", mlp, ") for hidden size ", attn_norm.numel(), " and ffn size ", ffn);
+  }
+
+  // y = the block's input norm of x: RMSNorm, or LayerNorm when the norm has a bias
+  void norm(const torch::Tensor& w, const std::optional<torch::Tensor>& b, const float* x, float eps, int64_t n,
+            float* y) const {
+    if (b) {
+      layer_norm(x, w.data_ptr<float>(), b->data_ptr<float>(), eps, n, y);
+    } else {
+      rms_norm(x, w.data_ptr<float>(), eps, n, y);
+    }
+  }
+
+  // x += y, with y first RMS-normed by `post` when the layer has it; or x = alpha * h + y (GLM v1)
+  void residual(float* x, float* y, const float* h, const std::optional<torch::Tensor>& post, float eps,
+                int64_t B, int64_t n) const {
+    if (post) {
+      for (int64_t b = 0; b < B; ++b) rms_norm(y + b * n, post->data_ptr<float>(), eps, n, y + b * n);
+    }
+    if (residual_alpha > 0) {
+      for (int64_t i = 0; i < B * n; ++i) x[i] = residual_alpha * h[i] + y[i];
+    } else {
+      for (int64_t i = 0; i < B * n; ++i) x[i] += y[i];
+    }
   }
 };
 
@@ -188,13 +263,17 @@ class FusedDecoder {
     for (const auto& l : layers_) {
       TORCH_CHECK(l->qkv.out == (heads + 2 * kv_heads) * head_dim && l->o.in == heads * head_dim,
                   "qkv has ", l->qkv.out, " rows; expected ", (heads + 2 * kv_heads) * head_dim);
+      TORCH_CHECK(!l->qkv_per_head || heads == kv_heads, "qkv_per_head needs as many key heads as query heads");
+      TORCH_CHECK(l->down.in == layers_[0]->down.in && l->attn_norm.numel() == layers_[0]->attn_norm.numel(),
+                  "every layer must have the first layer's hidden and ffn sizes");
     }
   }
 
   // x [B, hidden] (updated in place and returned) for tokens at positions pos [B], their keys and values going to
   // cache rows rows [B] of each sequence; tables [B, width] are the sequences' block tables into the paged cache
   // kv [layers, 2, kv_heads, blocks, block_size, head_dim] (float32 or float16), rope the (cos, sin) table
-  // [max_position, rope_dim/2, 2].
+  // [max_position, rope_dim/2, 2]. 2D rotary (GLM v1): pos [B, 2], each head's first rope_dim values rotated by
+  // the token's position, the next rope_dim by its block position.
   torch::Tensor step(torch::Tensor x, const torch::Tensor& kv, const torch::Tensor& tables, const torch::Tensor& pos,
                      const torch::Tensor& rows, const torch::Tensor& rope) {
     const int64_t B = x.size(0), hidden = layers_[0]->attn_norm.numel();
@@ -206,9 +285,13 @@ class FusedDecoder {
                 "the cache must be float32 or float16 [layers, 2, kv_heads, blocks, block_size, head_dim]");
     TORCH_CHECK(rope.scalar_type() == torch::kFloat32 && rope.is_contiguous() && rope.dim() == 3 &&
                 rope.size(1) == rope_dim_ / 2 && rope.size(2) == 2, "rope must be float32 [positions, rope_dim/2, 2]");
+    const bool two_d = pos.dim() == 2;
+    TORCH_CHECK(!two_d || (pos.size(1) == 2 && 2 * rope_dim_ <= head_dim_), "pos [batch, 2] (2D rotary) needs 2 "
+                "columns and 2 * rope_dim <= head_dim; got ", pos.sizes(), ", rope ", rope_dim_, " of ", head_dim_);
     for (const torch::Tensor* t : {&pos, &rows}) {
-      TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == B, "pos and rows "
-                  "must be int64 [batch]");
+      TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->size(0) == B &&
+                  t->numel() == B * (t == &pos && two_d ? 2 : 1), "pos and rows must be int64 [batch] "
+                  "(pos [batch, 2] for 2D rotary)");
     }
     TORCH_CHECK(tables.scalar_type() == torch::kInt64 && tables.is_contiguous() && tables.dim() == 2 &&
                 tables.size(0) == B, "tables must be int64 [batch, blocks per sequence]");
@@ -216,9 +299,12 @@ class FusedDecoder {
     const int64_t* row = rows.data_ptr<int64_t>();
     const int64_t* table = tables.data_ptr<int64_t>();
     const int64_t width = tables.size(1), bs = kv.size(4), blocks = kv.size(3);
+    for (int64_t i = 0; i < pos.numel(); ++i) {
+      TORCH_CHECK(at[i] >= 0 && at[i] < rope.size(0), "row ", two_d ? i / 2 : i, ": position ", at[i],
+                  " out of range (the rotary table has ", rope.size(0), ")");
+    }
     for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(row[b] >= 0 && row[b] < width * bs && at[b] >= 0 && at[b] < rope.size(0), "row ", b,
-                  ": cache row ", row[b], " or position ", at[b], " out of range");
+      TORCH_CHECK(row[b] >= 0 && row[b] < width * bs, "row ", b, ": cache row ", row[b], " out of range");
       for (int64_t j = 0; j <= row[b] / bs; ++j) {
         const int64_t block = table[b * width + j];
         TORCH_CHECK(block > 0 && block < blocks, "row ", b, ": block table entry ", j, " is ", block,
@@ -226,9 +312,9 @@ class FusedDecoder {
       }
     }
     if (kv.scalar_type() == torch::kFloat16) {
-      run(x, static_cast<c10::Half*>(kv.data_ptr()), kv, table, width, at, row, rope);
+      run(x, static_cast<c10::Half*>(kv.data_ptr()), kv, table, width, at, two_d, row, rope);
     } else {
-      run(x, kv.data_ptr<float>(), kv, table, width, at, row, rope);
+      run(x, kv.data_ptr<float>(), kv, table, width, at, two_d, row, rope);
     }
     return x;
   }
@@ -236,11 +322,12 @@ class FusedDecoder {
  private:
   template <typename T>
   void run(torch::Tensor& x, T* cache, const torch::Tensor& kv, const int64_t* table, int64_t width, const int64_t* at,
-           const int64_t* row, const torch::Tensor& rope) const {
-    const int64_t B = x.size(0), hidden = layers_[0]->attn_norm.numel();
-    const int64_t nq = heads_ * head_dim_, nkv = kv_heads_ * head_dim_, qkv_width = nq + 2 * nkv;
+           bool two_d, const int64_t* row, const torch::Tensor& rope) const {
+    const int64_t B = x.size(0), hidden = layers_[0]->attn_norm.numel(), D = head_dim_;
+    const int64_t nq = heads_ * D, nkv = kv_heads_ * D, qkv_width = nq + 2 * nkv;
     const int64_t ffn = layers_[0]->down.in;
     std::vector<float> h(B * hidden), qkv(B * qkv_width), att(B * nq), gu(B * 2 * ffn), act(B * ffn), y(B * hidden);
+    std::vector<float> per_head(qkv_width);
     float* xs = x.data_ptr<float>();
     const float* rot = rope.data_ptr<float>();
     const Paged<T> paged{nullptr, table, width, kv.size(4), kv.stride(3), kv.stride(2), kv.stride(1), kv.stride(4)};
@@ -249,28 +336,46 @@ class FusedDecoder {
       const DecodeLayer& w = *layers_[l];
       Paged<T> layer = paged;
       layer.base = cache + l * kv.stride(0);
-      for (int64_t b = 0; b < B; ++b) rms_norm(xs + b * hidden, w.attn_norm.data_ptr<float>(), eps_, hidden, &h[b * hidden]);
+      for (int64_t b = 0; b < B; ++b)
+        w.norm(w.attn_norm, w.attn_norm_bias, xs + b * hidden, eps_, hidden, &h[b * hidden]);
       w.qkv(h.data(), B, qkv.data(), tile_rows_);
       for (int64_t b = 0; b < B; ++b) {
         float* r = &qkv[b * qkv_width];
-        const float* cs = rot + at[b] * rope_dim_;
-        for (int64_t i = 0; i < heads_ + kv_heads_; ++i) rotate(r + i * head_dim_, cs, rope_dim_, interleaved_);
+        if (w.qkv_per_head) {  // [q k v] of each head (GLM v1) -> all q heads, all k heads, all v heads
+          std::copy_n(r, qkv_width, per_head.begin());
+          for (int64_t i = 0; i < heads_; ++i)
+            for (int64_t part = 0; part < 3; ++part)
+              std::copy_n(&per_head[(3 * i + part) * D], D, r + part * nq + i * D);
+        }
+        const float* cs = rot + at[two_d ? 2 * b : b] * rope_dim_;
+        const float* cs2 = two_d ? rot + at[2 * b + 1] * rope_dim_ : nullptr;
+        for (int64_t i = 0; i < heads_ + kv_heads_; ++i) {
+          rotate(r + i * D, cs, rope_dim_, interleaved_);
+          if (cs2) rotate(r + i * D + rope_dim_, cs2, rope_dim_, interleaved_);
+        }
         for (int64_t g = 0; g < kv_heads_; ++g) {  // this token's key and value into the cache
           T* k = layer.row(b, g, row[b]);
-          for (int64_t d = 0; d < head_dim_; ++d) {
-            k[d] = static_cast<T>(r[nq + g * head_dim_ + d]);
-            k[layer.half_stride + d] = static_cast<T>(r[nq + nkv + g * head_dim_ + d]);
+          for (int64_t d = 0; d < D; ++d) {
+            k[d] = static_cast<T>(r[nq + g * D + d]);
+            k[layer.half_stride + d] = static_cast<T>(r[nq + nkv + g * D + d]);
           }
         }
       }
       attend(layer, row, B, qkv.data(), qkv_width, att.data());
       w.o(att.data(), B, y.data(), tile_rows_);
-      for (int64_t i = 0; i < B * hidden; ++i) xs[i] += y[i];
-      for (int64_t b = 0; b < B; ++b) rms_norm(xs + b * hidden, w.ffn_norm.data_ptr<float>(), eps_, hidden, &h[b * hidden]);
+      w.residual(xs, y.data(), h.data(), w.attn_post_norm, eps_, B, hidden);
+      for (int64_t b = 0; b < B; ++b)
+        w.norm(w.ffn_norm, w.ffn_norm_bias, xs + b * hidden, eps_, hidden, &h[b * hidden]);
       w.gate_up(h.data(), B, gu.data(), tile_rows_);
-      for (int64_t b = 0; b < B; ++b) swiglu(&gu[b * 2 * ffn], &gu[b * 2 * ffn + ffn], &act[b * ffn], ffn);
+      for (int64_t b = 0; b < B; ++b) {
+        if (w.gelu) {
+          gelu_tanh(&gu[b * ffn], &act[b * ffn], ffn);
+        } else {
+          swiglu(&gu[b * 2 * ffn], &gu[b * 2 * ffn + ffn], &act[b * ffn], ffn);
+        }
+      }
       w.down(act.data(), B, y.data(), tile_rows_);
-      for (int64_t i = 0; i < B * hidden; ++i) xs[i] += y[i];
+      w.residual(xs, y.data(), h.data(), w.ffn_post_norm, eps_, B, hidden);
     }
   }
 
@@ -331,10 +436,15 @@ void register_decode_step(pybind11::module_& m) {
   namespace py = pybind11;
   py::class_<DecodeLayer, std::shared_ptr<DecodeLayer>>(m, "DecodeLayer", "one block's weights for FusedDecoder")
       .def(py::init<const torch::Tensor&, const torch::Tensor&, Parts, int64_t, const Bias&, Parts, int64_t,
-                    const Bias&, int64_t, Parts, int64_t, Parts, int64_t, int64_t>(),
+                    const Bias&, int64_t, Parts, int64_t, Parts, int64_t, int64_t, const Bias&, const Bias&,
+                    const Bias&, const Bias&, const Bias&, const Bias&, const std::string&, double, bool>(),
            py::arg("attn_norm"), py::arg("ffn_norm"), py::arg("qkv"), py::arg("qkv_type"), py::arg("qkv_bias"),
            py::arg("o"), py::arg("o_type"), py::arg("o_bias"), py::arg("attn_width"), py::arg("gate_up"),
-           py::arg("gate_up_type"), py::arg("down"), py::arg("down_type"), py::arg("ffn"));
+           py::arg("gate_up_type"), py::arg("down"), py::arg("down_type"), py::arg("ffn"),
+           py::arg("gate_up_bias") = py::none(), py::arg("down_bias") = py::none(),
+           py::arg("attn_norm_bias") = py::none(), py::arg("ffn_norm_bias") = py::none(),
+           py::arg("attn_post_norm") = py::none(), py::arg("ffn_post_norm") = py::none(),
+           py::arg("mlp") = "swiglu", py::arg("residual_alpha") = 0.0, py::arg("qkv_per_head") = false);
   py::class_<FusedDecoder>(m, "FusedDecoder", "every block of a one-token step in one call (decode_step.cpp)")
       .def(py::init<std::vector<std::shared_ptr<DecodeLayer>>, int64_t, int64_t, int64_t, int64_t, bool, double,
                     int64_t>(),
