@@ -5,15 +5,18 @@ can keep up with: at ns per block t, one core consumes (block bytes / t) GB/s. A
 kernel the limit; llama.cpp's 8.2-10 tok/s on the 6B q4_0 file is ~34 GB/s, ~17 GB/s a core at 2 threads.
 
 Process CPU time (the shared machine's wall time swings), lowest of several repeats; `--old DIR` times a second
-build of the extension (DIR/old/_ggml.so, e.g. a copy of main's) in the same process, alternating A/B.
+build of the extension (DIR/old/_ggml.so, e.g. a copy of main's) in the same process, alternating A/B; the
+streaming case also gives the wall-clock GB/s, and `--busy` puts a CPU-bound process on core 0 beside it.
 
-Usage: .venv/bin/python bench/kernel_cost.py [--threads 1] [--old /tmp/old_build]
+Usage: .venv/bin/python bench/kernel_cost.py [--threads 1] [--old /tmp/old_build] [--busy]
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
+import subprocess
 import sys
 import time
 from types import ModuleType
@@ -35,25 +38,26 @@ def random_blocks(rows: int, k: int, name: str) -> torch.Tensor:
     return raw.view(rows, -1)
 
 
-def cpu_seconds(fn, repeats: int) -> float:
+def seconds(fn, repeats: int, clock=time.process_time) -> float:
     fn()
     best = float("inf")
     for _ in range(repeats):
-        start = time.process_time()
+        start = clock()
         fn()
-        best = min(best, time.process_time() - start)
+        best = min(best, clock() - start)
     return best
 
 
-def time_kernel(mod: ModuleType, x: torch.Tensor, w: torch.Tensor, qtype: int, calls: int, repeats: int) -> float:
-    """Process CPU seconds per call (summed over threads: the cost, not the latency)."""
+def time_kernel(mod: ModuleType, x: torch.Tensor, w: torch.Tensor, qtype: int, calls: int, repeats: int,
+                clock=time.process_time) -> float:
+    """Seconds per call: process CPU time (summed over threads: the cost, not the latency) or `clock`'s."""
     parts = [w]
 
     def run() -> None:
         for _ in range(calls):
             mod.linear(x, parts, qtype, ggml.TILE_ROWS)
 
-    return cpu_seconds(run, repeats) / calls
+    return seconds(run, repeats, clock) / calls
 
 
 def main() -> None:
@@ -62,8 +66,12 @@ def main() -> None:
     ap.add_argument("--old", help="a directory holding old/_ggml.so, timed beside this tree's build")
     ap.add_argument("--types", default="q4_0,q8_0")
     ap.add_argument("--rounds", type=int, default=3, help="A/B alternations")
+    ap.add_argument("--busy", action="store_true", help="a CPU-bound process pinned to core 0 runs beside the kernels")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.busy:
+        busy = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while 1: pass"])
+        atexit.register(busy.kill)
     mods = {"new": ggml._ggml}
     if args.old:
         sys.path.insert(0, args.old)
@@ -79,13 +87,18 @@ def main() -> None:
             blocks = rows * k // 32
             row = {"type": name, "case": label, "rows": rows, "k": k}
             best = {m: float("inf") for m in mods}
+            wall = dict(best)
             for _ in range(args.rounds):
                 for tag, mod in mods.items():
                     best[tag] = min(best[tag], time_kernel(mod, x, w, QTYPE[name], calls, 5))
+                    if label == "streaming":  # and the latency: how fast the threads together read the weights
+                        wall[tag] = min(wall[tag], time_kernel(mod, x, w, QTYPE[name], calls, 5, time.perf_counter))
             for tag, sec in best.items():
                 ns = sec / blocks * 1e9
                 row[tag] = {"us_per_call": round(sec * 1e6, 1), "ns_per_block": round(ns, 3),
                             "GB_per_s_per_core": round(BLOCK_BYTES[name] / ns, 1)}
+                if label == "streaming":
+                    row[tag]["wall_GB_per_s"] = round(w.numel() / wall[tag] / 1e9, 1)
             out["results"].append(row)
             print(json.dumps(row), flush=True)
 
