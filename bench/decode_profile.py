@@ -51,17 +51,13 @@ def main() -> None:
     if args.old:
         sys.path.insert(0, args.old)
         sys.modules["chatglm.kernels._ggml"] = importlib.import_module("old._ggml")
-    from chatglm import load_model
-    from chatglm.kernels import ggml
+    from chatglm.kernels import ggml  # after the swap above
+    from decode_split import prefilled
     from kernel_cost import BLOCK_BYTES, QTYPE, random_blocks, time_kernel
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model, step = prefilled(args.model, args.position)
     cfg = model.config
-    cache = model.new_cache(1, args.position + 8)
-    slots = torch.zeros(1, dtype=torch.long)
-    model(torch.randint(100, 1000, (1, args.position)), torch.arange(args.position)[None], cache, slots)
-    token, pos = torch.tensor([[5]]), torch.tensor([[args.position]])
     assert model.fused is not None, f"{args.model}: the step is not fused (not all ggml blocks), nothing to profile"
 
     linears = [getattr(layer, n) for layer in model.layers for n in ("qkv", "o", "gate_up", "down")] + [model.head]
@@ -70,9 +66,6 @@ def main() -> None:
     blocks = {m.qtype.name.lower(): 0 for m in linears}
     for m in linears:
         blocks[m.qtype.name.lower()] += m.out_features * m.in_features // 32
-
-    def step() -> None:
-        model(token, pos, cache, slots, last_only=True)
 
     def kernels() -> None:
         for m in linears:
