@@ -41,6 +41,20 @@ def cpu_ms(fn: Callable[[], object], calls: int = 30, repeats: int = 7) -> float
     return best * 1e3
 
 
+def prefilled(name: str, position: int) -> tuple[nn.Module, Callable[[], None]]:
+    """The model with `position` tokens cached, and one decode step at the next position (repeatable)."""
+    model = load_model(name)
+    cache = model.new_cache(1, position + 8)
+    slots = torch.zeros(1, dtype=torch.long)
+    model(torch.randint(100, 1000, (1, position)), torch.arange(position)[None], cache, slots)
+    token, pos = torch.tensor([[5]]), torch.tensor([[position]])
+
+    def step() -> None:
+        model(token, pos, cache, slots, last_only=True)
+
+    return model, step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", default="default")
@@ -48,16 +62,8 @@ def main() -> None:
     ap.add_argument("--position", type=int, default=64)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model, step = prefilled(args.model, args.position)
     cfg = model.config
-    cache = model.new_cache(1, args.position + 8)
-    slots = torch.zeros(1, dtype=torch.long)
-    model(torch.randint(100, 1000, (1, args.position)), torch.arange(args.position)[None], cache, slots)
-    token, pos = torch.tensor([[5]]), torch.tensor([[args.position]])
-
-    def step() -> None:
-        model(token, pos, cache, slots, last_only=True)
-
     whole = cpu_ms(step)
     names = ("qkv", "o", "gate_up", "up", "down")  # wherever a family's block holds them (GLM-4-0414: attn.qkv)
     real = {(i, path): module for i, layer in enumerate(model.layers) for path, module in layer.named_modules()

@@ -16,9 +16,9 @@
 // each decoded block serves a panel of up to 4 tiles (64 rows). The activations are stored as those
 // registers, 4 values of 16 rows apiece.
 //
-// Decode (a few activation rows): one block per 256-bit register, as ggml does, since Zen 4 issues two
-// 256-bit ops a cycle where 512-bit ones take one: a block costs a decode, one vpdpbusd, a convert and
-// one scaled accumulate, with no lane shuffles.
+// Decode (a few activation rows): four blocks per 512-bit register, their codes gathered by one byte permute
+// and the activations stored in the same order, so four blocks cost about what one did in a 256-bit register
+// (see "Decode" below).
 #include "ggml_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -30,7 +30,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    defined(__AVX512VBMI__)
 #define GGML_KERNELS_VNNI 1
 #include <immintrin.h>
 #endif
@@ -46,7 +47,7 @@ constexpr int64_t CHUNK_BYTES = 512 << 10;  // prompt weight rows per chunk: the
 constexpr int PREFETCH = 512;  // how far ahead of its reads a prompt fetches each weight row, in bytes
 constexpr int DECODE_ROWS = 4;  // calls with at most this many activation rows take the per-block path
 constexpr int DECODE_PREFETCH = 512;  // bytes ahead of each weight row a decode call asks for (+10-20% on wide ones)
-constexpr int64_t SHARED_ACTS = 12 << 10;  // decode activations past this many bytes serve four weight rows per load
+constexpr int64_t SHARED_ACTS = 20 << 10;  // decode activations past this many bytes serve four weight rows per load
 
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };  // gguf's numbering
 
@@ -137,44 +138,6 @@ Acts quantize_acts(const float* x, int64_t rows, int64_t k) {
   return a;
 }
 
-// A few activation rows (decode) quantized block by block in value order, block-major so that the rows
-// at one block are adjacent: each weight block is decoded once into 256 bits and meets them in turn.
-// Everything a block needs lies in one 40-byte record, so the activations are one stream beside the weights'.
-struct ActBlock {
-  int8_t q[QK];
-  float d;       // the f16-rounded scale
-  int32_t init;  // -bias * sum(q) / 8, each of 8 lanes' starting value, so that the integer dot product of the
-                 // unsigned weight codes comes out exact
-};
-static_assert(sizeof(ActBlock) == 40, "activation records are packed");
-
-struct BlockActs {
-  int64_t rows, blocks;
-  torch::Tensor records;  // ActBlock [blocks, rows]
-  torch::Tensor dsum;     // float [blocks, rows]: d * sum(q), for the offset of q4_1/q5_1
-  const ActBlock* at = nullptr;
-  const float* sums = nullptr;
-};
-
-BlockActs quantize_block_acts(const float* x, int64_t rows, int64_t k, const Format& f) {
-  BlockActs a{rows, k / QK};
-  a.records = torch::empty({a.blocks * rows * static_cast<int64_t>(sizeof(ActBlock))}, torch::kUInt8);
-  a.dsum = torch::empty({a.blocks, rows}, torch::kFloat32);
-  ActBlock* rec = reinterpret_cast<ActBlock*>(a.records.data_ptr<uint8_t>());
-  float* dsum = a.dsum.data_ptr<float>();
-  a.at = rec;
-  a.sums = dsum;
-  for (int64_t b = 0; b < a.blocks; ++b) {
-    for (int64_t r = 0; r < rows; ++r) {
-      ActBlock& o = rec[b * rows + r];
-      const int sum = quantize_block(x + r * k + b * QK, o.q, o.d);
-      dsum[b * rows + r] = o.d * static_cast<float>(sum);
-      o.init = -f.bias * sum / 8;
-    }
-  }
-  return a;
-}
-
 // One weight block as unsigned codes in value order, with its scale and offset (m, or 0).
 void decode_block(const uint8_t* blk, int64_t qtype, uint8_t* u, float& d, float& m) {
   d = half_to_float(blk);
@@ -249,76 +212,184 @@ inline __m256i decode_256(const uint8_t* blk) {
   }
 }
 
-// The f16 at p in all 8 lanes, converted in the vector unit (no scalar round trip).
-inline __m256 half_splat_256(const uint8_t* p) {
-  int16_t h;
-  std::memcpy(&h, p, 2);
-  return _mm256_cvtph_ps(_mm_set1_epi16(h));
+// ---- Decode: a few activation rows meet each weight row, four blocks per 512-bit register ----
+//
+// A group is 4 consecutive blocks of a row (128 values). Its weight bytes come in as two or four 64-byte loads and
+// one two-table byte permute (vpermt2b) gathers the codes: for the 4-bit types the 16 packed bytes of each block
+// side by side, whose low nibbles are the blocks' values 0-15 and high nibbles values 16-31; for q8_0 two permutes,
+// values 0-15 and 16-31. The activations are stored in that same order, so a group's integer dot products are two
+// vpdpbusd with no other shuffle, each block's sum in 4 lanes; a word permute gathers the 4 f16 scales as
+// [d0 x4, d1 x4, ...] for one convert, one multiply by the activation scales and one fused accumulate.
+// About 11 vector ops per 4 blocks and weight row, against 11 per block one block to a 256-bit register.
+
+constexpr int GROUP = 4;  // blocks per decode group
+
+// One activation row at one group, in the weight codes' order.
+struct alignas(64) ActGroup {
+  int8_t q[2][64];  // q[h][16 * j + i]: value 16 * h + i of the group's block j
+  float d[16];      // the f16-rounded scale of the block each lane sums
+  union {
+    int32_t init[16];  // -bias * sum(q) / 4 per lane: the unsigned weight codes' dot product starts here, exact
+    float dsum[16];    // d * sum(q) / 4 per lane, which q4_1/q5_1's offset m multiplies
+  };
+};
+static_assert(sizeof(ActGroup) == 256, "activation groups are packed");
+
+// The decode activations: ActGroup [groups][rows], the rows at one group adjacent (one stream beside the
+// weights'); blocks past the last are zero (no codes, scale 0) and add nothing.
+struct GroupActs {
+  int64_t rows, blocks, groups;
+  torch::Tensor records;
+  const ActGroup* at = nullptr;
+};
+
+GroupActs quantize_group_acts(const float* x, int64_t rows, int64_t k, const Format& f) {
+  GroupActs a{rows, k / QK, (k / QK + GROUP - 1) / GROUP};
+  a.records = torch::zeros({a.groups * rows * static_cast<int64_t>(sizeof(ActGroup))}, torch::kUInt8);
+  ActGroup* rec = reinterpret_cast<ActGroup*>(a.records.data_ptr<uint8_t>());
+  a.at = rec;
+  alignas(32) int8_t c[QK];
+  for (int64_t b = 0; b < a.blocks; ++b) {
+    const int j = static_cast<int>(b % GROUP);
+    for (int64_t r = 0; r < rows; ++r) {
+      ActGroup& o = rec[b / GROUP * rows + r];
+      float d;
+      const int sum = quantize_block(x + r * k + b * QK, c, d);
+      std::memcpy(o.q[0] + 16 * j, c, 16);
+      std::memcpy(o.q[1] + 16 * j, c + 16, 16);
+      for (int l = 4 * j; l < 4 * j + 4; ++l) {
+        o.d[l] = d;
+        if (f.bias == 0) o.dsum[l] = d * static_cast<float>(sum) / 4.f;
+        else o.init[l] = -f.bias * sum / 4;
+      }
+    }
+  }
+  return a;
 }
 
-// Decode (T = a.rows activation rows, few): y rows at columns [n0, n1) = the products, one weight block at
-// a time in 256 bits; the scale d_w * d_a is a product of broadcasts, so no lane shuffles.
-//
-// Each weight byte is read once, so speed is the memory's: the hardware prefetcher serves a few sequential
-// streams (one per 4 KB page region), not rows interleaved within a page, so a thread reads R rows far apart,
-// one from each R-th of its range, each a stream of its own, with a software prefetch DECODE_PREFETCH bytes
-// ahead; every activation record loaded serves the R rows. R = 2 (narrow inputs) or 4 (activation records
-// over SHARED_ACTS bytes, e.g. a 13696-wide down projection, where reloading them costs more).
+template <int QT>
+constexpr int block_bytes_of() {
+  return QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : QT == Q5_0 ? 22 : QT == Q5_1 ? 24 : 34;
+}
+
+// Byte offsets, within the 128 bytes a permute reads, of what each output byte takes: `first` is where block 0's
+// wanted 16 bytes start (h: values 0-15 or 16-31 for q8_0, whose 16-31 come from a table 8 bytes on).
+template <int QT>
+struct GroupIndex {
+  alignas(64) uint8_t codes[2][64];
+  alignas(64) uint16_t d[32], m[32];  // word permutes: the scale (and offset) of lane i's block, in the low 16 words
+  constexpr GroupIndex() : codes{}, d{}, m{} {
+    constexpr int S = block_bytes_of<QT>();
+    constexpr int qs = QT == Q4_0 ? 2 : QT == Q4_1 ? 4 : QT == Q5_0 ? 6 : QT == Q5_1 ? 8 : 2;
+    for (int h = 0; h < 2; ++h)
+      for (int i = 0; i < 64; ++i) codes[h][i] = static_cast<uint8_t>(S * (i / 16) + qs + i % 16 + (h ? 16 - 8 : 0));
+    for (int i = 0; i < 16; ++i) {
+      d[i] = static_cast<uint16_t>(S / 2 * (i / 4));
+      m[i] = static_cast<uint16_t>(S / 2 * (i / 4) + 1);
+    }
+  }
+};
+
+// 64 bytes at p whose bytes [from, valid) (counted from the group's start, p = group + from) are wanted; the rest
+// are zero and not read, so a row's last group reads nothing past the row.
+template <bool Tail>
+inline __m512i load_window(const uint8_t* p, int from, int valid) {
+  if constexpr (!Tail) {
+    return _mm512_loadu_si512(p);
+  } else {
+    const int n = std::clamp(valid - from, 0, 64);
+    return _mm512_maskz_loadu_epi8(n == 64 ? ~0ULL : (1ULL << n) - 1, p);
+  }
+}
+
+// One weight row's group as unsigned codes (lo: values 0-15 of each block, hi: 16-31), its scales per lane and
+// (q4_1/q5_1) offsets per lane.
+template <int QT, bool Tail>
+inline void decode_group(const uint8_t* g, int valid, __m512i& lo, __m512i& hi, __m512& d, __m512& m) {
+  static constexpr GroupIndex<QT> ix{};
+  const __m512i w0 = load_window<Tail>(g, 0, valid), w1 = load_window<Tail>(g + 64, 64, valid);
+  const __m512i scales = _mm512_permutex2var_epi16(w0, _mm512_load_si512(ix.d), w1);
+  d = _mm512_cvtph_ps(_mm512_castsi512_si256(scales));
+  if constexpr (QT == Q4_1 || QT == Q5_1) {
+    m = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(w0, _mm512_load_si512(ix.m), w1)));
+  }
+  if constexpr (QT == Q8_0) {
+    const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+    const __m512i v0 = load_window<Tail>(g + 8, 8, valid), v1 = load_window<Tail>(g + 72, 72, valid);
+    lo = _mm512_xor_si512(_mm512_permutex2var_epi8(w0, _mm512_load_si512(ix.codes[0]), w1), sign);
+    hi = _mm512_xor_si512(_mm512_permutex2var_epi8(v0, _mm512_load_si512(ix.codes[1]), v1), sign);
+  } else {
+    const __m512i packed = _mm512_permutex2var_epi8(w0, _mm512_load_si512(ix.codes[0]), w1);
+    const __m512i nibble = _mm512_set1_epi8(15);
+    lo = _mm512_and_si512(packed, nibble);
+    hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+    if constexpr (QT == Q5_0 || QT == Q5_1) {
+      // each block's 32 fifth bits (bit i: value i's): the low 16 of the 4 blocks side by side mask lo, the high hi
+      constexpr int qh = QT == Q5_0 ? 2 : 4, S = block_bytes_of<QT>();
+      alignas(64) static constexpr uint8_t bits[64] = {
+          qh, qh + 1, S + qh, S + qh + 1, 2 * S + qh, 2 * S + qh + 1, 3 * S + qh, 3 * S + qh + 1,
+          qh + 2, qh + 3, S + qh + 2, S + qh + 3, 2 * S + qh + 2, 2 * S + qh + 3, 3 * S + qh + 2, 3 * S + qh + 3};
+      const __m128i h = _mm512_castsi512_si128(_mm512_permutex2var_epi8(w0, _mm512_load_si512(bits), w1));
+      const __m512i five = _mm512_set1_epi8(16);
+      lo = _mm512_mask_add_epi8(lo, static_cast<__mmask64>(_mm_cvtsi128_si64(h)), lo, five);
+      hi = _mm512_mask_add_epi8(hi, static_cast<__mmask64>(_mm_extract_epi64(h, 1)), hi, five);
+    }
+  }
+}
+
+// Decode (T = a.rows activation rows, few): y rows at columns [n0, n1) = the products, a group of 4 blocks at a
+// time. Each weight byte is read once, so speed is the memory's as long as these few ops per block keep up: the
+// hardware prefetcher serves a few sequential streams (one per 4 KB page region), not rows interleaved within a
+// page, so a thread reads R rows far apart, one from each R-th of its range, each a stream of its own, with a
+// software prefetch DECODE_PREFETCH bytes ahead; every activation group loaded serves the R rows. R = 2 (narrow
+// inputs) or 4 (activations over SHARED_ACTS bytes, e.g. a 13696-wide down projection, where reloading costs more).
 template <int QT, int T, int R>
-void rows_decode_r(const uint8_t* raw, int64_t row_stride, const BlockActs& a, float* y, int64_t n_out, int64_t n0,
+void rows_decode_r(const uint8_t* raw, int64_t row_stride, const GroupActs& a, float* y, int64_t n_out, int64_t n0,
                    int64_t n1) {
-  constexpr int block_bytes = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : QT == Q5_0 ? 22 : QT == Q5_1 ? 24 : 34;
+  constexpr int S = block_bytes_of<QT>(), G = GROUP * S;
   constexpr bool offset = QT == Q4_1 || QT == Q5_1;
-  constexpr int J = R == 1 ? 2 : 1;  // independent chains per row and activation row
+  constexpr int64_t window_end = QT == Q8_0 ? 136 : 128;  // how far past a group's start its loads read
   const int64_t L = (n1 - n0) / R;  // the range in R runs of L rows, one row of each at a time
+  const int64_t row_bytes = a.blocks * S;
+  // groups read whole; the last one or two read masked, nothing past the row
+  const int64_t full = row_bytes < window_end ? 0 : std::min(a.groups, (row_bytes - window_end) / G + 1);
   for (int64_t i = 0; i < L; ++i) {
     const int64_t n = n0 + i;
     const uint8_t* row = raw + n * row_stride;
-    __m256 acc[R][T][J];
-    float off[R][T] = {};
+    __m512 acc[R][T];
     for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t)
-        for (int j = 0; j < J; ++j) acc[r][t][j] = _mm256_setzero_ps();
-    auto step = [&](int64_t b, int j) {
-      __m256i u[R];
-      __m256 d[R];
-      float m[R];
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    auto step = [&](int64_t g, auto tail) {
+      constexpr bool Tail = decltype(tail)::value;
+      __m512i lo[R], hi[R];
+      __m512 d[R], m[R];
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const uint8_t* blk = row + r * L * row_stride + b * block_bytes;
-        _mm_prefetch(reinterpret_cast<const char*>(blk + DECODE_PREFETCH), _MM_HINT_T0);
-        u[r] = decode_256<QT>(blk);
-        d[r] = half_splat_256(blk);
-        m[r] = offset ? _mm256_cvtss_f32(half_splat_256(blk + 2)) : 0.f;
+        const uint8_t* p = row + r * L * row_stride + g * G;
+        if constexpr (!Tail) {
+          for (int line = 0; line < G; line += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(p + DECODE_PREFETCH + line), _MM_HINT_T0);
+        }
+        decode_group<QT, Tail>(p, static_cast<int>(std::min<int64_t>(row_bytes - g * G, G + 64)), lo[r], hi[r], d[r], m[r]);
       }
 #pragma GCC unroll 4
       for (int t = 0; t < T; ++t) {
-        const ActBlock& x = a.at[b * T + t];
-        const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q));
-        const __m256i start = _mm256_set1_epi32(x.init);
-        const __m256 da = _mm256_set1_ps(x.d);
+        const ActGroup& x = a.at[g * T + t];
+        const __m512i q0 = _mm512_load_si512(x.q[0]), q1 = _mm512_load_si512(x.q[1]);
+        const __m512 da = _mm512_load_ps(x.d);
+        const __m512i start = offset ? _mm512_setzero_si512() : _mm512_load_si512(x.init);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
-          const __m256i dot = _mm256_dpbusd_epi32(start, u[r], qa);
-          acc[r][t][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d[r], da), acc[r][t][j]);
-          if constexpr (offset) off[r][t] += m[r] * a.sums[b * T + t];
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo[r], q0), hi[r], q1);
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d[r], da), acc[r][t]);
+          if constexpr (offset) acc[r][t] = _mm512_fmadd_ps(m[r], _mm512_load_ps(x.dsum), acc[r][t]);
         }
       }
     };
-    int64_t b = 0;
-    for (; b + J <= a.blocks; b += J)
-      for (int j = 0; j < J; ++j) step(b + j, j);
-    for (; b < a.blocks; ++b) step(b, 0);
-    for (int r = 0; r < R; ++r) {
-      for (int t = 0; t < T; ++t) {
-        __m256 s8 = acc[r][t][0];
-        for (int j = 1; j < J; ++j) s8 = _mm256_add_ps(s8, acc[r][t][j]);
-        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-        y[t * n_out + n + r * L] = _mm_cvtss_f32(s4) + off[r][t];
-      }
-    }
+    for (int64_t g = 0; g < full; ++g) step(g, std::false_type{});
+    for (int64_t g = full; g < a.groups; ++g) step(g, std::true_type{});
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) y[t * n_out + n + r * L] = _mm512_reduce_add_ps(acc[r][t]);
   }
   if constexpr (R > 1) {
     if (n0 + R * L < n1) rows_decode_r<QT, T, 1>(raw, row_stride, a, y, n_out, n0 + R * L, n1);
@@ -326,16 +397,16 @@ void rows_decode_r(const uint8_t* raw, int64_t row_stride, const BlockActs& a, f
 }
 
 template <int QT, int T>
-void rows_decode(const uint8_t* raw, int64_t row_stride, const BlockActs& a, float* y, int64_t n_out, int64_t n0,
+void rows_decode(const uint8_t* raw, int64_t row_stride, const GroupActs& a, float* y, int64_t n_out, int64_t n0,
                  int64_t n1) {
-  if (a.blocks * T * static_cast<int64_t>(sizeof(ActBlock)) > SHARED_ACTS) {
+  if (a.groups * T * static_cast<int64_t>(sizeof(ActGroup)) > SHARED_ACTS) {
     return rows_decode_r<QT, T, 4>(raw, row_stride, a, y, n_out, n0, n1);
   }
   rows_decode_r<QT, T, 2>(raw, row_stride, a, y, n_out, n0, n1);
 }
 
 template <int QT, int T = DECODE_ROWS>
-void decode_any(int64_t rows, const uint8_t* raw, int64_t row_stride, const BlockActs& a, float* y, int64_t n_out,
+void decode_any(int64_t rows, const uint8_t* raw, int64_t row_stride, const GroupActs& a, float* y, int64_t n_out,
                 int64_t n0, int64_t n1) {
   if constexpr (T > 1) {
     if (rows < T) return decode_any<QT, T - 1>(rows, raw, row_stride, a, y, n_out, n0, n1);
@@ -547,7 +618,7 @@ void linear_into(const float* x, int64_t m, int64_t k, const std::vector<torch::
     }
   };
   if (m <= DECODE_ROWS) {
-    const BlockActs a = quantize_block_acts(x, m, k, f);
+    const GroupActs a = quantize_group_acts(x, m, k, f);
     by_type([&](auto qt) {
       each_part([&](const uint8_t* w, int64_t stride, float* yp, int64_t lo, int64_t hi) {
         decode_any<decltype(qt)::value>(m, w, stride, a, yp, n_out, lo, hi);
