@@ -88,3 +88,28 @@ def test_a_gguf_file_takes_the_fused_step_reading_its_blocks(tmp_path):
     a = model.layers[0].attn
     assert all(isinstance(m, GGMLLinear) for m in [*a.k_b, *a.v_b]) and not hasattr(a, "k_up")
     assert_close(batched_step(model), without_fused(model, batched_step))
+
+
+def test_steps_on_a_synthetic_file_agree_with_llama_cpp(tmp_path, llama_cpp):
+    """`--synthetic-layers`: the tiny GLM-4.7-Flash shape with 4 layers, every token through the one-call step,
+    against llama.cpp's logits on the same file (float32 caches both)."""
+    import numpy as np
+
+    from chatglm.synthetic import synthetic_gguf
+
+    from test_convert import llama_cpp_logits
+    from test_glm4_families import rel_err
+
+    path = synthetic_gguf("glm4-moe-lite-tiny", "q4_0", tmp_path, layers=4)
+    assert path.name == "synthetic-glm4-moe-lite-tiny-4l-q4_0.gguf"
+    model = load_model(path)
+    assert model.config.num_layers == 4 and model.fused is not None
+    ids = [100, 2000, 300, 40, 5000, 6]
+    cache, slot = model.new_cache(1, 8, dtype=torch.float32), torch.zeros(1, dtype=torch.long)
+    mine = np.stack([model(torch.tensor([[t]]), torch.tensor([[i]]), cache, slot)[0, -1].numpy()
+                     for i, t in enumerate(ids)])
+    llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)
+    try:
+        assert rel_err(llama_cpp_logits(llm, ids), mine) < 3e-2
+    finally:
+        llm.close()

@@ -4,8 +4,8 @@
 // Attention (chatglm/models/glm4_moe_lite.py: LatentAttention) is absorbed: each head's key part of kv_b
 // (attn_k_b, [rank, nope] per head) maps its query into latent space, so the head scores the cached
 // entries (normed latent + rotated shared key) directly, and its value part (attn_v_b) maps the weighted
-// latent to the head's values after attention; every cache row is kv_rank + rope_dim values. A head is one
-// task: its query through k_b, its attention over every sequence's rows, its values through v_b.
+// latent to the head's values after attention; every cache row is kv_rank + rope_dim values, read once per
+// token for all the heads a thread takes (as one multi-query head: the latent cache's point).
 //
 // The feed-forward (glm4_moe.py: Router, MoE) routes each token by sigmoid scores (plus the correction bias
 // for choosing, best groups first), reads only the chosen experts' blocks, each expert once over all the
@@ -237,36 +237,52 @@ class LatentMoeDecoder {
     }
   }
 
-  // out [B, heads * value]: one task per head, which takes every sequence's query through its k_b into latent
-  // space, attends over that sequence's cache rows 0..row[b], and maps the weighted latents through its v_b.
+  // out [B, heads * value]: each thread takes a range of heads, takes every sequence's query of each through its
+  // k_b into latent space, attends over that sequence's cache rows 0..row[b] reading each row once for all its
+  // heads, and maps the weighted latents through each head's v_b.
   template <typename T>
   void attend(const LatentLayer& w, const T* kv, const Rows& rows_of, const int64_t* at, const int64_t* row, int64_t B,
               const float* rot, float* q, float* out) const {
     const int64_t head_dim = nope_ + rope_dim_, nq = heads_ * head_dim, entry = rank_ + rope_dim_;
-    at::parallel_for(0, heads_, 1, [&](int64_t h0, int64_t h1) {
-      std::vector<float> nope(B * nope_), latent(B * rank_), query(entry), scores, mixed(B * rank_), values(B * value_);
+    const int64_t grain = (heads_ + at::get_num_threads() - 1) / at::get_num_threads();
+    at::parallel_for(0, heads_, grain, [&](int64_t h0, int64_t h1) {
+      const int64_t H = h1 - h0;
+      std::vector<float> nope(B * nope_), query(H * entry), scores, mixed(H * B * rank_),
+          values(B * value_);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t hd = h0; hd < h1; ++hd) rotate(q + b * nq + hd * head_dim + nope_, rot + at[b] * rope_dim_,
+                                                      rope_dim_, interleaved_);
+      }
+      for (int64_t hd = h0; hd < h1; ++hd) {  // linear_into runs inline in a parallel region
+        for (int64_t b = 0; b < B; ++b) std::copy_n(q + b * nq + hd * head_dim, nope_, &nope[b * nope_]);
+        (*w.k_b[hd])(nope.data(), B, &mixed[(hd - h0) * B * rank_], tile_rows_);
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t i = 0; i < H; ++i) {  // the query of head h0 + i: its latent, then its rotated part
+          std::copy_n(&mixed[(i * B + b) * rank_], rank_, &query[i * entry]);
+          std::copy_n(q + b * nq + (h0 + i) * head_dim + nope_, rope_dim_, &query[i * entry + rank_]);
+        }
+        const int64_t n = row[b] + 1;
+        scores.resize(H * n);
+        for (int64_t j = 0; j < n; ++j) {
+          const T* e = kv + rows_of.at(b, j) * entry;
+          for (int64_t i = 0; i < H; ++i) scores[i * n + j] = dot(&query[i * entry], e, entry) * scale_;
+        }
+        for (int64_t i = 0; i < H; ++i) {
+          float* s = &scores[i * n];
+          const float total = exp_shifted(s, n, *std::max_element(s, s + n));
+          for (int64_t j = 0; j < n; ++j) s[j] /= total;
+          std::fill_n(&mixed[(i * B + b) * rank_], rank_, 0.f);
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const T* e = kv + rows_of.at(b, j) * entry;
+          for (int64_t i = 0; i < H; ++i) add_scaled(&mixed[(i * B + b) * rank_], scores[i * n + j], e, rank_);
+        }
+      }
       for (int64_t hd = h0; hd < h1; ++hd) {
-        for (int64_t b = 0; b < B; ++b) {
-          float* qh = q + b * nq + hd * head_dim;
-          rotate(qh + nope_, rot + at[b] * rope_dim_, rope_dim_, interleaved_);
-          std::copy(qh, qh + nope_, &nope[b * nope_]);
-        }
-        (*w.k_b[hd])(nope.data(), B, latent.data(), tile_rows_);  // linear_into runs inline in a parallel region
-        for (int64_t b = 0; b < B; ++b) {
-          const float* qh = q + b * nq + hd * head_dim;
-          std::copy(&latent[b * rank_], &latent[(b + 1) * rank_], query.begin());
-          std::copy(qh + nope_, qh + head_dim, query.begin() + rank_);
-          const int64_t n = row[b] + 1;
-          scores.resize(n);
-          for (int64_t j = 0; j < n; ++j) scores[j] = dot(query.data(), kv + rows_of.at(b, j) * entry, entry) * scale_;
-          const float total = exp_shifted(scores.data(), n, *std::max_element(scores.begin(), scores.end()));
-          float* o = &mixed[b * rank_];
-          std::fill_n(o, rank_, 0.f);
-          for (int64_t j = 0; j < n; ++j) add_scaled(o, scores[j] / total, kv + rows_of.at(b, j) * entry, rank_);
-        }
-        (*w.v_b[hd])(mixed.data(), B, values.data(), tile_rows_);
+        (*w.v_b[hd])(&mixed[(hd - h0) * B * rank_], B, values.data(), tile_rows_);
         for (int64_t b = 0; b < B; ++b)
-          std::copy(&values[b * value_], &values[(b + 1) * value_], out + (b * heads_ + hd) * value_);
+          std::copy_n(&values[b * value_], value_, out + (b * heads_ + hd) * value_);
       }
     });
   }
