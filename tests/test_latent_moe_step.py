@@ -75,6 +75,18 @@ def test_fused_step_reads_small_blocks_through_the_table(tmp_path, dtype):
     assert_close(fused, without_fused(model, lambda m: batched_step(m, block_size=2, dtype=dtype)))
 
 
+def test_bad_step_inputs_are_refused_by_name(tmp_path):
+    tiny_glm4_moe_lite(**WIDTHS).save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype="f32")
+    to_blocks(model, QType.Q8_0)
+    cache = model.new_cache(1, 4)
+    x, at, rope = torch.zeros(1, model.config.hidden_size), torch.zeros(1, dtype=torch.long), torch.view_as_real(model.rope)
+    with pytest.raises(RuntimeError, match=r"the cache must be float32 or float16 \[layers, 1, 1, blocks, block_size, 40\]"):
+        model.fused.step(x, cache.kv[..., :-1].contiguous(), cache.tables[:1], at, at, rope)
+    with pytest.raises(RuntimeError, match="block table entry 0 is 0, not a block of the pool"):
+        model.fused.step(x, cache.kv, torch.zeros_like(cache.tables[:1]), at, at, rope)
+
+
 def test_a_gguf_file_takes_the_fused_step_reading_its_blocks(tmp_path):
     """A GGUF written as llama.cpp's deepseek2 (kv_b split into attn_k_b and attn_v_b): the model reads each head's
     part from the file's blocks, takes the one-call step, and agrees with its torch blocks."""

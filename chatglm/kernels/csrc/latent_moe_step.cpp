@@ -159,28 +159,10 @@ class LatentMoeDecoder {
                 kv.dim() == 6 && kv.size(0) == static_cast<int64_t>(layers_.size()) && kv.size(1) == 1 &&
                 kv.size(2) == 1 && kv.size(5) == rank_ + rope_dim_,
                 "the cache must be float32 or float16 [layers, 1, 1, blocks, block_size, ", rank_ + rope_dim_, "]");
-    TORCH_CHECK(rope.scalar_type() == torch::kFloat32 && rope.is_contiguous() && rope.dim() == 3 &&
-                rope.size(1) == rope_dim_ / 2 && rope.size(2) == 2, "rope must be float32 [positions, rope_dim/2, 2]");
-    for (const torch::Tensor* t : {&pos, &rows}) {
-      TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == B, "pos and rows "
-                  "must be int64 [batch]");
-    }
-    TORCH_CHECK(tables.scalar_type() == torch::kInt64 && tables.is_contiguous() && tables.dim() == 2 &&
-                tables.size(0) == B, "tables must be int64 [batch, blocks per sequence]");
+    check_step_inputs(tables, pos, rows, rope, B, rope_dim_, kv.size(3), kv.size(4));
     const int64_t* at = pos.data_ptr<int64_t>();
     const int64_t* row = rows.data_ptr<int64_t>();
-    const int64_t* table = tables.data_ptr<int64_t>();
-    const int64_t width = tables.size(1), bs = kv.size(4), blocks = kv.size(3);
-    for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(row[b] >= 0 && row[b] < width * bs && at[b] >= 0 && at[b] < rope.size(0), "row ", b,
-                  ": cache row ", row[b], " or position ", at[b], " out of range");
-      for (int64_t j = 0; j <= row[b] / bs; ++j) {
-        const int64_t block = table[b * width + j];
-        TORCH_CHECK(block > 0 && block < blocks, "row ", b, ": block table entry ", j, " is ", block,
-                    ", not a block of the pool (1..", blocks - 1, ")");
-      }
-    }
-    const Rows rows_of{table, width, bs};
+    const Rows rows_of{tables.data_ptr<int64_t>(), tables.size(1), kv.size(4)};
     if (kv.scalar_type() == torch::kFloat16) {
       run(x, static_cast<c10::Half*>(kv.data_ptr()), kv.stride(0), rows_of, at, row, rope);
     } else {

@@ -124,4 +124,33 @@ torch::Tensor checked_float(const torch::Tensor& t, int64_t n, const char* what)
   return t;
 }
 
+// A one-call step's inputs beside its cache: rope float32 [positions, rope_dim/2, 2]; pos and rows int64 [batch];
+// tables int64 [batch, width], each row's blocks up to its cache row within the pool's blocks (1..blocks-1) of
+// block_size rows. New beside the helpers above (decode_step.cpp may take it in place of its own checks).
+inline void check_step_inputs(const torch::Tensor& tables, const torch::Tensor& pos, const torch::Tensor& rows,
+                              const torch::Tensor& rope, int64_t batch, int64_t rope_dim, int64_t blocks,
+                              int64_t block_size) {
+  TORCH_CHECK(rope.scalar_type() == torch::kFloat32 && rope.is_contiguous() && rope.dim() == 3 &&
+              rope.size(1) == rope_dim / 2 && rope.size(2) == 2, "rope must be float32 [positions, rope_dim/2, 2]");
+  for (const torch::Tensor* t : {&pos, &rows}) {
+    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == batch, "pos and rows "
+                "must be int64 [batch]");
+  }
+  TORCH_CHECK(tables.scalar_type() == torch::kInt64 && tables.is_contiguous() && tables.dim() == 2 &&
+              tables.size(0) == batch, "tables must be int64 [batch, blocks per sequence]");
+  const int64_t* at = pos.data_ptr<int64_t>();
+  const int64_t* row = rows.data_ptr<int64_t>();
+  const int64_t* table = tables.data_ptr<int64_t>();
+  const int64_t width = tables.size(1);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(row[b] >= 0 && row[b] < width * block_size && at[b] >= 0 && at[b] < rope.size(0), "row ", b,
+                ": cache row ", row[b], " or position ", at[b], " out of range");
+    for (int64_t j = 0; j <= row[b] / block_size; ++j) {
+      const int64_t block = table[b * width + j];
+      TORCH_CHECK(block > 0 && block < blocks, "row ", b, ": block table entry ", j, " is ", block,
+                  ", not a block of the pool (1..", blocks - 1, ")");
+    }
+  }
+}
+
 }  // namespace
