@@ -125,3 +125,35 @@ def test_steps_on_a_synthetic_file_agree_with_llama_cpp(tmp_path, llama_cpp):
         assert rel_err(llama_cpp_logits(llm, ids), mine) < 3e-2
     finally:
         llm.close()
+
+
+def test_continuous_batching_replies_match_the_torch_blocks(tmp_path):
+    """Greedy replies of three prompts decoded together by the engine: the same tokens with and without the step."""
+    from chatglm.convert import convert
+    from chatglm.engine import BatchEngine, SamplingParams
+
+    from test_convert import write_bpe_tokenizer
+
+    tiny_glm4_moe_lite(vocab_size=write_bpe_tokenizer(tmp_path), **WIDTHS).save_pretrained(tmp_path)
+    model = load_model(convert(tmp_path, tmp_path / "m.gguf", "q8_0", progress=False))
+    prompts, greedy = [[5, 17, 3, 44], [8, 30, 71, 2, 9, 61], [12, 6]], SamplingParams(do_sample=False, max_new_tokens=6)
+
+    def replies(m):
+        engine = BatchEngine(m, max_batch=3, max_queue=3)
+        try:
+            return [list(r) for r in [engine.submit(p, greedy) for p in prompts]]
+        finally:
+            engine.close()
+
+    class Counted:  # the step, counting its calls
+        def __init__(self, step):
+            self.inner, self.calls = step, 0
+
+        def step(self, *args):
+            self.calls += 1
+            return self.inner.step(*args)
+
+    model.fused = Counted(model.fused)
+    fused = replies(model)
+    assert model.fused.calls >= 5  # the decode steps after each prefill went through it
+    assert fused == without_fused(model, replies)
