@@ -152,14 +152,11 @@ class LatentMoeDecoder {
   // kv [layers, 1, 1, blocks, block_size, kv_rank + rope_dim] (float32 or float16), rope [positions, rope_dim/2, 2].
   torch::Tensor step(torch::Tensor x, const torch::Tensor& kv, const torch::Tensor& tables, const torch::Tensor& pos,
                      const torch::Tensor& rows, const torch::Tensor& rope) {
-    const int64_t B = x.size(0), hidden = layers_[0]->attn_norm.numel();
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden, "x must be [batch, ", hidden, "]");
-    checked_float(x, B * hidden, "x");
     TORCH_CHECK((kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kFloat16) && kv.is_contiguous() &&
                 kv.dim() == 6 && kv.size(0) == static_cast<int64_t>(layers_.size()) && kv.size(1) == 1 &&
                 kv.size(2) == 1 && kv.size(5) == rank_ + rope_dim_,
                 "the cache must be float32 or float16 [layers, 1, 1, blocks, block_size, ", rank_ + rope_dim_, "]");
-    check_step_inputs(tables, pos, rows, rope, B, rope_dim_, kv.size(3), kv.size(4));
+    check_step_inputs(x, layers_[0]->attn_norm.numel(), tables, pos, rows, rope, rope_dim_, kv.size(3), kv.size(4));
     const int64_t* at = pos.data_ptr<int64_t>();
     const int64_t* row = rows.data_ptr<int64_t>();
     const Rows rows_of{tables.data_ptr<int64_t>(), tables.size(1), kv.size(4)};

@@ -124,12 +124,16 @@ torch::Tensor checked_float(const torch::Tensor& t, int64_t n, const char* what)
   return t;
 }
 
-// A one-call step's inputs beside its cache: rope float32 [positions, rope_dim/2, 2]; pos and rows int64 [batch];
-// tables int64 [batch, width], each row's blocks up to its cache row within the pool's blocks (1..blocks-1) of
-// block_size rows. New beside the helpers above (decode_step.cpp may take it in place of its own checks).
-inline void check_step_inputs(const torch::Tensor& tables, const torch::Tensor& pos, const torch::Tensor& rows,
-                              const torch::Tensor& rope, int64_t batch, int64_t rope_dim, int64_t blocks,
-                              int64_t block_size) {
+// A one-call step's inputs beside its cache: x float32 [batch, hidden]; rope float32 [positions, rope_dim/2, 2];
+// pos and rows int64 [batch]; tables int64 [batch, width], each row's blocks up to its cache row within the pool's
+// blocks (1..blocks-1) of block_size rows. New beside the helpers above (decode_step.cpp may take it in place of
+// its own checks).
+inline void check_step_inputs(const torch::Tensor& x, int64_t hidden, const torch::Tensor& tables,
+                              const torch::Tensor& pos, const torch::Tensor& rows, const torch::Tensor& rope,
+                              int64_t rope_dim, int64_t blocks, int64_t block_size) {
+  const int64_t batch = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden, "x must be [batch, ", hidden, "]");
+  checked_float(x, batch * hidden, "x");
   TORCH_CHECK(rope.scalar_type() == torch::kFloat32 && rope.is_contiguous() && rope.dim() == 3 &&
               rope.size(1) == rope_dim / 2 && rope.size(2) == 2, "rope must be float32 [positions, rope_dim/2, 2]");
   for (const torch::Tensor* t : {&pos, &rows}) {
