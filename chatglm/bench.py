@@ -92,7 +92,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.synthetic:
         from .synthetic import synthetic_file
 
-        path = str(synthetic_file(args.synthetic, args.qtype, Path(args.synthetic_dir)))
+        path = str(synthetic_file(args.synthetic, args.qtype, Path(args.synthetic_dir), args.synthetic_layers))
     ours = bench_ours(path, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch)
     result: dict[str, Any] = {"model": str(path), **ours}
     if args.compare == "llama.cpp":
@@ -136,6 +136,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="build a random-weight GGUF of this shape (chatglm3-6b, glm4-9b, glm4-9b-0414, glm-4.7-flash), "
                         "or a chatglm.cpp GGML .bin (chatglm-6b)")
     p.add_argument("--qtype", default="q4_0", help="quant type of the synthetic file")
+    p.add_argument("--synthetic-layers", type=int, default=None,
+                   help="the synthetic shape's widths with this many layers (per-layer speed from a small file)")
     p.add_argument("--synthetic-dir", default=str(Path.home() / ".cache" / "chatglm"), help="where synthetic files go")
     p.set_defaults(func=cmd_bench)
 

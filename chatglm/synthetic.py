@@ -117,7 +117,7 @@ def _default_vocab() -> Vocab:
                                                       "eos": f.get("tokenizer.ggml.eos_token_id")})
 
 
-def _family_file(path: Path, name: str, q: QType) -> None:
+def _family_file(path: Path, name: str, q: QType, layers: int | None) -> None:
     """A family's random-weight file through its own GGUF table and the converter's writer: each canonical
     tensor drawn as random blocks (MoE routers as float32, as files keep them)."""
     from .convert import ROUTER_NAMES, encode, target_type
@@ -125,7 +125,7 @@ def _family_file(path: Path, name: str, q: QType) -> None:
     from .loaders.gguf_writer import file_tensors
     from .models import FAMILIES
 
-    shape = dict(FAMILY_SHAPES[name])
+    shape = {**FAMILY_SHAPES[name], **({"num_layers": layers} if layers else {})}
     family = FAMILIES[shape.pop("arch")]
     cfg = ModelConfig(arch=family.ARCH, family="gguf", norm_eps=1e-5, max_position=8192, **shape)
     required = family.DECODER.required(cfg)
@@ -194,10 +194,12 @@ def _ggml_file(path: Path, name: str, q: QType) -> None:
     WRITERS["ggml"](path, ckpt, q, lambda tensors: tensors)
 
 
-def synthetic_file(name: str, qtype: str, folder: Path) -> Path:
+def synthetic_file(name: str, qtype: str, folder: Path, layers: int | None = None) -> Path:
     """`synthetic_gguf`, or for the GGML shapes (chatglm.cpp's format) a .bin file: written once, reused after."""
     if name not in GGML_SHAPES:
-        return synthetic_gguf(name, qtype, folder)
+        return synthetic_gguf(name, qtype, folder, layers)
+    if layers is not None:
+        raise ValueError(f"--synthetic-layers: the chatglm.cpp shape {name!r} is written at its own depth only")
     q = qtype_of(qtype)
     path = Path(folder) / f"synthetic-{name}-{q.name.lower()}.bin"
     if not path.is_file():
@@ -216,19 +218,22 @@ def _written(path: Path, write) -> None:
         partial.unlink(missing_ok=True)
 
 
-def synthetic_gguf(name: str, qtype: str, folder: Path) -> Path:
-    """The file for shape `name` and type `qtype`, written once into `folder` and reused after."""
+def synthetic_gguf(name: str, qtype: str, folder: Path, layers: int | None = None) -> Path:
+    """The file for shape `name` and type `qtype`, written once into `folder` and reused after; `layers` keeps
+    the shape's widths with fewer (or more) layers, so a large model's per-layer speed is measured in small files."""
     if name not in SHAPES and name not in FAMILY_SHAPES:
         known = ", ".join([*SHAPES, *FAMILY_SHAPES, *GGML_SHAPES])
         raise ValueError(f"unknown synthetic shape {name!r}; expected one of {known}")
+    if layers is not None and layers < 2:
+        raise ValueError(f"--synthetic-layers {layers}: give at least 2 (the MoE shapes' first layer is dense)")
     q = qtype_of(qtype)
-    path = Path(folder) / f"synthetic-{name}-{q.name.lower()}.gguf"
+    path = Path(folder) / f"synthetic-{name}{f'-{layers}l' if layers else ''}-{q.name.lower()}.gguf"
     if path.is_file():
         return path
     if name in FAMILY_SHAPES:
-        _written(path, lambda partial: _family_file(partial, name, q))
+        _written(path, lambda partial: _family_file(partial, name, q, layers))
         return path
-    shape = SHAPES[name]
+    shape = {**SHAPES[name], **({"num_layers": layers} if layers else {})}
     cfg = ModelConfig(arch=shape["arch"], family="gguf", norm_eps=1e-5,
                       rope_dim=shape["head_dim"] // 2 if shape["arch"] == "chatglm" else 0,
                       **{"max_position": 8192, **{k: v for k, v in shape.items() if k != "arch"}})

@@ -15,9 +15,10 @@ from torch import nn
 
 from ..quant import QTensor
 from . import cpu
-from .ggml import fused_decoder
+from .ggml import fused_decoder, latent_moe_decoder
 
-__all__ = ["make_linear", "make_embedding", "tied_head", "ggml_numerics", "in_ggml_numerics", "fused_decoder"]
+__all__ = ["make_linear", "make_embedding", "tied_head", "ggml_numerics", "in_ggml_numerics", "fused_decoder",
+           "latent_moe_decoder"]
 
 _GGML_NUMERICS: ContextVar[bool] = ContextVar("ggml_numerics", default=False)
 

@@ -85,3 +85,43 @@ def fused_decoder(blocks: Sequence[nn.Module], cfg: ModelConfig) -> "_ggml.Fused
         layers.append(_ggml.DecodeLayer(attn_width=cfg.num_heads * cfg.head_dim, ffn=cfg.ffn_size, **parts))
     return _ggml.FusedDecoder(layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_dim,
                               cfg.rope_interleaved, cfg.norm_eps, TILE_ROWS)
+
+
+def latent_moe_decoder(blocks: Sequence[nn.Module], cfg: ModelConfig) -> "_ggml.LatentMoeDecoder | None":
+    """Every GLM-4.7-Flash block's one-token step as one C++ call (csrc/latent_moe_step.cpp), when each weight
+    the step multiplies (kv_b's halves per head included: a file's attn_k_b / attn_v_b) is ggml blocks under
+    float32 activations and no block has post norms; None otherwise, and the blocks run as torch code."""
+    if _ggml is None or cfg.latent is None or cfg.post_norms:
+        return None
+
+    def weight(m: nn.Module) -> "_ggml.BlockWeight":
+        if not (isinstance(m, GGMLLinear) and m.dtype == torch.float32):
+            raise LookupError
+        return _ggml.BlockWeight(list(m.parts), int(m.qtype), m.in_features, m.bias)
+
+    def feed_forward(ffn: nn.Module) -> "_ggml.FeedForward":
+        if not hasattr(ffn, "router"):  # a dense layer: the shared part alone
+            return _ggml.FeedForward(None, None, [], [], weight(ffn.gate_up), weight(ffn.down), 1, 1, 1, False, 1.0)
+        spec, shared = ffn.router.spec, ffn.shared
+        return _ggml.FeedForward(ffn.router.weight, ffn.router.bias, [weight(e.gate_up) for e in ffn.experts],
+                                 [weight(e.down) for e in ffn.experts], weight(shared.gate_up) if shared else None,
+                                 weight(shared.down) if shared else None, spec.experts_per_token, spec.groups,
+                                 spec.groups_per_token, spec.normalize, spec.scaling)
+
+    layers = []
+    try:
+        for block in blocks:
+            a = block.attn
+            if not hasattr(a, "k_b"):
+                return None
+            bottleneck = cfg.latent.q_rank > 0
+            layers.append(_ggml.LatentLayer(
+                block.attn_norm.data, block.ffn_norm.data, weight(a.q_a) if bottleneck else None,
+                a.q_a_norm.data if bottleneck else None, weight(a.q_b if bottleneck else a.q), weight(a.kv_a),
+                a.kv_a_norm.data, [weight(m) for m in a.k_b], [weight(m) for m in a.v_b], weight(a.o),
+                feed_forward(block.ffn)))
+    except LookupError:  # a weight that is not ggml blocks under float32 activations
+        return None
+    spec = cfg.latent
+    return _ggml.LatentMoeDecoder(layers, spec.nope_dim, cfg.rope_dim, cfg.rope_interleaved, cfg.norm_eps,
+                                  spec.norm_eps, spec.scale, TILE_ROWS)

@@ -17,8 +17,9 @@ from torch import nn
 
 from ..config import LatentSpec, ModelConfig, as_ids, need
 from ..errors import ModelFileError
-from ..kernels import make_linear
+from ..kernels import latent_moe_decoder, make_linear
 from ..kv_cache import BLOCK_SIZE, NULL, BlockPool, KVCache, format_size
+from ..quant import QTensor
 from . import glm4_moe
 from .glm4 import gguf_config, gguf_key, gguf_layers, glm4_shapes, norm_weight
 from .glm4_moe import MOE_NAMES, Glm4MoeDecoder, MoEBlock, moe_shapes, moe_spec, rope_parameters
@@ -144,7 +145,8 @@ def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
 
 def sanitize(weights: dict[str, Weight], cfg: ModelConfig, source: object) -> dict[str, Weight]:
     """GLM-4.5's expert stacks, and a GGUF file's attn_k_b / attn_v_b joined back into kv_b (float: it is
-    folded into the queries and values anyway)."""
+    folded into the queries and values anyway); block-quantized ones are also kept as they are, so that each
+    head's part is read from the file's blocks, as llama.cpp reads them."""
     weights = unstack_experts(weights, cfg, source)
     spec = cfg.latent
     for i in range(cfg.num_layers):
@@ -157,7 +159,15 @@ def sanitize(weights: dict[str, Weight], cfg: ModelConfig, source: object) -> di
         keys = _float(k_b, torch.float32, "cpu").reshape(cfg.num_heads, spec.kv_rank, spec.nope_dim).transpose(1, 2)
         values = _float(v_b, torch.float32, "cpu").reshape(cfg.num_heads, spec.value_dim, spec.kv_rank)
         weights[p + "kv_b"] = torch.cat([keys, values], dim=1).reshape(-1, spec.kv_rank)
+        if isinstance(k_b, QTensor) and isinstance(v_b, QTensor):
+            weights[p + "k_b"], weights[p + "v_b"] = k_b, v_b
     return weights
+
+
+def per_head(w: QTensor, heads: int) -> list[QTensor]:
+    """Each head's rows of a [heads * rows, cols] block tensor, as views of its bytes."""
+    rows = w.shape[0] // heads
+    return [QTensor(w.raw[h * rows : (h + 1) * rows], w.qtype, (rows, w.shape[1])) for h in range(heads)]
 
 
 class LatentCache(KVCache):
@@ -195,10 +205,26 @@ class LatentAttention(nn.Module):
             self.q = make_linear(w["q"], None, dtype, device)
         self.kv_a = make_linear(w["kv_a"], w.get("kv_a_bias"), dtype, device)
         self.kv_a_norm = norm_weight(w["kv_a_norm"], dtype, device)
-        kv_b = _float(w["kv_b"], dtype, device).view(cfg.num_heads, spec.nope_dim + spec.value_dim, spec.kv_rank)
-        self.register_buffer("k_up", kv_b[:, : spec.nope_dim].contiguous(), persistent=False)   # [H, nope, rank]
-        self.register_buffer("v_up", kv_b[:, spec.nope_dim :].contiguous(), persistent=False)   # [H, value, rank]
+        if "k_b" in w:  # a file's attn_k_b [H * rank, nope] and attn_v_b [H * value, rank] blocks: a linear per head
+            self.k_b = nn.ModuleList(make_linear(t, None, dtype, device) for t in per_head(w["k_b"], cfg.num_heads))
+            self.v_b = nn.ModuleList(make_linear(t, None, dtype, device) for t in per_head(w["v_b"], cfg.num_heads))
+        else:
+            kv_b = _float(w["kv_b"], dtype, device).view(cfg.num_heads, spec.nope_dim + spec.value_dim, spec.kv_rank)
+            self.register_buffer("k_up", kv_b[:, : spec.nope_dim].contiguous(), persistent=False)   # [H, nope, rank]
+            self.register_buffer("v_up", kv_b[:, spec.nope_dim :].contiguous(), persistent=False)   # [H, value, rank]
         self.o = make_linear(w["o"], w.get("o_bias"), dtype, device)
+
+    def absorbed(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """Each head's query [B, T, H, nope] in latent space: [B, T, H, rank]."""
+        if hasattr(self, "k_b"):
+            return torch.stack([k_b(q_nope[:, :, h]) for h, k_b in enumerate(self.k_b)], dim=2)
+        return torch.einsum("bthn,hnr->bthr", q_nope, self.k_up)
+
+    def values(self, att: torch.Tensor) -> torch.Tensor:
+        """Each head's weighted latent [B, H, T, rank] as its values: [B, T, H, value]."""
+        if hasattr(self, "v_b"):
+            return torch.stack([v_b(att[:, h]) for h, v_b in enumerate(self.v_b)], dim=2)
+        return torch.einsum("bhtr,hvr->bthv", att, self.v_up)
 
     def forward(self, x: torch.Tensor, cs: torch.Tensor, layer: int, cache: KVCache, step: Step) -> torch.Tensor:
         cfg, spec = self.cfg, self.cfg.latent
@@ -211,11 +237,10 @@ class LatentAttention(nn.Module):
         apply_rope_(entry[:, :, None, spec.kv_rank :], cs, cfg.rope_interleaved)
         cache.by_row[layer].index_put_((step.blocks, step.offsets), entry[:, :, None, None].to(cache.kv.dtype))
         rows = cache.kv[layer][0, 0][step.table].flatten(1, 2)[:, None, : step.span].to(x.dtype)  # [B, 1, span, rank + rope]
-        query = torch.cat([torch.einsum("bthn,hnr->bthr", q[..., : spec.nope_dim], self.k_up),
-                           q[..., spec.nope_dim :]], -1).transpose(1, 2)
+        query = torch.cat([self.absorbed(q[..., : spec.nope_dim]), q[..., spec.nope_dim :]], -1).transpose(1, 2)
         att = F.scaled_dot_product_attention(query, rows, rows[..., : spec.kv_rank], attn_mask=step.mask,
                                              scale=spec.scale, enable_gqa=True)  # [B, H, T, rank]
-        return self.o(torch.einsum("bhtr,hvr->bthv", att, self.v_up).reshape(B, T, -1))
+        return self.o(self.values(att).reshape(B, T, -1))
 
 
 class LatentBlock(MoEBlock):
@@ -242,6 +267,11 @@ def latent_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 class Glm4MoeLiteDecoder(Glm4MoeDecoder):
     block_class = LatentBlock
+
+    def __init__(self, cfg: ModelConfig, *args: Any, **kwargs: Any):
+        super().__init__(cfg, *args, **kwargs)
+        # one-token steps as one C++ call where every block's weights are ggml blocks (latent_moe_step.cpp)
+        self.fused = latent_moe_decoder(self.layers, cfg) if self.device.type == "cpu" else None
 
     @staticmethod
     def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

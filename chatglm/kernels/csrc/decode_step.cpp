@@ -9,6 +9,7 @@
 // The arithmetic is the Python block's (chatglm/models/layers.py: Block.forward, attend); a test checks one
 // against the other.
 #include "ggml_kernels.h"
+#include "step_math.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -25,115 +26,6 @@
 #endif
 
 namespace {
-
-// Cache rows are float32 or float16 (converted to float32 as they are read, rounded to nearest as written).
-inline float to_float(float v) { return v; }
-inline float to_float(c10::Half v) { return static_cast<float>(v); }
-
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-#endif
-
-// sum q[i] * k[i], k float32 or a float16 cache row: 16 lanes at a time, then one tree reduction (a head's 64 or
-// 128 values are a few steps)
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t n) {
-  int64_t i = 0;
-  float s = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc);
-  s = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < n; ++i) s += q[i] * to_float(k[i]);
-  return s;
-}
-
-// o[i] += p * v[i]
-template <typename T>
-inline void add_scaled(float* o, float p, const T* v, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  const __m512 pp = _mm512_set1_ps(p);
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(o + i, _mm512_fmadd_ps(pp, load16(v + i), _mm512_loadu_ps(o + i)));
-#endif
-  for (; i < n; ++i) o[i] += p * to_float(v[i]);
-}
-
-#if defined(__AVX512F__)
-// e^x for 16 lanes: 2^n e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, a degree-6 Taylor polynomial for
-// e^r (relative error ~2e-7) and vscalefps for the 2^n (which also gives 0 and inf past float's range).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.f)), _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n * hi
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
-
-// x[i] = e^(x[i] - shift); returns the sum
-float exp_shifted(float* x, int64_t n, float shift) {
-  int64_t i = 0;
-  float sum = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  const __m512 s = _mm512_set1_ps(shift);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), s));
-    _mm512_storeu_ps(x + i, e);
-    acc = _mm512_add_ps(acc, e);
-  }
-  sum = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < n; ++i) sum += x[i] = std::exp(x[i] - shift);
-  return sum;
-}
-
-// out[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up
-void swiglu(const float* gate, const float* up, float* out, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 g = _mm512_loadu_ps(gate + i);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
-  }
-#endif
-  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-}
-
-void rms_norm(const float* x, const float* w, float eps, int64_t n, float* y) {
-  const float scale = 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * scale * w[i];
-}
-
-// Rotate the first rope_dim values of a head by the angles' (cos, sin) pairs: pairs (0,1), (2,3)... when
-// interleaved, else value i with value i + rope_dim/2.
-void rotate(float* v, const float* cs, int64_t rope_dim, bool interleaved) {
-  const int64_t half = rope_dim / 2, step = interleaved ? 2 : 1, other = interleaved ? 1 : half;
-  for (int64_t i = 0; i < half; ++i) {
-    const float c = cs[2 * i], s = cs[2 * i + 1];
-    float& a = v[i * step];
-    float& b = v[i * step + other];
-    const float a0 = a;
-    a = a0 * c - b * s;
-    b = a0 * s + b * c;
-  }
-}
-
-torch::Tensor checked_float(const torch::Tensor& t, int64_t n, const char* what) {
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == n && !t.is_cuda(), what,
-              " must be a contiguous CPU float32 tensor of ", n, " values");
-  return t;
-}
 
 // LayerNorm with a bias (GLM v1): (x - mean) / sqrt(var + eps) * w + b, both moments in two passes as torch does.
 void layer_norm(const float* x, const float* w, const float* b, float eps, int64_t n, float* y) {

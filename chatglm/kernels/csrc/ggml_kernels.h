@@ -1,4 +1,4 @@
-// What the ggml block kernels (ggml_kernels.cpp) offer the fused decode step (decode_step.cpp).
+// What the ggml block kernels (ggml_kernels.cpp) offer the fused decode steps (decode_step.cpp, latent_moe_step.cpp).
 #pragma once
 
 #include <torch/extension.h>
@@ -17,3 +17,6 @@ void linear_into(const float* x, int64_t m, int64_t k, const std::vector<torch::
 
 // Adds the fused decode step's classes to the extension module.
 void register_decode_step(pybind11::module_& m);
+
+// Adds GLM-4.7-Flash's one-call step (latent_moe_step.cpp).
+void register_latent_moe_step(pybind11::module_& m);
