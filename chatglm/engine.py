@@ -16,6 +16,7 @@ import torch
 
 from .errors import ChatGLMError
 from .kv_cache import BLOCK_SIZE, default_budget
+from .speculative import Drafter, verify
 
 log = logging.getLogger("chatglm")
 
@@ -147,19 +148,29 @@ class Sampler:
         return logits
 
     def __call__(self, logits: torch.Tensor, previous: Sequence[int]) -> int:
-        token = self._pick(self.penalized(logits, previous))
+        token = self.pick(self.penalized(logits, previous))
+        self.record(token, logits)
+        return token
+
+    def record(self, token: int, logits: torch.Tensor) -> None:
+        """Note a returned token (drawn here or accepted from a draft): penalty counts, grammar state, logprob."""
         if self.counts is not None:
             self.counts[token] += 1
         if self.mask is not None:
             self.mask.accept(token)
         if self.params.logprobs is not None:  # of the model's own distribution: before penalties and temperature
             self.last_logprob = logprobs(logits[None, : self.vocab_limit], [token], self.params.logprobs)[0]
-        return token
 
-    def _pick(self, logits: torch.Tensor) -> int:
-        p = self.params
-        if p.greedy:
+    def pick(self, logits: torch.Tensor) -> int:
+        """Draw from penalized logits (the argmax when greedy)."""
+        if self.params.greedy:
             return int(torch.argmax(logits))
+        return int(torch.multinomial(self.probabilities(logits), 1, generator=self.generator))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution a draw takes from penalized logits (temperature, top-k, top-p); drafts are judged
+        against the same one."""
+        p = self.params
         logits = logits / p.temperature
         if p.top_k and p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
@@ -171,12 +182,17 @@ class Sampler:
             drop = cumulative - sorted_probs > p.top_p  # keep the smallest set reaching top_p
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return probs
 
 
 def generate(model, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int] | set[int] = frozenset(),
-             vocab_limit: int | None = None, mask: TokenMask | None = None) -> Iterator[int]:
-    """Yield new token ids until a stop id (not yielded), the token budget or the caller stops."""
+             vocab_limit: int | None = None, mask: TokenMask | None = None,
+             drafter: Drafter | None = None) -> Iterator[int]:
+    """Yield new token ids until a stop id (not yielded), the token budget or the caller stops.
+
+    With a drafter (speculative.py), each step checks its drafts in one forward and yields the accepted ones
+    and one more token; the reply is the plain one (greedy) or distributed as the plain one (sampled).
+    """
     sampler = Sampler(params, vocab_limit, mask)
     new = budget(len(prompt), params, model.config.max_position)
     if new == 0:
@@ -187,18 +203,25 @@ def generate(model, prompt: Sequence[int], params: SamplingParams, stop_ids: fro
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     pos = torch.arange(len(prompt), device=device)[None]
     history = list(prompt)
-    logits = model(ids, pos, cache, slots, last_only=True)[0, -1]
-    for step in range(new):
-        token = sampler(logits, history)
-        if token in stop_ids:
-            return
-        yield token
-        if step + 1 == new:
-            return
-        history.append(token)
-        position = len(history) - 1
-        logits = model(torch.tensor([[token]], device=device), torch.tensor([[position]], device=device),
-                       cache, slots, last_only=True)[0, -1]
+    pending = [sampler(model(ids, pos, cache, slots, last_only=True)[0, -1], history)]
+    left = new
+    while True:
+        for token in pending:
+            if token in stop_ids:
+                return
+            yield token
+            left -= 1
+            if left == 0:
+                return
+            history.append(token)
+        drafts = drafter.draft(history, left - 1) if drafter is not None else []
+        if drafts:
+            pending = verify(model, cache, 0, history, drafts, sampler, stop_ids)
+        else:
+            position = len(history) - 1
+            logits = model(torch.tensor([[history[-1]]], device=device), torch.tensor([[position]], device=device),
+                           cache, slots, last_only=True)[0, -1]
+            pending = [sampler(logits, history)]
 
 
 PREFILL_CHUNK = 2048  # prompt tokens a forward at most: 8 prompts of 1,000 tokens at once took 1 GB of scratch

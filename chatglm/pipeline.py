@@ -14,6 +14,7 @@ from .grammar import Vocabulary, response_grammar
 from .loaders import build_model, open_checkpoint
 from .markup import MarkupParser, Reasoning, markup_parser, openai_tools, takes_tools
 from .messages import ChatMessage, MessageLike, as_messages
+from .speculative import Drafter, PromptLookup, open_draft
 from .tools import INTERPRETER, TOOL_FAMILIES, ReplyParser, ToolCall, model_messages, read_tools, system_messages
 
 
@@ -174,12 +175,21 @@ class Pipeline:
     """Load once, then chat or complete; 'default' names the bundled SmolLM2 model."""
 
     def __init__(self, path: str | Path = "default", dtype: str = "auto", device: str = "cpu",
-                 threads: int | None = None, lora: str | Path | None = None):
+                 threads: int | None = None, lora: str | Path | None = None, draft: str | Path | None = None,
+                 lookup: int = 0):
+        """draft: a smaller model over the same vocabulary whose drafts the model checks (speculative decoding);
+        lookup: draft up to this many tokens from n-grams of the prompt and reply instead (0: off)."""
         if threads:
             torch.set_num_threads(threads)
+        if draft and lookup:
+            raise ValueError("--draft and --lookup are two ways of drafting tokens; give one of them")
         checkpoint = open_checkpoint(path, lora)
         self._attach(build_model(checkpoint, dtype, device), checkpoint.load_tokenizer(), checkpoint.path,
                      checkpoint.format)
+        if draft:
+            self.drafter = open_draft(draft, self.path, self.tokenizer, self.config.max_position, dtype, device)
+        elif lookup:
+            self.drafter = PromptLookup(lookup)
 
     @classmethod
     def from_model(cls, model, tokenizer, path: str | Path = "memory", format: str = "memory") -> Pipeline:
@@ -195,6 +205,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.config = model.config
         self.stop_ids = frozenset(tokenizer.eos_ids) | frozenset(self.config.eos_token_ids)
+        self.drafter: Drafter | None = None  # speculative decoding (speculative.py): None decodes one token a step
 
     @functools.cached_property
     def vocabulary(self) -> Vocabulary:
@@ -210,7 +221,7 @@ class Pipeline:
 
     def _tokens(self, prompt: list[int], sampling: dict[str, Any], grammar: str | None = None) -> Iterator[int]:
         return generate(self.model, prompt, SamplingParams(**sampling), self.stop_ids, self.tokenizer.vocab_size,
-                        self.token_mask(grammar))
+                        self.token_mask(grammar), self.drafter)
 
     def chat(self, messages: Sequence[MessageLike], *, tools: Sequence[Mapping[str, Any]] | None = None,
              stream: bool = False, stop: Sequence[str] = (), template_kwargs: Mapping[str, Any] | None = None,

@@ -1,0 +1,166 @@
+"""Speculative decoding: drafts as llama-cpp-python's prompt lookup makes them, greedy replies identical to plain
+decoding, sampled replies distributed as plain ones (the rejection rule), rejected rows never cached as content."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chatglm import load_model
+from chatglm.engine import BatchEngine, Sampler, SamplingParams, generate
+from chatglm.speculative import DraftModel, PromptLookup, verify
+
+from checkpoints import tiny_llama
+from patience import PATIENCE
+
+PROMPT = [5, 9, 31, 2, 77, 5, 9, 31, 40, 41, 42, 43, 5, 9]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("target")
+    tiny_llama(layers=2).save_pretrained(folder)
+    return load_model(folder, dtype="f32")
+
+
+@pytest.fixture(scope="module")
+def tiny_draft(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("draft")
+    tiny_llama(layers=1, seed=1).save_pretrained(folder)
+    return load_model(folder, dtype="f32")
+
+
+class Scripted:
+    """Drafts a fixed run of tokens whatever the history (most of them wrong): exercises every rejection."""
+
+    def __init__(self, tokens):
+        self.tokens, self.calls = list(tokens), 0
+
+    def draft(self, history, limit):
+        self.calls += 1
+        return self.tokens[:limit]
+
+
+def test_lookup_drafts_as_llama_cpp_python(llama_cpp):
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    rng = np.random.default_rng(0)
+    ours, theirs = PromptLookup(tokens=10, max_ngram=2), LlamaPromptLookupDecoding(max_ngram_size=2, num_pred_tokens=10)
+    found = 0
+    for _ in range(300):
+        ids = rng.integers(0, 6, size=int(rng.integers(2, 40))).astype(np.intc)
+        expected = theirs(ids).tolist()
+        assert PromptLookup(10, 2).draft(ids.tolist(), 10) == expected == ours.draft(list(ids), 10)
+        found += bool(expected)
+    assert found > 100  # most histories of six symbols repeat their last pair
+    assert ours.draft([1, 2, 3, 4, 1, 2], 3) == [3, 4, 1] and ours.draft([7, 8, 9], 5) == []
+
+
+def test_greedy_with_drafts_is_the_plain_reply(tiny, tiny_draft):
+    params = dict(do_sample=False, max_new_tokens=40)
+    plain = list(generate(tiny, PROMPT, SamplingParams(**params)))
+    assert len(plain) == 40
+    for drafter in (PromptLookup(), Scripted([5, 9, 31, 7, 7, 7]), DraftModel(tiny_draft, 128), DraftModel(tiny, 128)):
+        assert list(generate(tiny, PROMPT, SamplingParams(**params), drafter=drafter)) == plain, drafter
+
+
+def test_drafts_stop_at_stop_ids_and_budget(tiny):
+    plain = list(generate(tiny, PROMPT, SamplingParams(do_sample=False, max_new_tokens=30)))
+    stop = plain[7]
+    first = plain.index(stop)
+    echo = Scripted(plain[1:] * 2)  # the true continuation from the start: long accepted runs
+    out = list(generate(tiny, PROMPT, SamplingParams(do_sample=False, max_new_tokens=30), {stop}, drafter=echo))
+    assert out == plain[:first]
+    for n in (1, 2, 5, 11):
+        out = list(generate(tiny, PROMPT, SamplingParams(do_sample=False, max_new_tokens=n), drafter=PromptLookup()))
+        assert out == plain[:n]
+
+
+class Forbid:
+    """A token mask that forbids a set of ids (the grammar stage's interface)."""
+
+    def __init__(self, ids):
+        self.ids, self.seen = list(ids), []
+
+    def apply(self, logits):
+        return logits.index_fill(0, torch.tensor(self.ids), float("-inf"))
+
+    def accept(self, token):
+        self.seen.append(token)
+
+
+def test_greedy_through_a_mask_and_penalties_is_the_plain_reply(tiny):
+    params = dict(do_sample=False, max_new_tokens=30, repetition_penalty=1.2, presence_penalty=0.4,
+                  frequency_penalty=0.3)
+    plain_mask, spec_mask = Forbid(range(10, 60)), Forbid(range(10, 60))
+    plain = list(generate(tiny, PROMPT, SamplingParams(**params), mask=plain_mask))
+    spec = list(generate(tiny, PROMPT, SamplingParams(**params), mask=spec_mask, drafter=Scripted(plain[1:])))
+    assert spec == plain and spec_mask.seen == plain_mask.seen == plain
+
+
+def test_sampled_first_two_tokens_are_distributed_as_plain_sampling(tiny):
+    """Exact p(t1) p(t2 | t1) from the plain sampler's own transformations against 2,000 speculative draws."""
+    stats = pytest.importorskip("scipy.stats")
+    params = dict(temperature=0.9, top_k=4, top_p=0.95, repetition_penalty=1.3, presence_penalty=0.5)
+    device = tiny.device
+    prompt = PROMPT
+    cache = tiny.new_cache(1, 64)
+    slot = torch.zeros(1, dtype=torch.long)
+    head = tiny(torch.tensor([prompt[:-1]]), torch.arange(len(prompt) - 1)[None], cache, slot)
+    assert head.shape[1] == len(prompt) - 1
+
+    def logits_after(extra):
+        ids = torch.tensor([prompt[-1:] + extra], device=device)
+        pos = torch.arange(len(prompt) - 1, len(prompt) + len(extra), device=device)[None]
+        return tiny(ids, pos, cache, slot)[0, -1]
+
+    reference = Sampler(SamplingParams(**params))
+    p1 = reference.probabilities(reference.penalized(logits_after([]), prompt))
+    p1 = p1 / p1.sum()
+    firsts = torch.nonzero(p1).flatten().tolist()
+    exact = {}
+    for a in firsts:
+        follow = Sampler(SamplingParams(**params))
+        follow.record(a, p1)
+        p2 = follow.probabilities(follow.penalized(logits_after([a]), prompt + [a]))
+        for b, q in enumerate((p2 / p2.sum()).tolist()):
+            if q > 0:
+                exact[(a, b)] = float(p1[a]) * q
+    ranked = sorted(firsts, key=lambda a: -float(p1[a]))
+    drafts = [ranked[1], ranked[0]]  # a likely-rejected first draft, so both branches of the rule run
+
+    counts: dict[tuple[int, int], int] = {}
+    n = 2000
+    for seed in range(n):
+        sampler = Sampler(SamplingParams(seed=seed, **params))
+        out = verify(tiny, cache, 0, list(prompt), drafts, sampler, frozenset())
+        if len(out) == 1:  # the first draft was rejected: the second token comes from a plain step
+            out.append(sampler(logits_after(out), prompt + out))
+        pair = (out[0], out[1])
+        counts[pair] = counts.get(pair, 0) + 1
+    assert set(counts) <= set(exact)
+    cells = sorted(exact, key=lambda c: -exact[c])
+    expected = np.array([exact[c] * n for c in cells])
+    observed = np.array([counts.get(c, 0) for c in cells], dtype=float)
+    big = expected >= 5  # pool the rare pairs into one cell
+    if not big.all():
+        observed = np.append(observed[big], observed[~big].sum())
+        expected = np.append(expected[big], expected[~big].sum())
+    assert stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
+    first_observed = np.array([sum(v for (a, _), v in counts.items() if a == f) for f in ranked], dtype=float)
+    first_expected = np.array([float(p1[f]) * n for f in ranked])
+    assert stats.chisquare(first_observed, first_expected).pvalue > 1e-3
+    assert 0.05 < first_observed[1] / n < 0.95  # the rejection branch really ran, often
+
+
+def test_default_model_greedy_with_lookup_is_the_plain_reply(default_gguf):
+    from chatglm import Pipeline
+
+    pipe = Pipeline(default_gguf)
+    text = ("Rewrite this paragraph fixing the typos: The quick brwon fox jumpd over the lazy dog. It was a "
+            "sunny day and the fox was verry happy to be outsid in the feilds, running and jumping all day long.")
+    messages = [{"role": "user", "content": text}]
+    plain = pipe.chat(messages, do_sample=False, max_new_tokens=64).content
+    pipe.drafter = PromptLookup(10)
+    fast = pipe.chat(messages, do_sample=False, max_new_tokens=64).content
+    assert fast == plain and "quick brown fox" in plain
