@@ -163,4 +163,4 @@ def test_default_model_greedy_with_lookup_is_the_plain_reply(default_gguf):
     plain = pipe.chat(messages, do_sample=False, max_new_tokens=64).content
     pipe.drafter = PromptLookup(10)
     fast = pipe.chat(messages, do_sample=False, max_new_tokens=64).content
-    assert fast == plain and "quick brown fox" in plain
+    assert fast == plain and "lazy dog" in plain  # the reply copies the paragraph: drafts were accepted
