@@ -16,7 +16,7 @@ import torch
 
 from .errors import ChatGLMError
 from .kv_cache import BLOCK_SIZE, default_budget
-from .speculative import Drafter, verify
+from .speculative import Drafter, accepted, verify
 
 log = logging.getLogger("chatglm")
 
@@ -284,8 +284,9 @@ class BatchEngine:
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int | None = None,
                  kv_memory: int | None = None, kv_dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE,
-                 share_prefixes: bool = True, prefill_chunk: int = PREFILL_CHUNK):
+                 share_prefixes: bool = True, prefill_chunk: int = PREFILL_CHUNK, drafter: Drafter | None = None):
         self.model = model
+        self.drafter = drafter  # drafts checked in one forward while a single sequence runs (speculative.py)
         self.prefill_chunk = prefill_chunk
         self.share = share_prefixes and model.prefix_reusable  # GLM v1's two-way context changes earlier states
         self.context = min(context or model.config.max_position, model.config.max_position)
@@ -297,7 +298,8 @@ class BatchEngine:
         self.lock = threading.Condition()
         self.closed = False
         self.stats = {"requests": 0, "tokens": 0, "batch_size": 0, "prefill_tokens": 0, "reused_tokens": 0,
-                      "pool_short": 0, "peak_blocks": 0, "prefix_lookups": 0, "prefix_hit_blocks": 0}
+                      "pool_short": 0, "peak_blocks": 0, "prefix_lookups": 0, "prefix_hit_blocks": 0,
+                      "drafted_tokens": 0, "accepted_tokens": 0}
         self._siblings: dict[int, list[int]] = {}
         self.thread = threading.Thread(target=self._run, name="chatglm-batch", daemon=True)
         self.thread.start()
@@ -516,6 +518,8 @@ class BatchEngine:
             return
         self.stats["batch_size"] = len(running)
         self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.cache.in_use())
+        if len(running) == 1 and self.drafter is not None and self._speculate(self.slots[running[0]]):
+            return
         device = self.model.device
         last = [self.slots[i].cached[-1] for i in running]
         pos = [len(self.slots[i].cached) - 1 for i in running]
@@ -526,12 +530,36 @@ class BatchEngine:
                 self.cache.commit(i, self.slots[i].cached)
             self._accept(self.slots[i], logits[row])
 
+    def _speculate(self, slot: _Slot) -> bool:
+        """The one running sequence's drafts checked in one forward; False (nothing done) when there are none.
+        Only the accepted tokens are committed to the prefix index: rows of rejected ones are never shared."""
+        request = slot.request
+        if request.params.logprobs is not None:  # reported one step at a time
+            return False
+        drafts = self.drafter.draft(slot.cached, slot.budget - len(request.generated) - 1)
+        if not drafts or not self.cache.grow(slot.index, len(slot.cached) + len(drafts)):
+            return False
+        tokens = verify(self.model, self.cache, slot.index, slot.cached, drafts, request.sampler, request.stop_ids)
+        self.stats["drafted_tokens"] += len(drafts)
+        self.stats["accepted_tokens"] += accepted(tokens, drafts)
+        if self.share:
+            self.cache.commit(slot.index, slot.cached + tokens[:-1])
+        for token in tokens:
+            if slot.request is not None:
+                self._emit(slot, token)
+        return True
+
     def _accept(self, slot: _Slot, logits: torch.Tensor) -> None:
         """Sample the next token of a slot's request from its logits, emit it or finish."""
         request = slot.request
         token = request.sampler(logits, slot.cached)  # the prompt and the reply so far, without a copy
         if request.sampler.last_logprob is not None:  # the stop token's too, last (legacy completions show it)
             request.logprobs.append(request.sampler.last_logprob)
+        self._emit(slot, token)
+
+    def _emit(self, slot: _Slot, token: int) -> None:
+        """Hand a slot's next token to its request, or finish at a stop id or the token budget."""
+        request = slot.request
         if token in request.stop_ids:
             self._finish(slot, "stop")
             return

@@ -149,3 +149,11 @@ def verify(model, cache, slot: int, history: list[int], drafts: Sequence[int], s
         if token != draft or token in stop_ids:
             return out
     return out
+
+
+def accepted(tokens: Sequence[int], drafts: Sequence[int]) -> int:
+    """How many drafts `verify` accepted: the run of its tokens that equals them."""
+    n = 0
+    while n < min(len(tokens), len(drafts)) and tokens[n] == drafts[n]:
+        n += 1
+    return n

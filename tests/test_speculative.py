@@ -164,3 +164,46 @@ def test_default_model_greedy_with_lookup_is_the_plain_reply(default_gguf):
     pipe.drafter = PromptLookup(10)
     fast = pipe.chat(messages, do_sample=False, max_new_tokens=64).content
     assert fast == plain and "lazy dog" in plain  # the reply copies the paragraph: drafts were accepted
+
+
+def _engine_reply(engine, prompt, **params):
+    request = engine.submit(prompt, SamplingParams(do_sample=False, **params))
+    return list(request), request
+
+
+def test_batch_engine_drafts_keep_replies_and_never_cache_rejected_rows(tiny):
+    """Block size 4 fills many blocks; scripted drafts are mostly wrong, so rejected rows sit in blocks that
+    later fill with accepted tokens. Every block the pool indexes must hold what a plain prefill writes."""
+    plain = list(generate(tiny, PROMPT, SamplingParams(do_sample=False, max_new_tokens=40)))
+    drafter = Scripted([3, 3, 3, 3, 3])
+    engine = BatchEngine(tiny, max_batch=2, context=128, block_size=4, drafter=drafter)
+    try:
+        reply, request = _engine_reply(engine, PROMPT, max_new_tokens=40)
+        assert reply == plain and request.finish_reason == "length" and drafter.calls > 10
+        assert engine.stats["drafted_tokens"] > engine.stats["accepted_tokens"]  # rejections happened
+        tokens = PROMPT + reply
+        reference = tiny.new_cache(1, len(tokens), block_size=4)
+        tiny(torch.tensor([tokens]), torch.arange(len(tokens))[None], reference, torch.zeros(1, dtype=torch.long))
+        chain = list(engine.cache.hashes(tokens, len(tokens) - 1))  # the last token's row is never written
+        assert set(engine.cache.index) == set(chain)  # only blocks of accepted tokens are indexed
+        for k, digest in enumerate(chain):
+            mine, theirs = engine.cache.kv[:, :, :, engine.cache.index[digest]], reference.kv[:, :, :, reference.tables[0, k]]
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+        # a follow-up turn takes those blocks as its prefix and continues as plain decoding does
+        follow = tokens + [7, 8]
+        again, _ = _engine_reply(engine, follow, max_new_tokens=12)
+        assert engine.stats["prefix_hit_blocks"] >= len(chain) - 1
+        assert again == list(generate(tiny, follow, SamplingParams(do_sample=False, max_new_tokens=12)))
+    finally:
+        engine.close()
+
+
+def test_batch_engine_lookup_and_draft_model_replies_are_plain(tiny, tiny_draft):
+    for drafter in (PromptLookup(), DraftModel(tiny_draft, 128)):
+        engine = BatchEngine(tiny, max_batch=2, context=128, drafter=drafter)
+        try:
+            for n in (1, 3, 30):
+                reply, _ = _engine_reply(engine, PROMPT, max_new_tokens=n)
+                assert reply == list(generate(tiny, PROMPT, SamplingParams(do_sample=False, max_new_tokens=n)))
+        finally:
+            engine.close()
