@@ -238,21 +238,23 @@ class Pipeline:
         response_format: OpenAI's ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
         {"name", "schema"}}``, enforced while decoding (grammar.py); a bad schema raises GrammarError.
         """
+        prompt, parser = self.chat_prompt(messages, tools, template_kwargs)
+        tokens = self._tokens(prompt, sampling, response_grammar(self.tokenizer.family, response_format))
+        reply = ChatStream(reply_text(tokens, self.tokenizer, stop, parser), parser)
+        return reply if stream else reply.message()
+
+    def chat_prompt(self, messages: Sequence[MessageLike], tools: Sequence[Mapping[str, Any]] | None = None,
+                    template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[int], ReplyParser | MarkupParser | None]:
+        """The prompt ids of a conversation in the family's chat format, and the parser its reply needs."""
         family = self.tokenizer.family
         functions, interpreter = read_tools(tools or ())
-        parser: ReplyParser | MarkupParser | None
         if family in TOOL_FAMILIES:
             names = [f["name"] for f in functions] + ([INTERPRETER] if interpreter else [])
             history = system_messages(family, functions, interpreter) + as_messages(list(messages))
-            prompt = self.tokenizer.encode_chat(model_messages(family, history))
-            parser = ReplyParser(family, names)
-        elif interpreter:
+            return self.tokenizer.encode_chat(model_messages(family, history)), ReplyParser(family, names)
+        if interpreter:
             raise ChatFormatError(f"the code interpreter needs a ChatGLM3 model; this one is of family {family!r}")
-        else:
-            prompt, parser = template_chat(self.tokenizer, messages, functions, template_kwargs or {})
-        tokens = self._tokens(prompt, sampling, response_grammar(family, response_format))
-        reply = ChatStream(reply_text(tokens, self.tokenizer, stop, parser), parser)
-        return reply if stream else reply.message()
+        return template_chat(self.tokenizer, messages, functions, template_kwargs or {})
 
     def generate(self, prompt: str, *, stream: bool = False, stop: Sequence[str] = (), parse_special: bool | None = None,
                  response_format: Mapping[str, Any] | None = None, **sampling) -> str | Iterator[str]:

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 LOOKUP_TOKENS = 10  # drafted tokens at most per step (llama-cpp-python's num_pred_tokens)
 LOOKUP_NGRAM = 2    # longest n-gram looked up; shorter ones are tried next, down to one token
+# Rows a verifying forward takes at most: the ggml kernels take up to 4 activation rows through the decode step's
+# per-block path (DECODE_ROWS in kernels/csrc/ggml_kernels.cpp), whose rows round exactly as a one-row step;
+# more rows take the prompt's tiled path, which rounds differently and flipped near-ties of the default model.
+VERIFY_ROWS = 4
 DRAFT_TOKENS = 5    # tokens a draft model proposes per step (llama.cpp's --draft-max is 16; small models err early)
 
 
@@ -128,26 +132,34 @@ def resolve(probs: torch.Tensor, draft: int, generator: torch.Generator) -> int:
 
 def verify(model, cache, slot: int, history: list[int], drafts: Sequence[int], sampler: "Sampler",
            stop_ids: frozenset[int] | set[int]) -> list[int]:
-    """Score the last token of `history` (its keys and values not yet written) and `drafts` at their positions in
-    one forward of the target; return the accepted drafts and one token more, ending early at a stop id.
-    The caller has checked that the cache holds rows up to len(history) + len(drafts) - 1."""
+    """Score the last token of `history` (its keys and values not yet written) and `drafts` at their positions
+    in the target; return the accepted drafts and one token more, ending early at a stop id. The caller has
+    checked that the cache holds rows up to len(history) + len(drafts) - 1.
+
+    The tokens go as one-token rows of the same sequence (a decode step's batch; every layer writes all their
+    keys and values before any row attends, so each row sees the ones before it), VERIFY_ROWS rows a forward,
+    so the arithmetic is the plain decode step's and greedy replies match it exactly. A later forward runs
+    only while every draft so far was accepted.
+    """
     device = model.device
-    start = len(history) - 1
-    ids = torch.tensor([[history[-1], *drafts]], device=device)
-    pos = torch.arange(start, start + len(drafts) + 1, device=device)[None]
-    rows = model(ids, pos, cache, torch.tensor([slot], device=device))[0]
+    tokens = [history[-1], *drafts]
     out: list[int] = []
-    for i, logits in enumerate(rows):
-        shaped = sampler.penalized(logits, history + out if out else history)
-        draft = drafts[i] if i < len(drafts) else None
-        if draft is None or sampler.params.greedy:  # greedy: the argmax, accepted when the draft is it
-            token = sampler.pick(shaped)
-        else:
-            token = resolve(sampler.probabilities(shaped), draft, sampler.generator)
-        sampler.record(token, logits)
-        out.append(token)
-        if token != draft or token in stop_ids:
-            return out
+    for first in range(0, len(tokens), VERIFY_ROWS):
+        chunk = tokens[first: first + VERIFY_ROWS]
+        ids = torch.tensor(chunk, device=device)[:, None]
+        pos = torch.arange(len(history) - 1 + first, len(history) - 1 + first + len(chunk), device=device)[:, None]
+        rows = model(ids, pos, cache, torch.full((len(chunk),), slot, device=device))[:, -1]
+        for i, logits in enumerate(rows, first):
+            shaped = sampler.penalized(logits, history + out if out else history)
+            draft = drafts[i] if i < len(drafts) else None
+            if draft is None or sampler.params.greedy:  # greedy: the argmax, accepted when the draft is it
+                token = sampler.pick(shaped)
+            else:
+                token = resolve(sampler.probabilities(shaped), draft, sampler.generator)
+            sampler.record(token, logits)
+            out.append(token)
+            if token != draft or token in stop_ids:
+                return out
     return out
 
 
