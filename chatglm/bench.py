@@ -158,8 +158,10 @@ def bench_llama_cpp_lookup(path: str, threads: int, prompt: list[int], new_token
     import llama_cpp
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
+    # logits_all=True with the draft: otherwise its score rows are sized by n_batch, too few (llama-cpp-python 0.3)
     engines = {name: llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new_tokens + lookup + 8, n_threads=threads,
                                      n_threads_batch=threads, n_batch=max(len(prompt), 8), verbose=False,
+                                     logits_all=name == "speculative",
                                      draft_model=LlamaPromptLookupDecoding(num_pred_tokens=lookup)
                                      if name == "speculative" else None)
                for name in ("plain", "speculative")}
