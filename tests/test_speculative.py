@@ -224,3 +224,35 @@ def test_batch_engine_lookup_and_draft_model_replies_are_plain(tiny, tiny_draft)
                 assert reply == list(generate(tiny, PROMPT, SamplingParams(do_sample=False, max_new_tokens=n)))
         finally:
             engine.close()
+
+
+def test_draft_with_another_vocabulary_is_refused_naming_both_files(tmp_path, default_gguf, shared_dir):
+    from chatglm import load_tokenizer
+    from chatglm.errors import ChatGLMError
+    from chatglm.speculative import open_draft
+    from chatglm.synthetic import synthetic_gguf
+
+    tiny_file = synthetic_gguf("chatglm-tiny", "q4_0", tmp_path)  # the default model's vocabulary
+    target = shared_dir / "tokenizers" / "chatglm3-6b" / "tokenizer.model"
+    chatglm3 = load_tokenizer(target, family="chatglm2")
+    with pytest.raises(ChatGLMError) as refused:
+        open_draft(tiny_file, target, chatglm3, 64)
+    assert str(tiny_file) in str(refused.value) and str(target) in str(refused.value)
+    same = open_draft(tiny_file, default_gguf, load_tokenizer(default_gguf), 64)  # the same vocabulary: taken
+    assert same.draft([5, 6, 7], 3) and same.model.config.num_layers == 2
+
+
+def test_bench_prompt_file_against_llama_cpp_python(default_gguf, llama_cpp):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    prompt = Path(__file__).resolve().parents[1] / "bench" / "prompts" / "edit_typos.txt"
+    proc = subprocess.run([sys.executable, "-m", "chatglm", "bench", "--prompt-file", str(prompt), "--new-tokens",
+                           "24", "--rounds", "1", "--compare", "llama.cpp", "--json"], capture_output=True, text=True,
+                          timeout=PATIENCE)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["plain_tok_s"] > 0 and result["speculative_tok_s"] > 0 and 0 < result["acceptance"] <= 1
+    assert result["llama_cpp"]["speculative_tok_s"] > 0 and result["prompt_tokens"] > 100
