@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,7 @@ def bench_speculative(args: argparse.Namespace) -> dict[str, Any]:
                 acceptance.append((len(reply) - 1 - counted.calls) / counted.drafted)
     if replies["plain"] != replies["speculative"]:
         raise RuntimeError("speculative decoding changed the greedy reply: a bug, please report it")
-    plain, spec = (sorted(v[1:])[len(v[1:]) // 2] for v in runs.values())
+    plain, spec = (statistics.median(v[1:]) for v in runs.values())  # the first round warmed up
     out = {"engine": "chatglm", "prompt_file": args.prompt_file, "prompt_tokens": len(prompt),
            "new_tokens": len(replies["plain"]), "drafter": f"draft {args.draft}" if args.draft else
            f"lookup {drafter.tokens}", "plain_tok_s": round(plain, 2), "speculative_tok_s": round(spec, 2),
@@ -172,7 +173,7 @@ def bench_llama_cpp_lookup(path: str, threads: int, prompt: list[int], new_token
             tokens = llm.generate(prompt, temp=0.0, top_k=1, reset=True)
             reply, seconds = timed_decode(_until_eos(tokens, llm.token_eos(), new_tokens))
             runs[name].append((len(reply) - 1) / seconds if seconds else 0.0)
-    plain, spec = (sorted(v[1:])[len(v[1:]) // 2] for v in runs.values())
+    plain, spec = (statistics.median(v[1:]) for v in runs.values())  # the first round warmed up
     return {"engine": "llama-cpp-python", "plain_tok_s": round(plain, 2), "speculative_tok_s": round(spec, 2),
             "speedup": round(spec / plain, 3), "lookup": lookup}
 
