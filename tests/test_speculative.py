@@ -256,3 +256,24 @@ def test_bench_prompt_file_against_llama_cpp_python(default_gguf, llama_cpp):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["plain_tok_s"] > 0 and result["speculative_tok_s"] > 0 and 0 < result["acceptance"] <= 1
     assert result["llama_cpp"]["speculative_tok_s"] > 0 and result["prompt_tokens"] > 100
+
+
+def test_glm_v1_and_alibi_greedy_with_drafts_is_the_plain_reply(tmp_path):
+    """The families with their own positions: GLM v1's 2D ones counting on from <sop>, Baichuan's ALiBi bias."""
+    from checkpoints import write_folder
+    from test_models import GLM_CONFIG, GLM_NAMES, GLM_SIZES, baichuan_state
+    from test_paged_cache import random_state
+
+    glm = load_model(write_folder(tmp_path / "glm", dict(GLM_CONFIG, max_sequence_length=64),
+                                  random_state(GLM_NAMES, GLM_SIZES, 3)), dtype="f32")
+    cfg = {"model_type": "baichuan", "hidden_size": 48, "intermediate_size": 64, "num_attention_heads": 6,
+           "num_hidden_layers": 2, "rms_norm_eps": 1e-6, "vocab_size": 96, "model_max_length": 64,
+           "torch_dtype": "float32"}
+    alibi = load_model(write_folder(tmp_path / "alibi", cfg, baichuan_state(vocab=96, hidden=48, layers=2, ffn=64,
+                                                                            seed=4)), dtype="f32")
+    assert alibi.config.extra["alibi"]
+    params = dict(do_sample=False, max_new_tokens=30)
+    for model, prompt in ((glm, [4, 4, 3, 0, 0, 3, 1, 2]), (alibi, PROMPT)):  # GLM's ends with [gMASK] <sop>
+        plain = list(generate(model, prompt, SamplingParams(**params)))
+        for drafter in (PromptLookup(), Scripted([3, 4, 0, 4])):
+            assert list(generate(model, prompt, SamplingParams(**params), drafter=drafter)) == plain
