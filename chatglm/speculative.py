@@ -1,7 +1,7 @@
 """Speculative decoding: cheap drafts of the next tokens, checked by the target model in one forward.
 
-One token at a time cannot read the weights faster than memory allows; a forward over the last token and k
-drafted ones reads them once and scores all k+1 positions. Two drafters, as llama.cpp offers them:
+One token at a time cannot read the weights faster than memory allows; a forward over the last token and
+drafted ones reads them once and scores every position (up to VERIFY_ROWS a forward, see there). Two drafters, as llama.cpp offers them:
 `PromptLookup` (the tokens that followed an earlier occurrence of the text's last n-gram, as llama.cpp's
 ``--lookup``, llama-cpp-python's LlamaPromptLookupDecoding and transformers' prompt_lookup_num_tokens) and
 `DraftModel` (a small model over the same vocabulary, ``--draft``). Both propose deterministically (q is a
