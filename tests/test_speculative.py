@@ -277,3 +277,16 @@ def test_glm_v1_and_alibi_greedy_with_drafts_is_the_plain_reply(tmp_path):
         plain = list(generate(model, prompt, SamplingParams(**params)))
         for drafter in (PromptLookup(), Scripted([3, 4, 0, 4])):
             assert list(generate(model, prompt, SamplingParams(**params), drafter=drafter)) == plain
+
+
+def test_chat_flags_reach_the_pipeline(default_gguf, capsys):
+    from chatglm.cli import main
+
+    assert main(["chat", "--lookup", "5", "--draft", str(default_gguf), "-p", "hi"]) == 1
+    assert "--draft and --lookup" in capsys.readouterr().err
+    assert main(["chat", "--lookup", "-2", "-p", "hi"]) == 1
+    assert "--lookup must be at least 1" in capsys.readouterr().err
+    args = ["chat", "--temp", "0", "--max-new-tokens", "24", "-p", "Repeat exactly: the cat sat on the mat."]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--lookup", "8"]) == 0 and capsys.readouterr().out == plain and "cat" in plain
