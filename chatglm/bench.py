@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,111 @@ def bench_llama_cpp(path: str, threads: int, prompt_tokens: int, new_tokens: int
             "decode_tok_s": round(new_tokens / decode_s, 2)}
 
 
+class CountedDrafter:
+    """Counts what a drafter proposes: one call per target forward, so accepted = tokens - 1 - calls."""
+
+    def __init__(self, drafter):
+        self.drafter, self.calls, self.drafted = drafter, 0, 0
+
+    def draft(self, history, limit: int) -> list[int]:
+        out = self.drafter.draft(history, limit)
+        self.calls += 1
+        self.drafted += len(out)
+        return out
+
+
+def timed_decode(tokens) -> tuple[list[int], float]:
+    """Run a token generator to its end: the tokens, and the seconds from the first token to the last."""
+    out, start = [], 0.0
+    for token in tokens:
+        if not out:
+            start = time.perf_counter()
+        out.append(token)
+    return out, time.perf_counter() - start
+
+
+def bench_speculative(args: argparse.Namespace) -> dict[str, Any]:
+    """Greedy replies to a real prompt, plain and with drafts, alternating: decode tok/s, the speed-up, the
+    share of drafted tokens accepted; the replies must be equal (speculation changes speed, never text)."""
+    from .engine import SamplingParams, generate
+    from .pipeline import Pipeline
+    from .speculative import PromptLookup, open_draft
+
+    pipe = Pipeline(args.model, dtype=args.dtype, device=args.device)
+    text = Path(args.prompt_file).read_text(encoding="utf-8")
+    prompt, _ = pipe.chat_prompt([{"role": "user", "content": text}])
+    if args.draft:
+        drafter = open_draft(args.draft, pipe.path, pipe.tokenizer, len(prompt) + args.new_tokens + 1, args.dtype,
+                             args.device)
+    else:
+        drafter = PromptLookup(args.lookup or 10)
+    params = SamplingParams(do_sample=False, max_new_tokens=args.new_tokens)
+    runs: dict[str, list[float]] = {"plain": [], "speculative": []}
+    replies, acceptance = {}, []
+    for _ in range(args.rounds + 1):  # the first round warms up and is not counted
+        for name in runs:
+            counted = CountedDrafter(drafter) if name == "speculative" else None
+            reply, seconds = timed_decode(generate(pipe.model, prompt, params, pipe.stop_ids,
+                                                   pipe.tokenizer.vocab_size, drafter=counted))
+            replies[name] = reply
+            runs[name].append((len(reply) - 1) / seconds if seconds else 0.0)
+            if counted is not None and counted.drafted:
+                acceptance.append((len(reply) - 1 - counted.calls) / counted.drafted)
+    if replies["plain"] != replies["speculative"]:
+        raise RuntimeError("speculative decoding changed the greedy reply: a bug, please report it")
+    plain, spec = (statistics.median(v[1:]) for v in runs.values())  # the first round warmed up
+    out = {"engine": "chatglm", "prompt_file": args.prompt_file, "prompt_tokens": len(prompt),
+           "new_tokens": len(replies["plain"]), "drafter": f"draft {args.draft}" if args.draft else
+           f"lookup {drafter.tokens}", "plain_tok_s": round(plain, 2), "speculative_tok_s": round(spec, 2),
+           "speedup": round(spec / plain, 3), "acceptance": round(sum(acceptance) / len(acceptance), 3)
+           if acceptance else None, "threads": torch.get_num_threads()}
+    if args.compare == "llama.cpp":
+        from .loaders import resolve_path
+
+        if args.draft:
+            raise ValueError("--compare llama.cpp with --prompt-file measures prompt lookup (--lookup), not --draft")
+        out["llama_cpp"] = bench_llama_cpp_lookup(str(resolve_path(pipe.path)), torch.get_num_threads(), prompt,
+                                                  args.new_tokens, args.lookup or 10, args.rounds)
+    return out
+
+
+def bench_llama_cpp_lookup(path: str, threads: int, prompt: list[int], new_tokens: int, lookup: int,
+                           rounds: int) -> dict[str, Any]:
+    """llama-cpp-python greedy on the same prompt ids, plain and with LlamaPromptLookupDecoding, alternating."""
+    import llama_cpp
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    # logits_all=True with the draft: otherwise its score rows are sized by n_batch, too few (llama-cpp-python 0.3)
+    engines = {name: llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new_tokens + lookup + 8, n_threads=threads,
+                                     n_threads_batch=threads, n_batch=max(len(prompt), 8), verbose=False,
+                                     logits_all=name == "speculative",
+                                     draft_model=LlamaPromptLookupDecoding(num_pred_tokens=lookup)
+                                     if name == "speculative" else None)
+               for name in ("plain", "speculative")}
+    runs: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds + 1):
+        for name, llm in engines.items():
+            llm.reset()
+            tokens = llm.generate(prompt, temp=0.0, top_k=1, reset=True)
+            reply, seconds = timed_decode(_until_eos(tokens, llm.token_eos(), new_tokens))
+            runs[name].append((len(reply) - 1) / seconds if seconds else 0.0)
+    plain, spec = (statistics.median(v[1:]) for v in runs.values())  # the first round warmed up
+    return {"engine": "llama-cpp-python", "plain_tok_s": round(plain, 2), "speculative_tok_s": round(spec, 2),
+            "speedup": round(spec / plain, 3), "lookup": lookup}
+
+
+def _until_eos(tokens, eos: int, limit: int):
+    for _, token in zip(range(limit), tokens):
+        if token == eos:
+            return
+        yield token
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.prompt_file:
+        return print_speculative(bench_speculative(args), args.json)
     path = args.model
     if args.synthetic:
         from .synthetic import synthetic_file
@@ -121,6 +224,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_speculative(result: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['prompt_file']}: {result['prompt_tokens']} prompt tokens, {result['new_tokens']} new, greedy, "
+          f"threads {result['threads']}, {result['drafter']}")
+    print(f"chatglm           plain {result['plain_tok_s']:.1f} tok/s  speculative {result['speculative_tok_s']:.1f} "
+          f"tok/s  {result['speedup']:.2f}x  acceptance {result['acceptance']}")
+    if "llama_cpp" in result:
+        p = result["llama_cpp"]
+        print(f"llama-cpp-python  plain {p['plain_tok_s']:.1f} tok/s  speculative {p['speculative_tok_s']:.1f} "
+              f"tok/s  {p['speedup']:.2f}x (LlamaPromptLookupDecoding, {p['lookup']} tokens)")
+        print(f"ratio             speculative {result['speculative_tok_s'] / p['speculative_tok_s']:.2f}x")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure load, prefill and decode speed")
     p.add_argument("-m", "--model", default="default")
@@ -139,5 +258,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--synthetic-layers", type=int, default=None,
                    help="the synthetic shape's widths with this many layers (per-layer speed from a small file)")
     p.add_argument("--synthetic-dir", default=str(Path.home() / ".cache" / "chatglm"), help="where synthetic files go")
+    p.add_argument("--prompt-file", default=None, metavar="F",
+                   help="speculative decoding on this real prompt (a user message): decode tok/s plain and with "
+                        "drafts, alternating, and the share of drafts accepted; --compare llama.cpp adds "
+                        "llama-cpp-python's prompt-lookup decoding")
+    p.add_argument("--lookup", type=int, default=0, metavar="N", help="with --prompt-file: drafts of N tokens (10)")
+    p.add_argument("--draft", default=None, metavar="MODEL", help="with --prompt-file: a draft model instead")
+    p.add_argument("--rounds", type=int, default=3, help="with --prompt-file: measured rounds of each (median)")
     p.set_defaults(func=cmd_bench)
 

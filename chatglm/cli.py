@@ -52,7 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import KVSettings
 
     kv = KVSettings.from_flags(args.kv_memory, args.ctx, args.kv_type)
-    pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+    pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads, draft=args.draft,
+                    lookup=args.lookup)
     app = create_app(pipe, api_key=args.api_key, cors_origins=args.cors_origins, max_batch=args.max_batch,
                      max_queue=args.max_queue, embedding_model=args.embedding_model, kv=kv)
     engine = app.state.server.engine
@@ -70,6 +71,15 @@ def _serve_replicas(args: argparse.Namespace) -> int:
         raise ChatGLMError(f"--replicas needs Ray Serve: pip install 'ray[serve]' ({e})") from None
     deploy(ReplicaPlan.from_options(vars(args)), args.host, args.port)
     return 0
+
+
+def _speculation_flags(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's names for speculative decoding (speculative.py)."""
+    p.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="prompt lookup decoding: draft up to N tokens from n-grams of the prompt and reply, checked "
+                        "in one forward (default 0: off)")
+    p.add_argument("--draft", default=None, metavar="MODEL",
+                   help="a smaller model with the same vocabulary drafts tokens the model checks in one forward")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default="cpu", help="cpu or cuda")
     chat.add_argument("--dtype", default="auto",
                       help="auto, f32, bf16, f16, or q4_0 q4_1 q5_0 q5_1 q8_0 to quantize a Hugging Face folder as it loads")
+    _speculation_flags(chat)
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="serve the OpenAI, ChatGLM and GLM APIs over HTTP")
@@ -144,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--routing", choices=["prefix", "balanced"], default="prefix",
                        help="with --replicas: send a conversation's turns to the replica holding its prefix (default), "
                             "or balance load only")
+    _speculation_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
     from .bench import add_parser as add_bench_parser

@@ -16,6 +16,7 @@ import torch
 
 from .errors import ChatGLMError
 from .kv_cache import BLOCK_SIZE, default_budget
+from .speculative import Drafter, accepted, verify
 
 log = logging.getLogger("chatglm")
 
@@ -147,19 +148,29 @@ class Sampler:
         return logits
 
     def __call__(self, logits: torch.Tensor, previous: Sequence[int]) -> int:
-        token = self._pick(self.penalized(logits, previous))
+        token = self.pick(self.penalized(logits, previous))
+        self.record(token, logits)
+        return token
+
+    def record(self, token: int, logits: torch.Tensor) -> None:
+        """Note a returned token (drawn here or accepted from a draft): penalty counts, grammar state, logprob."""
         if self.counts is not None:
             self.counts[token] += 1
         if self.mask is not None:
             self.mask.accept(token)
         if self.params.logprobs is not None:  # of the model's own distribution: before penalties and temperature
             self.last_logprob = logprobs(logits[None, : self.vocab_limit], [token], self.params.logprobs)[0]
-        return token
 
-    def _pick(self, logits: torch.Tensor) -> int:
-        p = self.params
-        if p.greedy:
+    def pick(self, logits: torch.Tensor) -> int:
+        """Draw from penalized logits (the argmax when greedy)."""
+        if self.params.greedy:
             return int(torch.argmax(logits))
+        return int(torch.multinomial(self.probabilities(logits), 1, generator=self.generator))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution a draw takes from penalized logits (temperature, top-k, top-p); drafts are judged
+        against the same one."""
+        p = self.params
         logits = logits / p.temperature
         if p.top_k and p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
@@ -171,12 +182,17 @@ class Sampler:
             drop = cumulative - sorted_probs > p.top_p  # keep the smallest set reaching top_p
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return probs
 
 
 def generate(model, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int] | set[int] = frozenset(),
-             vocab_limit: int | None = None, mask: TokenMask | None = None) -> Iterator[int]:
-    """Yield new token ids until a stop id (not yielded), the token budget or the caller stops."""
+             vocab_limit: int | None = None, mask: TokenMask | None = None,
+             drafter: Drafter | None = None) -> Iterator[int]:
+    """Yield new token ids until a stop id (not yielded), the token budget or the caller stops.
+
+    With a drafter (speculative.py), each step checks its drafts in one forward and yields the accepted ones
+    and one more token; the reply is the plain one (greedy) or distributed as the plain one (sampled).
+    """
     sampler = Sampler(params, vocab_limit, mask)
     new = budget(len(prompt), params, model.config.max_position)
     if new == 0:
@@ -187,18 +203,25 @@ def generate(model, prompt: Sequence[int], params: SamplingParams, stop_ids: fro
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     pos = torch.arange(len(prompt), device=device)[None]
     history = list(prompt)
-    logits = model(ids, pos, cache, slots, last_only=True)[0, -1]
-    for step in range(new):
-        token = sampler(logits, history)
-        if token in stop_ids:
-            return
-        yield token
-        if step + 1 == new:
-            return
-        history.append(token)
-        position = len(history) - 1
-        logits = model(torch.tensor([[token]], device=device), torch.tensor([[position]], device=device),
-                       cache, slots, last_only=True)[0, -1]
+    pending = [sampler(model(ids, pos, cache, slots, last_only=True)[0, -1], history)]
+    left = new
+    while True:
+        for token in pending:
+            if token in stop_ids:
+                return
+            yield token
+            left -= 1
+            if left == 0:
+                return
+            history.append(token)
+        drafts = drafter.draft(history, left - 1) if drafter is not None else []
+        if drafts:
+            pending = verify(model, cache, 0, history, drafts, sampler, stop_ids)
+        else:
+            position = len(history) - 1
+            logits = model(torch.tensor([[history[-1]]], device=device), torch.tensor([[position]], device=device),
+                           cache, slots, last_only=True)[0, -1]
+            pending = [sampler(logits, history)]
 
 
 PREFILL_CHUNK = 2048  # prompt tokens a forward at most: 8 prompts of 1,000 tokens at once took 1 GB of scratch
@@ -261,8 +284,9 @@ class BatchEngine:
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int | None = None,
                  kv_memory: int | None = None, kv_dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE,
-                 share_prefixes: bool = True, prefill_chunk: int = PREFILL_CHUNK):
+                 share_prefixes: bool = True, prefill_chunk: int = PREFILL_CHUNK, drafter: Drafter | None = None):
         self.model = model
+        self.drafter = drafter  # drafts checked in one forward while a single sequence runs (speculative.py)
         self.prefill_chunk = prefill_chunk
         self.share = share_prefixes and model.prefix_reusable  # GLM v1's two-way context changes earlier states
         self.context = min(context or model.config.max_position, model.config.max_position)
@@ -274,7 +298,8 @@ class BatchEngine:
         self.lock = threading.Condition()
         self.closed = False
         self.stats = {"requests": 0, "tokens": 0, "batch_size": 0, "prefill_tokens": 0, "reused_tokens": 0,
-                      "pool_short": 0, "peak_blocks": 0, "prefix_lookups": 0, "prefix_hit_blocks": 0}
+                      "pool_short": 0, "peak_blocks": 0, "prefix_lookups": 0, "prefix_hit_blocks": 0,
+                      "drafted_tokens": 0, "accepted_tokens": 0}
         self._siblings: dict[int, list[int]] = {}
         self.thread = threading.Thread(target=self._run, name="chatglm-batch", daemon=True)
         self.thread.start()
@@ -493,6 +518,8 @@ class BatchEngine:
             return
         self.stats["batch_size"] = len(running)
         self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.cache.in_use())
+        if len(running) == 1 and self.drafter is not None and self._speculate(self.slots[running[0]]):
+            return
         device = self.model.device
         last = [self.slots[i].cached[-1] for i in running]
         pos = [len(self.slots[i].cached) - 1 for i in running]
@@ -503,12 +530,36 @@ class BatchEngine:
                 self.cache.commit(i, self.slots[i].cached)
             self._accept(self.slots[i], logits[row])
 
+    def _speculate(self, slot: _Slot) -> bool:
+        """The one running sequence's drafts checked in one forward; False (nothing done) when there are none.
+        Only the accepted tokens are committed to the prefix index: rows of rejected ones are never shared."""
+        request = slot.request
+        if request.params.logprobs is not None:  # reported one step at a time
+            return False
+        drafts = self.drafter.draft(slot.cached, slot.budget - len(request.generated) - 1)
+        if not drafts or not self.cache.grow(slot.index, len(slot.cached) + len(drafts)):
+            return False
+        tokens = verify(self.model, self.cache, slot.index, slot.cached, drafts, request.sampler, request.stop_ids)
+        self.stats["drafted_tokens"] += len(drafts)
+        self.stats["accepted_tokens"] += accepted(tokens, drafts)
+        if self.share:
+            self.cache.commit(slot.index, slot.cached + tokens[:-1])
+        for token in tokens:
+            if slot.request is not None:
+                self._emit(slot, token)
+        return True
+
     def _accept(self, slot: _Slot, logits: torch.Tensor) -> None:
         """Sample the next token of a slot's request from its logits, emit it or finish."""
         request = slot.request
         token = request.sampler(logits, slot.cached)  # the prompt and the reply so far, without a copy
         if request.sampler.last_logprob is not None:  # the stop token's too, last (legacy completions show it)
             request.logprobs.append(request.sampler.last_logprob)
+        self._emit(slot, token)
+
+    def _emit(self, slot: _Slot, token: int) -> None:
+        """Hand a slot's next token to its request, or finish at a stop id or the token budget."""
+        request = slot.request
         if token in request.stop_ids:
             self._finish(slot, "stop")
             return

@@ -14,6 +14,7 @@ from .grammar import Vocabulary, response_grammar
 from .loaders import build_model, open_checkpoint
 from .markup import MarkupParser, Reasoning, markup_parser, openai_tools, takes_tools
 from .messages import ChatMessage, MessageLike, as_messages
+from .speculative import Drafter, PromptLookup, open_draft
 from .tools import INTERPRETER, TOOL_FAMILIES, ReplyParser, ToolCall, model_messages, read_tools, system_messages
 
 
@@ -174,12 +175,21 @@ class Pipeline:
     """Load once, then chat or complete; 'default' names the bundled SmolLM2 model."""
 
     def __init__(self, path: str | Path = "default", dtype: str = "auto", device: str = "cpu",
-                 threads: int | None = None, lora: str | Path | None = None):
+                 threads: int | None = None, lora: str | Path | None = None, draft: str | Path | None = None,
+                 lookup: int = 0):
+        """draft: a smaller model over the same vocabulary whose drafts the model checks (speculative decoding);
+        lookup: draft up to this many tokens from n-grams of the prompt and reply instead (0: off)."""
         if threads:
             torch.set_num_threads(threads)
+        if draft and lookup:
+            raise ValueError("--draft and --lookup are two ways of drafting tokens; give one of them")
         checkpoint = open_checkpoint(path, lora)
         self._attach(build_model(checkpoint, dtype, device), checkpoint.load_tokenizer(), checkpoint.path,
                      checkpoint.format)
+        if draft:
+            self.drafter = open_draft(draft, self.path, self.tokenizer, self.config.max_position, dtype, device)
+        elif lookup:
+            self.drafter = PromptLookup(lookup)
 
     @classmethod
     def from_model(cls, model, tokenizer, path: str | Path = "memory", format: str = "memory") -> Pipeline:
@@ -195,6 +205,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.config = model.config
         self.stop_ids = frozenset(tokenizer.eos_ids) | frozenset(self.config.eos_token_ids)
+        self.drafter: Drafter | None = None  # speculative decoding (speculative.py): None decodes one token a step
 
     @functools.cached_property
     def vocabulary(self) -> Vocabulary:
@@ -210,7 +221,7 @@ class Pipeline:
 
     def _tokens(self, prompt: list[int], sampling: dict[str, Any], grammar: str | None = None) -> Iterator[int]:
         return generate(self.model, prompt, SamplingParams(**sampling), self.stop_ids, self.tokenizer.vocab_size,
-                        self.token_mask(grammar))
+                        self.token_mask(grammar), self.drafter)
 
     def chat(self, messages: Sequence[MessageLike], *, tools: Sequence[Mapping[str, Any]] | None = None,
              stream: bool = False, stop: Sequence[str] = (), template_kwargs: Mapping[str, Any] | None = None,
@@ -227,21 +238,23 @@ class Pipeline:
         response_format: OpenAI's ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
         {"name", "schema"}}``, enforced while decoding (grammar.py); a bad schema raises GrammarError.
         """
+        prompt, parser = self.chat_prompt(messages, tools, template_kwargs)
+        tokens = self._tokens(prompt, sampling, response_grammar(self.tokenizer.family, response_format))
+        reply = ChatStream(reply_text(tokens, self.tokenizer, stop, parser), parser)
+        return reply if stream else reply.message()
+
+    def chat_prompt(self, messages: Sequence[MessageLike], tools: Sequence[Mapping[str, Any]] | None = None,
+                    template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[int], ReplyParser | MarkupParser | None]:
+        """The prompt ids of a conversation in the family's chat format, and the parser its reply needs."""
         family = self.tokenizer.family
         functions, interpreter = read_tools(tools or ())
-        parser: ReplyParser | MarkupParser | None
         if family in TOOL_FAMILIES:
             names = [f["name"] for f in functions] + ([INTERPRETER] if interpreter else [])
             history = system_messages(family, functions, interpreter) + as_messages(list(messages))
-            prompt = self.tokenizer.encode_chat(model_messages(family, history))
-            parser = ReplyParser(family, names)
-        elif interpreter:
+            return self.tokenizer.encode_chat(model_messages(family, history)), ReplyParser(family, names)
+        if interpreter:
             raise ChatFormatError(f"the code interpreter needs a ChatGLM3 model; this one is of family {family!r}")
-        else:
-            prompt, parser = template_chat(self.tokenizer, messages, functions, template_kwargs or {})
-        tokens = self._tokens(prompt, sampling, response_grammar(family, response_format))
-        reply = ChatStream(reply_text(tokens, self.tokenizer, stop, parser), parser)
-        return reply if stream else reply.message()
+        return template_chat(self.tokenizer, messages, functions, template_kwargs or {})
 
     def generate(self, prompt: str, *, stream: bool = False, stop: Sequence[str] = (), parse_special: bool | None = None,
                  response_format: Mapping[str, Any] | None = None, **sampling) -> str | Iterator[str]:

@@ -214,7 +214,8 @@ def run_chat(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
         box = stack.enter_context(open_sandbox(args)) if args.code_interpreter else None
         if box is not None and args.prompt is not None:
             print(f"[code interpreter: {box.description}]", file=sys.stderr, flush=True)
-        pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+        pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads, draft=args.draft,
+                        lookup=args.lookup)
         term = Terminal(Agent(pipe, tools, functions, box), system=args.system, sampling=sampling)
         act = partial(term.complete, parse_special=args.parse_special or None) if args.mode == "generate" else term.turn
         if args.prompt is not None:

@@ -102,7 +102,7 @@ class Server:
         self.family = self.tokenizer.family
         kv = kv or KVSettings()
         self.engine = BatchEngine(pipeline.model, max_batch=max_batch, max_queue=max_queue, context=kv.ctx,
-                                  kv_memory=kv.memory, kv_dtype=kv.dtype)
+                                  kv_memory=kv.memory, kv_dtype=kv.dtype, drafter=pipeline.drafter)
         self.context = self.engine.context
         path = Path(pipeline.path)
         self.model_id = path.stem if path.suffix in (".gguf", ".bin") else path.name

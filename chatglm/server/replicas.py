@@ -297,7 +297,8 @@ class ReplicaPlan:
                            embedding_model=o.get("embedding_model"),
                            kv=KVSettings.from_flags(o.get("kv_memory"), o.get("ctx"), o.get("kv_type")))
         return cls(model=str(o.get("model") or "default"), app_options=app_options, replicas=replicas,
-                   options=dict(dtype=o.get("dtype") or "auto", device=o.get("device") or "cpu", threads=threads),
+                   options=dict(dtype=o.get("dtype") or "auto", device=o.get("device") or "cpu", threads=threads,
+                                draft=o.get("draft"), lookup=int(o.get("lookup") or 0)),
                    threads=threads, max_ongoing=max_batch + max_queue, ray_address=o.get("ray_address"),
                    routing=o.get("routing") or "prefix")
 
