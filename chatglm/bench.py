@@ -91,7 +91,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.synthetic:
         from .synthetic import synthetic_gguf
 
-        path = str(synthetic_gguf(args.synthetic, args.qtype, Path(args.synthetic_dir)))
+        path = str(synthetic_gguf(args.synthetic, args.qtype, Path(args.synthetic_dir), args.layers))
     ours = bench_ours(path, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch)
     result: dict[str, Any] = {"model": str(path), **ours}
     if args.compare == "llama.cpp":
@@ -131,6 +131,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--synthetic", default=None,
                    help="build a random-weight GGUF of this shape (chatglm3-6b, glm4-9b, glm4-9b-0414, glm-4.7-flash)")
     p.add_argument("--qtype", default="q4_0", help="quant type of the synthetic file")
+    p.add_argument("--layers", type=int, default=None,
+                   help="the synthetic shape with this many layers (same widths: a small file to develop on)")
     p.add_argument("--synthetic-dir", default=str(Path.home() / ".cache" / "chatglm"), help="where synthetic files go")
     p.set_defaults(func=cmd_bench)
 

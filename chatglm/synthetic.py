@@ -97,7 +97,7 @@ def _default_vocab() -> Vocab:
                                                       "eos": f.get("tokenizer.ggml.eos_token_id")})
 
 
-def _family_file(path: Path, name: str, q: QType) -> None:
+def _family_file(path: Path, name: str, q: QType, layers: int | None = None) -> None:
     """A family's random-weight file through its own GGUF table and the converter's writer: each canonical
     tensor drawn as random blocks (MoE routers as float32, as files keep them)."""
     from .convert import ROUTER_NAMES, encode, target_type
@@ -105,7 +105,7 @@ def _family_file(path: Path, name: str, q: QType) -> None:
     from .loaders.gguf_writer import file_tensors
     from .models import FAMILIES
 
-    shape = dict(FAMILY_SHAPES[name])
+    shape = dict(FAMILY_SHAPES[name], **({"num_layers": layers} if layers else {}))
     family = FAMILIES[shape.pop("arch")]
     cfg = ModelConfig(arch=family.ARCH, family="gguf", norm_eps=1e-5, max_position=8192, **shape)
     required = family.DECODER.required(cfg)
@@ -126,24 +126,27 @@ def _family_file(path: Path, name: str, q: QType) -> None:
                tensors, lambda t: encode(t.load(), t.qtype), extra=getattr(family, "gguf_metadata", lambda _: {})(cfg))
 
 
-def synthetic_gguf(name: str, qtype: str, folder: Path) -> Path:
-    """The file for shape `name` and type `qtype`, written once into `folder` and reused after."""
+def synthetic_gguf(name: str, qtype: str, folder: Path, layers: int | None = None) -> Path:
+    """The file for shape `name` and type `qtype`, written once into `folder` and reused after. `layers` keeps
+    the shape's widths with fewer layers (speed per layer carries over; a small file to develop on)."""
     if name not in SHAPES and name not in FAMILY_SHAPES:
         raise ValueError(f"unknown synthetic shape {name!r}; expected one of {', '.join([*SHAPES, *FAMILY_SHAPES])}")
+    if layers is not None and layers < 1:
+        raise ValueError(f"--layers must be at least 1, got {layers}")
     q = qtype_of(qtype)
-    path = Path(folder) / f"synthetic-{name}-{q.name.lower()}.gguf"
+    path = Path(folder) / f"synthetic-{name}{f'-{layers}l' if layers else ''}-{q.name.lower()}.gguf"
     if path.is_file():
         return path
     if name in FAMILY_SHAPES:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".part")
         try:
-            _family_file(partial, name, q)
+            _family_file(partial, name, q, layers)
             partial.rename(path)
         finally:
             partial.unlink(missing_ok=True)
         return path
-    shape = SHAPES[name]
+    shape = dict(SHAPES[name], **({"num_layers": layers} if layers else {}))
     cfg = ModelConfig(arch=shape["arch"], family="gguf", norm_eps=1e-5,
                       rope_dim=shape["head_dim"] // 2 if shape["arch"] == "chatglm" else 0,
                       **{"max_position": 8192, **{k: v for k, v in shape.items() if k != "arch"}})
