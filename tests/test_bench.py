@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import gguf
+import pytest
+import torch
 
 from chatglm import load_model
+from chatglm.kv_cache import format_size
 from chatglm.synthetic import synthetic_gguf
 
 
@@ -28,6 +32,27 @@ def test_bench_json_with_llama_cpp(tmp_path, default_gguf, llama_cpp):
                            "--compare", "llama.cpp", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("decode_tok_s", "prefill_tok_s", "load_s", "peak_rss_mb", "decode_ratio"):
+    for key in ("decode_tok_s", "prefill_tok_s", "load_s", "peak_rss_mb", "decode_ratio", "kv_bytes_per_token"):
         assert result[key] > 0, key
     assert result["llama_cpp"]["engine"] == "llama.cpp"
+
+
+def llama_cpp_kv_bytes_per_token(path, cells: int = 4096) -> float:
+    """What llama.cpp allocates per token for its default (f16) cache: its verbose load log's KV size line."""
+    code = f"import llama_cpp; llama_cpp.Llama(model_path={str(path)!r}, n_ctx={cells}, n_batch=32, verbose=True)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    size = re.search(r"kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells", proc.stderr)
+    assert size, proc.stderr[-2000:]
+    return float(size.group(1)) * 2**20 / int(size.group(2))
+
+
+@pytest.mark.parametrize("name", ["chatglm-tiny", "glm4-tiny", "glm4-moe-lite-tiny", "default"])
+def test_f16_cache_takes_what_llama_cpp_allocates_per_token(tmp_path, default_gguf, llama_cpp, name):
+    """The shared decoder's keys and values, GLM-4-0414's, and GLM-4.7-Flash's latent rows (llama.cpp keeps no
+    values for it either), as `chatglm bench` and the serve banner report them."""
+    path = default_gguf if name == "default" else synthetic_gguf(name, "q4_0", tmp_path)
+    cache = load_model(path).new_cache(1, 16)
+    assert cache.kv.dtype == torch.float16  # block files: f16 by default, as llama.cpp
+    assert cache.token_bytes() == llama_cpp_kv_bytes_per_token(path)
+    assert f"{format_size(cache.token_bytes())} per token" in cache.describe()
