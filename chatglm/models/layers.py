@@ -250,10 +250,11 @@ class Decoder(nn.Module):
             x = x[:, -1:]
         return self.head(self.final_norm(x)).float()
 
-    def logits(self, ids: list[int]) -> "numpy.ndarray":  # noqa: F821 - numpy imported lazily by callers
-        """Full-prefill logits [len(ids), vocab] as float32 numpy (tests and perplexity)."""
+    def logits(self, ids: list[int], kv_dtype: torch.dtype | None = None) -> "numpy.ndarray":  # noqa: F821
+        """Full-prefill logits [len(ids), vocab] as float32 numpy (tests and perplexity), keys and values stored
+        as `kv_dtype` (default: the model's cache type)."""
         t = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        cache = self.new_cache(1, t.shape[1])
+        cache = self.new_cache(1, t.shape[1], dtype=kv_dtype)
         pos = torch.arange(t.shape[1], device=self.device)[None]
         slots = torch.zeros(1, dtype=torch.long, device=self.device)
         return self.forward(t, pos, cache, slots)[0].cpu().numpy()
