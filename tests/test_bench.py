@@ -26,6 +26,13 @@ def test_synthetic_file_loads_here_and_in_llama_cpp(tmp_path, default_gguf, llam
     assert llm.n_vocab() == 49152
 
 
+def test_fewer_layers_keep_the_widths(tmp_path, default_gguf):
+    full = load_model(synthetic_gguf("glm4-tiny", "q4_0", tmp_path)).config
+    one = load_model(synthetic_gguf("glm4-tiny", "q4_0", tmp_path, layers=1)).config
+    assert (one.num_layers, full.num_layers) == (1, 2)
+    assert (one.hidden_size, one.num_kv_heads, one.head_dim) == (full.hidden_size, full.num_kv_heads, full.head_dim)
+
+
 def test_bench_json_with_llama_cpp(tmp_path, default_gguf, llama_cpp):
     proc = subprocess.run([sys.executable, "-m", "chatglm", "bench", "--synthetic", "chatglm-tiny",
                            "--synthetic-dir", str(tmp_path), "--prompt-tokens", "16", "--new-tokens", "4",
