@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .kv_cache import KV_TYPES
+
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory (Linux reports KiB)."""
@@ -25,14 +27,15 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
     return torch.randint(100, max(101, min(vocab, 30000)), (n,), generator=g).tolist()
 
 
-def bench_ours(path: str, device: str, dtype: str, prompt_tokens: int, new_tokens: int, batch: int) -> dict[str, Any]:
+def bench_ours(path: str, device: str, dtype: str, prompt_tokens: int, new_tokens: int, batch: int,
+               kv_type: str = "auto") -> dict[str, Any]:
     from .loaders import load_model
 
     start = time.perf_counter()
     model = load_model(path, dtype=dtype, device=device)
     load_s = time.perf_counter() - start
     ids = prompt_ids(model.config.vocab_size, prompt_tokens)
-    cache = model.new_cache(batch, prompt_tokens + new_tokens + 1)
+    cache = model.new_cache(batch, prompt_tokens + new_tokens + 1, dtype=KV_TYPES.get(kv_type))
     slots = torch.arange(batch, device=model.device)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
 
@@ -58,7 +61,8 @@ def bench_ours(path: str, device: str, dtype: str, prompt_tokens: int, new_token
     out = {"engine": "chatglm", "load_s": round(load_s, 3), "prefill_tok_s": round(batch * prompt_tokens / prefill_s, 2),
            "decode_tok_s": round(batch * new_tokens / decode_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
            "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
-           "fused_step": getattr(model, "fused", None) is not None}  # decode ran as one C++ call per token
+           "fused_step": getattr(model, "fused", None) is not None,  # decode ran as one C++ call per token
+           "kv_type": str(cache.kv.dtype).removeprefix("torch."), "kv_bytes_per_token": cache.token_bytes()}
     if model.device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
@@ -196,7 +200,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .synthetic import synthetic_file
 
         path = str(synthetic_file(args.synthetic, args.qtype, Path(args.synthetic_dir), args.synthetic_layers))
-    ours = bench_ours(path, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch)
+    ours = bench_ours(path, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.kv_type)
     result: dict[str, Any] = {"model": str(path), **ours}
     if args.compare == "llama.cpp":
         if str(path).endswith(".bin"):
@@ -215,7 +219,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         print(f"model {result['model']}  threads {ours['threads']}  batch {ours['batch']}")
         print(f"chatglm    load {ours['load_s']:.2f} s  prefill {ours['prefill_tok_s']:.1f} tok/s  "
-              f"decode {ours['decode_tok_s']:.1f} tok/s  peak RSS {ours['peak_rss_mb']:.0f} MB")
+              f"decode {ours['decode_tok_s']:.1f} tok/s  peak RSS {ours['peak_rss_mb']:.0f} MB  "
+              f"KV {ours['kv_type']} {ours['kv_bytes_per_token']} B/token")
         if "llama_cpp" in result:
             p = result["llama_cpp"]
             print(f"llama.cpp  load {p['load_s']:.2f} s  prefill {p['prefill_tok_s']:.1f} tok/s  "
@@ -249,13 +254,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--kv-type", choices=["auto", *KV_TYPES], default="auto",
+                   help="KV cache storage (auto: f16 for ggml block files, as llama.cpp keeps its cache)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--compare", choices=["llama.cpp"], default=None, help="run llama.cpp on the same file too")
     p.add_argument("--synthetic", default=None,
                    help="build a random-weight GGUF of this shape (chatglm3-6b, glm4-9b, glm4-9b-0414, glm-4.7-flash), "
                         "or a chatglm.cpp GGML .bin (chatglm-6b)")
     p.add_argument("--qtype", default="q4_0", help="quant type of the synthetic file")
-    p.add_argument("--synthetic-layers", type=int, default=None,
+    p.add_argument("--synthetic-layers", "--layers", dest="synthetic_layers", type=int, default=None,
                    help="the synthetic shape's widths with this many layers (per-layer speed from a small file)")
     p.add_argument("--synthetic-dir", default=str(Path.home() / ".cache" / "chatglm"), help="where synthetic files go")
     p.add_argument("--prompt-file", default=None, metavar="F",

@@ -77,9 +77,14 @@ class BlockPool:
 
     def describe(self) -> str:
         """One line for the start banner."""
+        per_token = f", {format_size(self.token_bytes())} per token" if self.token_bytes() else ""
         return (f"KV cache: {self.storage}{self.blocks - 1} blocks of "
                 f"{self.block_size} tokens ({(self.blocks - 1) * self.block_size} tokens in all, "
-                f"{self.width * self.block_size - self.prefix_rows} per sequence at most)")
+                f"{self.width * self.block_size - self.prefix_rows} per sequence at most{per_token})")
+
+    def token_bytes(self) -> int:
+        """Memory one token takes in the blocks (every layer's keys and values); 0 where nothing is stored."""
+        return 0
 
     def in_use(self) -> int:
         """Blocks some sequence holds (the prefix included)."""
@@ -224,6 +229,9 @@ class KVCache(BlockPool):
             rows = torch.zeros(*prefix.shape[:2], len(self.prefix) * block_size, *prefix.shape[3:], dtype=dtype)
             rows[:, :, : self.prefix_rows] = prefix.cpu()
             self.kv[:, :, :, self.prefix] = rows.unflatten(2, (-1, block_size)).permute(0, 1, 4, 2, 3, 5).to(device)
+
+    def token_bytes(self) -> int:
+        return self.kv.nbytes // (self.blocks * self.block_size)
 
     @staticmethod
     def block_bytes(cfg: ModelConfig, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import ChatGLMError
+from .kv_cache import KV_TYPES
 
 
 @dataclass
@@ -67,8 +68,9 @@ def summarize(nll: torch.Tensor) -> tuple[float, float]:
 
 
 def perplexity(model, tokenizer, text: str, ctx: int = 512, chunks: int | None = None,
-               on_chunk: Callable[[int, float], None] | None = None) -> Perplexity:
-    """The model's perplexity on `text` in chunks of `ctx` tokens (at most `chunks` of them)."""
+               on_chunk: Callable[[int, float], None] | None = None, kv_dtype: torch.dtype | None = None) -> Perplexity:
+    """The model's perplexity on `text` in chunks of `ctx` tokens (at most `chunks` of them), keys and values
+    stored as `kv_dtype` (default: the model's cache type; --kv-type shows what the cache's rounding costs)."""
     if ctx < 4:
         raise ChatGLMError(f"--ctx {ctx} is too small; expected at least 4 tokens")
     if chunks is not None and chunks < 1:
@@ -85,7 +87,7 @@ def perplexity(model, tokenizer, text: str, ctx: int = 512, chunks: int | None =
     running: list[float] = []
     total = 0.0
     for i, chunk in enumerate(chunk_ids(tokens, head, ctx, chunks)):
-        losses.append(chunk_nll(torch.from_numpy(model.logits(chunk))[:, :vocab], chunk))
+        losses.append(chunk_nll(torch.from_numpy(model.logits(chunk, kv_dtype))[:, :vocab], chunk))
         total += float(losses[-1].sum())
         running.append(math.exp(total / sum(len(x) for x in losses)))
         if on_chunk is not None:
@@ -104,8 +106,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     def show(i: int, running: float) -> None:
         print(f"[{i}]{running:.4f},", end="", flush=True)
 
-    result = perplexity(pipe.model, pipe.tokenizer, text, args.ctx, args.chunks, None if args.json else show)
-    out: dict[str, Any] = {"model": str(pipe.path), "file": str(args.file), "ctx": args.ctx,
+    result = perplexity(pipe.model, pipe.tokenizer, text, args.ctx, args.chunks, None if args.json else show,
+                        KV_TYPES.get(args.kv_type))
+    out: dict[str, Any] = {"model": str(pipe.path), "file": str(args.file), "ctx": args.ctx, "kv_type": args.kv_type,
                            "chunks": len(result.running), "scored_tokens": result.scored,
                            "ppl": round(result.ppl, 6), "ppl_error": round(result.error, 6),
                            "running": [round(p, 6) for p in result.running]}
@@ -126,5 +129,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="auto",
                    help="auto, f32, bf16, f16, or a ggml type to quantize a Hugging Face folder as it loads")
+    p.add_argument("--kv-type", choices=["auto", *KV_TYPES], default="auto",
+                   help="how keys and values are stored (auto: f16 beside block-quantized weights, as llama.cpp)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the running estimates")
     p.set_defaults(func=cmd_perplexity)

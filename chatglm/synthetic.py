@@ -117,7 +117,7 @@ def _default_vocab() -> Vocab:
                                                       "eos": f.get("tokenizer.ggml.eos_token_id")})
 
 
-def _family_file(path: Path, name: str, q: QType, layers: int | None) -> None:
+def _family_file(path: Path, name: str, q: QType, layers: int | None = None) -> None:
     """A family's random-weight file through its own GGUF table and the converter's writer: each canonical
     tensor drawn as random blocks (MoE routers as float32, as files keep them)."""
     from .convert import ROUTER_NAMES, encode, target_type

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import gguf
 import pytest
 import sentencepiece as spm
+import torch
 
 from chatglm import load_model
 from chatglm.kernels import ggml
+from chatglm.kv_cache import format_size
 from chatglm.loaders import open_checkpoint
 from chatglm.synthetic import synthetic_file, synthetic_gguf
 
@@ -26,13 +29,20 @@ def test_synthetic_file_loads_here_and_in_llama_cpp(tmp_path, default_gguf, llam
     assert llm.n_vocab() == 49152
 
 
+def test_fewer_layers_keep_the_widths(tmp_path, default_gguf):
+    full = load_model(synthetic_gguf("glm4-tiny", "q4_0", tmp_path)).config
+    one = load_model(synthetic_gguf("glm4-tiny", "q4_0", tmp_path, layers=1)).config
+    assert (one.num_layers, full.num_layers) == (1, 2)
+    assert (one.hidden_size, one.num_kv_heads, one.head_dim) == (full.hidden_size, full.num_kv_heads, full.head_dim)
+
+
 def test_bench_json_with_llama_cpp(tmp_path, default_gguf, llama_cpp):
     proc = subprocess.run([sys.executable, "-m", "chatglm", "bench", "--synthetic", "chatglm-tiny",
                            "--synthetic-dir", str(tmp_path), "--prompt-tokens", "16", "--new-tokens", "4",
                            "--compare", "llama.cpp", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("decode_tok_s", "prefill_tok_s", "load_s", "peak_rss_mb", "decode_ratio"):
+    for key in ("decode_tok_s", "prefill_tok_s", "load_s", "peak_rss_mb", "decode_ratio", "kv_bytes_per_token"):
         assert result[key] > 0, key
     assert result["llama_cpp"]["engine"] == "llama.cpp"
 
@@ -71,3 +81,24 @@ def test_synthetic_glm4_0414_takes_the_fused_step(tmp_path, default_gguf):
     """GLM-4-0414's blocks as llama.cpp's glm4 file lays them out (q, k, v apart, post norms) decode in one call."""
     model = load_model(synthetic_gguf("glm4-tiny", "q4_0", tmp_path))
     assert model.config.post_norms and model.fused is not None
+
+
+def llama_cpp_kv_bytes_per_token(path, cells: int = 4096) -> float:
+    """What llama.cpp allocates per token for its default (f16) cache: its verbose load log's KV size line."""
+    code = f"import llama_cpp; llama_cpp.Llama(model_path={str(path)!r}, n_ctx={cells}, n_batch=32, verbose=True)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    size = re.search(r"kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells", proc.stderr)
+    assert size, proc.stderr[-2000:]
+    return float(size.group(1)) * 2**20 / int(size.group(2))
+
+
+@pytest.mark.parametrize("name", ["chatglm-tiny", "glm4-tiny", "glm4-moe-lite-tiny", "default"])
+def test_f16_cache_takes_what_llama_cpp_allocates_per_token(tmp_path, default_gguf, llama_cpp, name):
+    """The shared decoder's keys and values, GLM-4-0414's, and GLM-4.7-Flash's latent rows (llama.cpp keeps no
+    values for it either), as `chatglm bench` and the serve banner report them."""
+    path = default_gguf if name == "default" else synthetic_gguf(name, "q4_0", tmp_path)
+    cache = load_model(path).new_cache(1, 16)
+    assert cache.kv.dtype == torch.float16  # block files: f16 by default, as llama.cpp
+    assert cache.token_bytes() == llama_cpp_kv_bytes_per_token(path)
+    assert f"{format_size(cache.token_bytes())} per token" in cache.describe()

