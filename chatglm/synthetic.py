@@ -224,8 +224,9 @@ def synthetic_gguf(name: str, qtype: str, folder: Path, layers: int | None = Non
     if name not in SHAPES and name not in FAMILY_SHAPES:
         known = ", ".join([*SHAPES, *FAMILY_SHAPES, *GGML_SHAPES])
         raise ValueError(f"unknown synthetic shape {name!r}; expected one of {known}")
-    if layers is not None and layers < 2:
-        raise ValueError(f"--synthetic-layers {layers}: give at least 2 (the MoE shapes' first layer is dense)")
+    least = 2 if "moe" in FAMILY_SHAPES.get(name, {}) else 1  # the MoE shapes' first layer is dense
+    if layers is not None and layers < least:
+        raise ValueError(f"--synthetic-layers {layers}: give at least {least} for {name}")
     q = qtype_of(qtype)
     path = Path(folder) / f"synthetic-{name}{f'-{layers}l' if layers else ''}-{q.name.lower()}.gguf"
     if path.is_file():
