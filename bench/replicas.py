@@ -3,9 +3,9 @@
 Starts, one after another, the default model on 1 replica, on 2 replicas with prefix routing and on 2 replicas
 with load-only routing (1 thread each, a local Ray instance), and against each:
 - 32 concurrent streamed chats: generated tokens / wall time;
-- 4 conversations of 5 turns about a document of their own (--document-words, so that a turn landing on a
-  replica without the conversation's prefix must compute it again), one after another, each turn's request
-  interleaved with an unrelated one: median time to the first streamed token of turn 5.
+- 4 conversations of 5 turns at the same time, each about a document of its own (--document-words, so that a
+  turn landing on a replica without the conversation's prefix must compute it again), each turn followed by an
+  unrelated request: median time to the first streamed token of turn 5.
 
 Usage: .venv/bin/python bench/replicas.py [--streams 32] [--new-tokens 64] [--document-words 600]
 Prints one JSON line.
@@ -91,18 +91,24 @@ def document(c: int, words: int) -> str:
     return " ".join(vocabulary[(c * 7 + k * k) % len(vocabulary)] for k in range(words))
 
 
-def turn5_ttft(url: str, words: int) -> float:
-    times = []
-    for c in range(4):
-        messages = [{"role": "system", "content": f"You are guide number {c}. Answer in two sentences about this "
-                                                  f"city's notes: {document(c, words)}"}]
-        for k, question in enumerate(QUESTIONS):
-            messages.append({"role": "user", "content": question})
-            ttft, reply, _ = stream(url, messages, 32)
-            messages.append({"role": "assistant", "content": reply})
-            stream(url, [{"role": "user", "content": f"Unrelated request {c}-{k}: name a colour."}], 8)
-        times.append(ttft)
-    return statistics.median(times)
+def conversation(url: str, c: int, words: int) -> float:
+    """Five turns about conversation c's document, each followed by an unrelated request; turn 5's time to the
+    first token."""
+    messages = [{"role": "system", "content": f"You are guide number {c}. Answer in two sentences about this "
+                                              f"city's notes: {document(c, words)}"}]
+    for k, question in enumerate(QUESTIONS):
+        messages.append({"role": "user", "content": question})
+        ttft, reply, _ = stream(url, messages, 32)
+        messages.append({"role": "assistant", "content": reply})
+        stream(url, [{"role": "user", "content": f"Unrelated request {c}-{k}: name a colour."}], 8)
+    return ttft
+
+
+def turn5_ttft(url: str, words: int, conversations: int = 4) -> float:
+    """Median turn-5 time to first token of conversations held at the same time, so that every replica is busy
+    and a router without affinity spreads a conversation's turns over them."""
+    with ThreadPoolExecutor(conversations) as pool:
+        return statistics.median(pool.map(lambda c: conversation(url, c, words), range(conversations)))
 
 
 def main() -> None:

@@ -38,7 +38,6 @@ log = logging.getLogger("chatglm")
 APP_NAME = "chatglm"
 REPLICA_HEADER = "x-chatglm-replica"
 HELD_TEXTS = 256  # conversation texts remembered per replica for affinity
-MIN_SHARED = 32   # characters a prompt must share with a replica's earlier one to prefer that replica
 
 
 @dataclass
@@ -90,12 +89,12 @@ def _content_text(content: Any) -> str:
     return ""
 
 
-def _shared_length(a: str, b: str) -> int:
-    return len(os.path.commonprefix([a, b]))
-
-
 class PrefixAffinityRouter(RequestRouter):
-    """Prefers the replica that served the longest prefix of the request's text; otherwise the less loaded of two.
+    """Prefers the replica that served the longest earlier prompt this request extends (a conversation's next turn:
+    that replica holds its prefix in its cache); otherwise the less loaded of two.
+
+    Only a whole earlier prompt counts: requests that merely share a chat template's opening or a common system
+    prompt are spread by load, or every request would follow the first one to a single replica.
 
     Ranks are [[best match], [all others]]: Ray Serve takes the first rank whose replica has room (its queue is
     below max_ongoing_requests) and, within a rank, the replica with the shortest queue.
@@ -107,12 +106,11 @@ class PrefixAffinityRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         text = _request_text(pending_request)
-        best, best_shared = None, MIN_SHARED - 1
+        best, best_length = None, 0
         for replica in candidate_replicas if text else ():
             for held in self._held.get(replica.replica_id, ()):
-                shared = _shared_length(text, held)
-                if shared > best_shared:
-                    best, best_shared = replica, shared
+                if len(held) > best_length and text.startswith(held):
+                    best, best_length = replica, len(held)
         if best is None:  # a new conversation: the less loaded of two at random (power of two choices)
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas))), candidate_replicas]
         return [[best], [r for r in candidate_replicas if r is not best]]
