@@ -60,7 +60,8 @@ def main() -> None:
     cfg = model.config
     assert model.fused is not None, f"{args.model}: the step is not fused (not all ggml blocks), nothing to profile"
 
-    linears = [getattr(layer, n) for layer in model.layers for n in ("qkv", "o", "gate_up", "down")] + [model.head]
+    parts = [layer.fused_parts() for layer in model.layers]  # each block's products as the fused step takes them
+    linears = [p[n] for p in parts for n in ("qkv", "o", "gate_up", "down")] + [model.head]
     inputs = {m.in_features: torch.randn(1, m.in_features) for m in linears}
     weight_bytes = sum(p.numel() for m in linears for p in m.parts)
     blocks = {m.qtype.name.lower(): 0 for m in linears}
