@@ -247,41 +247,19 @@ class FusedDecoder {
   // the token's position, the next rope_dim by its block position.
   torch::Tensor step(torch::Tensor x, const torch::Tensor& kv, const torch::Tensor& tables, const torch::Tensor& pos,
                      const torch::Tensor& rows, const torch::Tensor& rope) {
-    const int64_t B = x.size(0), hidden = layers_[0]->attn_norm.numel();
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden, "x must be [batch, ", hidden, "]");
-    checked_float(x, B * hidden, "x");
+    const int64_t hidden = layers_[0]->attn_norm.numel();
     TORCH_CHECK((kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kFloat16) && kv.is_contiguous() &&
                 kv.dim() == 6 && kv.size(0) == static_cast<int64_t>(layers_.size()) && kv.size(1) == 2 &&
                 kv.size(2) == kv_heads_ && kv.size(5) == head_dim_,
                 "the cache must be float32 or float16 [layers, 2, kv_heads, blocks, block_size, head_dim]");
-    TORCH_CHECK(rope.scalar_type() == torch::kFloat32 && rope.is_contiguous() && rope.dim() == 3 &&
-                rope.size(1) == rope_dim_ / 2 && rope.size(2) == 2, "rope must be float32 [positions, rope_dim/2, 2]");
     const bool two_d = pos.dim() == 2;
     TORCH_CHECK(!two_d || (pos.size(1) == 2 && 2 * rope_dim_ <= head_dim_), "pos [batch, 2] (2D rotary) needs 2 "
                 "columns and 2 * rope_dim <= head_dim; got ", pos.sizes(), ", rope ", rope_dim_, " of ", head_dim_);
-    for (const torch::Tensor* t : {&pos, &rows}) {
-      TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->size(0) == B &&
-                  t->numel() == B * (t == &pos && two_d ? 2 : 1), "pos and rows must be int64 [batch] "
-                  "(pos [batch, 2] for 2D rotary)");
-    }
-    TORCH_CHECK(tables.scalar_type() == torch::kInt64 && tables.is_contiguous() && tables.dim() == 2 &&
-                tables.size(0) == B, "tables must be int64 [batch, blocks per sequence]");
+    check_step_inputs(x, hidden, tables, pos, two_d ? 2 : 1, rows, rope, rope_dim_, kv.size(3), kv.size(4));
     const int64_t* at = pos.data_ptr<int64_t>();
     const int64_t* row = rows.data_ptr<int64_t>();
     const int64_t* table = tables.data_ptr<int64_t>();
-    const int64_t width = tables.size(1), bs = kv.size(4), blocks = kv.size(3);
-    for (int64_t i = 0; i < pos.numel(); ++i) {
-      TORCH_CHECK(at[i] >= 0 && at[i] < rope.size(0), "row ", two_d ? i / 2 : i, ": position ", at[i],
-                  " out of range (the rotary table has ", rope.size(0), ")");
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(row[b] >= 0 && row[b] < width * bs, "row ", b, ": cache row ", row[b], " out of range");
-      for (int64_t j = 0; j <= row[b] / bs; ++j) {
-        const int64_t block = table[b * width + j];
-        TORCH_CHECK(block > 0 && block < blocks, "row ", b, ": block table entry ", j, " is ", block,
-                    ", not a block of the pool (1..", blocks - 1, ")");
-      }
-    }
+    const int64_t width = tables.size(1);
     if (kv.scalar_type() == torch::kFloat16) {
       run(x, static_cast<c10::Half*>(kv.data_ptr()), kv, table, width, at, two_d, row, rope);
     } else {

@@ -156,7 +156,7 @@ class LatentMoeDecoder {
                 kv.dim() == 6 && kv.size(0) == static_cast<int64_t>(layers_.size()) && kv.size(1) == 1 &&
                 kv.size(2) == 1 && kv.size(5) == rank_ + rope_dim_,
                 "the cache must be float32 or float16 [layers, 1, 1, blocks, block_size, ", rank_ + rope_dim_, "]");
-    check_step_inputs(x, layers_[0]->attn_norm.numel(), tables, pos, rows, rope, rope_dim_, kv.size(3), kv.size(4));
+    check_step_inputs(x, layers_[0]->attn_norm.numel(), tables, pos, 1, rows, rope, rope_dim_, kv.size(3), kv.size(4));
     const int64_t* at = pos.data_ptr<int64_t>();
     const int64_t* row = rows.data_ptr<int64_t>();
     const Rows rows_of{tables.data_ptr<int64_t>(), tables.size(1), kv.size(4)};

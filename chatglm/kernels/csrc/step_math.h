@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <string>
 #include <cstdint>
 
 #if defined(__AVX512F__)
@@ -125,20 +126,22 @@ torch::Tensor checked_float(const torch::Tensor& t, int64_t n, const char* what)
 }
 
 // A one-call step's inputs beside its cache: x float32 [batch, hidden]; rope float32 [positions, rope_dim/2, 2];
-// pos and rows int64 [batch]; tables int64 [batch, width], each row's blocks up to its cache row within the pool's
-// blocks (1..blocks-1) of block_size rows. New beside the helpers above (decode_step.cpp may take it in place of
-// its own checks).
+// rows int64 [batch]; pos int64 [batch], or [batch, pos_columns] where a token has several positions (GLM v1's 2D
+// rotary); tables int64 [batch, width], each row's blocks up to its cache row within the pool's blocks
+// (1..blocks-1) of block_size rows.
 inline void check_step_inputs(const torch::Tensor& x, int64_t hidden, const torch::Tensor& tables,
-                              const torch::Tensor& pos, const torch::Tensor& rows, const torch::Tensor& rope,
-                              int64_t rope_dim, int64_t blocks, int64_t block_size) {
+                              const torch::Tensor& pos, int64_t pos_columns, const torch::Tensor& rows,
+                              const torch::Tensor& rope, int64_t rope_dim, int64_t blocks, int64_t block_size) {
   const int64_t batch = x.size(0);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden, "x must be [batch, ", hidden, "]");
   checked_float(x, batch * hidden, "x");
   TORCH_CHECK(rope.scalar_type() == torch::kFloat32 && rope.is_contiguous() && rope.dim() == 3 &&
               rope.size(1) == rope_dim / 2 && rope.size(2) == 2, "rope must be float32 [positions, rope_dim/2, 2]");
   for (const torch::Tensor* t : {&pos, &rows}) {
-    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == batch, "pos and rows "
-                "must be int64 [batch]");
+    const int64_t columns = t == &pos ? pos_columns : 1;
+    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->dim() == (columns > 1 ? 2 : 1) &&
+                t->size(0) == batch && t->numel() == batch * columns, "pos and rows must be int64 [batch]",
+                pos_columns > 1 ? " (pos [batch, " + std::to_string(pos_columns) + "])" : std::string());
   }
   TORCH_CHECK(tables.scalar_type() == torch::kInt64 && tables.is_contiguous() && tables.dim() == 2 &&
               tables.size(0) == batch, "tables must be int64 [batch, blocks per sequence]");
@@ -146,9 +149,12 @@ inline void check_step_inputs(const torch::Tensor& x, int64_t hidden, const torc
   const int64_t* row = rows.data_ptr<int64_t>();
   const int64_t* table = tables.data_ptr<int64_t>();
   const int64_t width = tables.size(1);
+  for (int64_t i = 0; i < pos.numel(); ++i) {
+    TORCH_CHECK(at[i] >= 0 && at[i] < rope.size(0), "row ", i / pos_columns, ": position ", at[i],
+                " out of range (the rotary table has ", rope.size(0), ")");
+  }
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(row[b] >= 0 && row[b] < width * block_size && at[b] >= 0 && at[b] < rope.size(0), "row ", b,
-                ": cache row ", row[b], " or position ", at[b], " out of range");
+    TORCH_CHECK(row[b] >= 0 && row[b] < width * block_size, "row ", b, ": cache row ", row[b], " out of range");
     for (int64_t j = 0; j <= row[b] / block_size; ++j) {
       const int64_t block = table[b * width + j];
       TORCH_CHECK(block > 0 && block < blocks, "row ", b, ": block table entry ", j, " is ", block,
