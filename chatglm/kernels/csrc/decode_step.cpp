@@ -132,26 +132,6 @@ void merge_partials(const float* partial, int64_t n, int64_t heads, int64_t d, f
   }
 }
 
-// A weight in ggml blocks with its optional bias.
-struct Linear {
-  std::vector<torch::Tensor> parts;
-  int64_t qtype, in, out;
-  torch::Tensor bias;  // float32 [out], or undefined
-
-  Linear(std::vector<torch::Tensor> p, int64_t type, int64_t k, const std::optional<torch::Tensor>& b, const char* name)
-      : parts(std::move(p)), qtype(type), in(k), out(check_parts(parts, k, type)) {
-    if (b) bias = checked_float(*b, out, name);
-  }
-
-  void operator()(const float* x, int64_t m, float* y, int64_t tile_rows) const {
-    linear_into(x, m, in, parts, qtype, tile_rows, y);
-    if (!bias.defined()) return;
-    const float* b = bias.data_ptr<float>();
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t i = 0; i < out; ++i) y[r * out + i] += b[i];
-  }
-};
-
 using Parts = std::vector<torch::Tensor>;
 using Bias = std::optional<torch::Tensor>;
 
@@ -166,7 +146,7 @@ std::optional<torch::Tensor> checked_norm(const Bias& t, int64_t n, const char* 
 // head (qkv_per_head), a GELU MLP with biases, and residuals alpha * the normed input (residual_alpha > 0).
 struct DecodeLayer {
   torch::Tensor attn_norm, ffn_norm;
-  Linear qkv, o, gate_up, down;
+  BlockLinear qkv, o, gate_up, down;
   std::optional<torch::Tensor> attn_norm_bias, ffn_norm_bias, attn_post_norm, ffn_post_norm;
   bool gelu, qkv_per_head;
   float residual_alpha;

@@ -24,26 +24,7 @@
 
 namespace {
 
-// A weight held as ggml blocks (the file's bytes), with its optional float32 bias.
-struct BlockWeight {
-  std::vector<torch::Tensor> parts;
-  int64_t qtype, in, out;
-  torch::Tensor bias;  // float32 [out], or undefined
-
-  BlockWeight(std::vector<torch::Tensor> p, int64_t type, int64_t k, const std::optional<torch::Tensor>& b)
-      : parts(std::move(p)), qtype(type), in(k), out(check_parts(parts, k, type)) {
-    if (b) bias = checked_float(*b, out, "bias");
-  }
-
-  // y [m, out] = x [m, in] @ W.T (+ bias)
-  void operator()(const float* x, int64_t m, float* y, int64_t tile_rows) const {
-    linear_into(x, m, in, parts, qtype, tile_rows, y);
-    if (!bias.defined()) return;
-    const float* b = bias.data_ptr<float>();
-    for (int64_t r = 0; r < m; ++r) add_scaled(y + r * out, 1.f, b, out);
-  }
-};
-using Weight = std::shared_ptr<BlockWeight>;
+using Weight = std::shared_ptr<BlockLinear>;
 
 // A layer's feed-forward: routed experts (when `router` is defined) plus a shared SwiGLU (the whole of a dense one).
 struct FeedForward {
@@ -83,7 +64,7 @@ struct FeedForward {
 };
 
 // SwiGLU over m rows: y = down(silu(gate) * up), gate_up's gate rows first.
-void swiglu_mlp(const BlockWeight& gate_up, const BlockWeight& down, const float* x, int64_t m, float* y,
+void swiglu_mlp(const BlockLinear& gate_up, const BlockLinear& down, const float* x, int64_t m, float* y,
                 std::vector<float>& gu, std::vector<float>& act, int64_t tile_rows) {
   const int64_t ffn = down.in;
   gu.resize(m * 2 * ffn);
@@ -358,7 +339,7 @@ class LatentMoeDecoder {
 
 void register_latent_moe_step(pybind11::module_& m) {
   namespace py = pybind11;
-  py::class_<BlockWeight, std::shared_ptr<BlockWeight>>(m, "BlockWeight", "a weight's ggml blocks and bias")
+  py::class_<BlockLinear, std::shared_ptr<BlockLinear>>(m, "BlockWeight", "a weight's ggml blocks and bias")
       .def(py::init<std::vector<torch::Tensor>, int64_t, int64_t, const std::optional<torch::Tensor>&>(),
            py::arg("parts"), py::arg("qtype"), py::arg("in_features"), py::arg("bias"));
   py::class_<FeedForward, std::shared_ptr<FeedForward>>(m, "FeedForward", "routed experts and a shared SwiGLU")

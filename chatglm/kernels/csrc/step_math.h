@@ -1,14 +1,19 @@
 // The small float32 helpers of the one-call decode steps (decode_step.cpp, latent_moe_step.cpp): cache values,
-// dot products, softmax exponentials, SwiGLU, RMSNorm, rotary. Internal to each file that includes it.
+// dot products, softmax exponentials, SwiGLU, RMSNorm, rotary, a weight in ggml blocks. Internal to each file
+// that includes it.
 #pragma once
 
 #include <torch/extension.h>
 
+#include "ggml_kernels.h"
+
 #include <c10/util/Half.h>
 
 #include <cmath>
-#include <string>
 #include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -124,6 +129,27 @@ torch::Tensor checked_float(const torch::Tensor& t, int64_t n, const char* what)
               " must be a contiguous CPU float32 tensor of ", n, " values");
   return t;
 }
+
+// A weight held as ggml blocks (the file's bytes, or the pieces of a fused weight) with its optional float32 bias.
+struct BlockLinear {
+  std::vector<torch::Tensor> parts;
+  int64_t qtype, in, out;
+  torch::Tensor bias;  // float32 [out], or undefined
+
+  BlockLinear(std::vector<torch::Tensor> p, int64_t type, int64_t k, const std::optional<torch::Tensor>& b,
+              const char* name = "bias")
+      : parts(std::move(p)), qtype(type), in(k), out(check_parts(parts, k, type)) {
+    if (b) bias = checked_float(*b, out, name);
+  }
+
+  // y [m, out] = x [m, in] @ W.T (+ bias)
+  void operator()(const float* x, int64_t m, float* y, int64_t tile_rows) const {
+    linear_into(x, m, in, parts, qtype, tile_rows, y);
+    if (!bias.defined()) return;
+    const float* b = bias.data_ptr<float>();
+    for (int64_t r = 0; r < m; ++r) add_scaled(y + r * out, 1.f, b, out);
+  }
+};
 
 // A one-call step's inputs beside its cache: x float32 [batch, hidden]; rope float32 [positions, rope_dim/2, 2];
 // rows int64 [batch]; pos int64 [batch], or [batch, pos_columns] where a token has several positions (GLM v1's 2D
