@@ -7,6 +7,7 @@ padded to the shape's size so llama.cpp loads the same file for a side-by-side r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import gguf
 import numpy as np
@@ -117,6 +118,24 @@ def _default_vocab() -> Vocab:
                                                       "eos": f.get("tokenizer.ggml.eos_token_id")})
 
 
+def _random_tensors(decoder: Any, cfg: ModelConfig,
+                    q: QType) -> tuple[dict[str, tuple[int, ...]], Callable[[str], Any]]:
+    """The canonical tensors `decoder` needs for `cfg` (optional ones it does not need left out), and a getter
+    that draws each at random: matrices as blocks of type q, vectors and MoE routers as float32 (as files keep
+    them)."""
+    required = decoder.required(cfg)
+    sizes = {c: s for c, s in decoder.expected_shapes(cfg).items() if required.get(c.rsplit(".", 1)[-1], True)}
+    rng = np.random.default_rng(0)
+
+    def get(canon: str):
+        blocks = len(sizes[canon]) == 2 and not canon.endswith("router")
+        t = OutTensor(canon, sizes[canon], None, q if blocks else QType.F32)
+        data = torch.from_numpy(_random_data(t, rng))
+        return QTensor(data, q, t.shape) if t.qtype == q else data
+
+    return sizes, get
+
+
 def _family_file(path: Path, name: str, q: QType, layers: int | None = None) -> None:
     """A family's random-weight file through its own GGUF table and the converter's writer: each canonical
     tensor drawn as random blocks (MoE routers as float32, as files keep them)."""
@@ -128,16 +147,8 @@ def _family_file(path: Path, name: str, q: QType, layers: int | None = None) -> 
     shape = {**FAMILY_SHAPES[name], **({"num_layers": layers} if layers else {})}
     family = FAMILIES[shape.pop("arch")]
     cfg = ModelConfig(arch=family.ARCH, family="gguf", norm_eps=1e-5, max_position=8192, **shape)
-    required = family.DECODER.required(cfg)
-    sizes = {c: s for c, s in family.DECODER.expected_shapes(cfg).items() if required.get(c.rsplit(".", 1)[-1], True)}
-    rng, vocab = np.random.default_rng(0), _default_vocab()
-
-    def get(canon: str):
-        blocks = len(sizes[canon]) == 2 and not canon.endswith("router")
-        t = OutTensor(canon, sizes[canon], None, q if blocks else QType.F32)
-        data = torch.from_numpy(_random_data(t, rng))
-        return QTensor(data, q, t.shape) if t.qtype == q else data
-
+    sizes, get = _random_tensors(family.DECODER, cfg, q)
+    vocab = _default_vocab()
     ckpt = Checkpoint(path, family, cfg, {c: [c] for c in sizes}, family.GGUF_NAMES, get, None, lambda: None)
     tensors = list(file_tensors(ckpt, family.GGUF_NAMES))
     for t in tensors:
@@ -179,16 +190,8 @@ def _ggml_file(path: Path, name: str, q: QType) -> None:
     config, (pieces, specials) = GGML_SHAPES[name]
     family = family_for_hf(config, path)
     cfg = family.config_from_hf(config, path)
-    decoder = getattr(family, "DECODER", Decoder)  # as the loader picks it
-    required = decoder.required(cfg)
-    sizes = {c: s for c, s in decoder.expected_shapes(cfg).items() if required.get(c.rsplit(".", 1)[-1], True)}
-    rng, tokenizer = np.random.default_rng(0), sentencepiece_model(pieces, specials)
-
-    def get(canon: str):
-        t = OutTensor(canon, sizes[canon], None, q if len(sizes[canon]) == 2 else QType.F32)
-        data = torch.from_numpy(_random_data(t, rng))
-        return QTensor(data, q, t.shape) if t.qtype == q else data
-
+    sizes, get = _random_tensors(getattr(family, "DECODER", Decoder), cfg, q)  # the decoder as the loader picks it
+    tokenizer = sentencepiece_model(pieces, specials)
     ckpt = Checkpoint(path, family, cfg, {c: [c] for c in sizes}, family.HF_NAMES, get, None,
                       lambda: tokenizer_from_bytes(tokenizer, cfg.family, path), format="ggml")
     WRITERS["ggml"](path, ckpt, q, lambda tensors: tensors)
