@@ -108,13 +108,12 @@ def latent_moe_decoder(blocks: Sequence[nn.Module], cfg: ModelConfig) -> "_ggml.
                                  weight(shared.down) if shared else None, spec.experts_per_token, spec.groups,
                                  spec.groups_per_token, spec.normalize, spec.scaling)
 
-    layers = []
+    layers, bottleneck = [], cfg.latent.q_rank > 0
     try:
         for block in blocks:
             a = block.attn
             if not hasattr(a, "k_b"):
                 return None
-            bottleneck = cfg.latent.q_rank > 0
             layers.append(_ggml.LatentLayer(
                 block.attn_norm.data, block.ffn_norm.data, weight(a.q_a) if bottleneck else None,
                 a.q_a_norm.data if bottleneck else None, weight(a.q_b if bottleneck else a.q), weight(a.kv_a),

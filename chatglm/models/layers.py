@@ -38,6 +38,15 @@ class Step:
     causal: bool = False              # fresh prompts, each token seeing exactly its own past: no cache read, no mask
 
 
+def fresh_causal(rows: torch.Tensor, mask: torch.Tensor, span: int) -> bool:
+    """Whether a forward is fresh prompts with a plain causal mask: rows 0..T-1 of each sequence, nothing cached
+    before them, each token seeing exactly its own past (so attention needs neither the pages nor the mask)."""
+    T = rows.shape[1]
+    order = torch.arange(T, device=rows.device)
+    return (span == T and mask.dtype == torch.bool and torch.equal(rows, order.expand_as(rows)) and
+            torch.equal(mask, (order[:, None] >= order).expand_as(mask)))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32 like the reference code, returned in x's dtype."""
     return F.rms_norm(x, x.shape[-1:], weight, eps)
@@ -223,10 +232,7 @@ class Decoder(nn.Module):
             bias = mask.float().view(B, self.config.num_kv_heads, -1, mask.shape[-1])
         elif T == 1 and not bool(mask.all()):
             bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
-        order = torch.arange(T, device=rows.device)
-        causal = (T > 1 and span == T and mask.dtype == torch.bool and torch.equal(rows, order.expand_as(rows)) and
-                  torch.equal(mask, (order[:, None] >= order).expand_as(mask)))
-        return Step(blocks, rows % cache.block_size, table, span, mask, bias, causal)
+        return Step(blocks, rows % cache.block_size, table, span, mask, bias, T > 1 and fresh_causal(rows, mask, span))
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.norm, self.config.norm_eps)
