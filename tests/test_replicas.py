@@ -187,7 +187,7 @@ def test_openai_client_streams_through_the_replicas(server):
 
 
 def test_a_full_service_answers_503_with_retry_after(server):
-    """Two replicas x (2 running + 2 queued) and 4 waiting in Ray: 24 requests at once overflow it."""
+    """Two replicas x (2 running + 2 queued) and 8 waiting in Ray: 24 requests at once overflow it."""
     _, url = server
     body = {"temperature": 0, "max_tokens": 160}
     with ThreadPoolExecutor(24) as pool:

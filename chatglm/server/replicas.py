@@ -321,9 +321,12 @@ def application(plan: ReplicaPlan) -> Application:
                                                        "target_ongoing_requests": max(1, plan.max_ongoing // 2)}})
     if plan.routing == "prefix":
         options["request_router_config"] = RequestRouterConfig(request_router_class=PrefixAffinityRouter)
-    # each replica takes what its own batch and queue hold; past that many more waiting in Ray, 503 + Retry-After
+    # each replica takes what its own batch and queue hold; past as many again for every replica waiting in Ray,
+    # 503 + Retry-After. Requests wait there briefly even when replicas have room (while the router picks one), so
+    # a burst the replicas can take must fit: one replica's worth would refuse part of it.
+    most = plan.replicas if isinstance(plan.replicas, int) else plan.replicas[1]
     model = serve.deployment(ModelReplica, name="model", ray_actor_options={"num_cpus": plan.threads},
-                             max_ongoing_requests=plan.max_ongoing, max_queued_requests=plan.max_ongoing,
+                             max_ongoing_requests=plan.max_ongoing, max_queued_requests=plan.max_ongoing * most,
                              health_check_period_s=2,
                              graceful_shutdown_timeout_s=300, **options)
     ingress = serve.deployment(Ingress, name="ingress", ray_actor_options={"num_cpus": 0},
