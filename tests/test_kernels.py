@@ -172,6 +172,27 @@ def test_ggml_simd_path_matches_the_portable_one(name, rows, k, n):
 
 
 @needs_ggml
+@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("rows", [1, 4, 20])
+def test_ggml_products_do_not_depend_on_how_threads_share_the_rows(name, rows):
+    """Threads take a product's output rows in chunks and take over each other's (a thread slowed by another
+    process hands its rest on): each output row is still one thread's whole sum in one order, so any split, here 8
+    threads racing on 2 cores over pieces of odd sizes, gives the single thread's bits."""
+    pieces = [qtensor(name, (n, 4096))[0] for n in (1000, 37, 250)]
+    x = torch.randn(rows, 4096, generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = ggml._ggml.linear(x, [q.raw for q in pieces], int(pieces[0].qtype), ggml.TILE_ROWS)
+        torch.set_num_threads(8)
+        for _ in range(5):
+            assert torch.equal(ggml._ggml.linear(x, [q.raw for q in pieces], int(pieces[0].qtype), ggml.TILE_ROWS),
+                               alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_ggml
 def test_ggml_route_reads_the_weights_in_place_and_f32_stays_exact():
     q, w = qtensor("q4_0", (64, 256))
     with ggml_numerics():
