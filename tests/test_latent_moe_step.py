@@ -102,6 +102,32 @@ def test_a_gguf_file_takes_the_fused_step_reading_its_blocks(tmp_path):
     assert_close(batched_step(model), without_fused(model, batched_step))
 
 
+def test_a_gguf_files_latent_blocks_stay_blocks_and_are_shape_checked(tmp_path):
+    """sanitize keeps a GGUF's attn_k_b / attn_v_b blocks without building a float kv_b beside them (for the real
+    model that was ~860 MB made and dropped at every load), and a wrong attn_v_b is named with the shape expected."""
+    import chatglm.models.glm4_moe_lite as lite
+    from chatglm.convert import convert
+    from chatglm.errors import ModelFileError
+    from chatglm.loaders import open_checkpoint
+    from chatglm.loaders.names import assemble
+    from chatglm.quant import QTensor
+
+    from test_convert import write_bpe_tokenizer
+
+    tiny_glm4_moe_lite(vocab_size=write_bpe_tokenizer(tmp_path), **WIDTHS).save_pretrained(tmp_path)
+    path = convert(tmp_path, tmp_path / "m.gguf", "q8_0", progress=False)
+    ckpt = open_checkpoint(path)
+    weights = lite.sanitize(assemble(ckpt.layout, ckpt.get, path, ckpt.transforms), ckpt.config, path)
+    assert not any(c.endswith("kv_b") for c in weights)
+    assert all(isinstance(weights[f"layers.{i}.{p}"], QTensor) for i in range(ckpt.config.num_layers)
+               for p in ("k_b", "v_b"))
+    cfg = ckpt.config
+    bad = dict(weights, **{"layers.1.v_b": weights["layers.1.k_b"]})
+    with pytest.raises(ModelFileError, match=r"v_b.*expected \[%d, %d\]" % (
+            cfg.num_heads * cfg.latent.value_dim, cfg.latent.kv_rank)):
+        lite.Glm4MoeLiteDecoder(cfg, bad, torch.float32, source=path)
+
+
 def test_steps_on_a_synthetic_file_agree_with_llama_cpp(tmp_path, llama_cpp):
     """`--synthetic-layers`: the tiny GLM-4.7-Flash shape with 4 layers, every token through the one-call step,
     against llama.cpp's logits on the same file (float32 caches both)."""

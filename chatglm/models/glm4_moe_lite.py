@@ -144,9 +144,9 @@ def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def sanitize(weights: dict[str, Weight], cfg: ModelConfig, source: object) -> dict[str, Weight]:
-    """GLM-4.5's expert stacks, and a GGUF file's attn_k_b / attn_v_b joined back into kv_b (float: it is
-    folded into the queries and values anyway); block-quantized ones are also kept as they are, so that each
-    head's part is read from the file's blocks, as llama.cpp reads them."""
+    """GLM-4.5's expert stacks, and a GGUF file's attn_k_b / attn_v_b: block-quantized ones are kept as they are,
+    so that each head's part is read from the file's blocks, as llama.cpp reads them; float ones are joined back
+    into kv_b (folded into the queries and values anyway)."""
     weights = unstack_experts(weights, cfg, source)
     spec = cfg.latent
     for i in range(cfg.num_layers):
@@ -156,11 +156,12 @@ def sanitize(weights: dict[str, Weight], cfg: ModelConfig, source: object) -> di
             continue
         if k_b is None or v_b is None:
             raise ModelFileError(source, f"layer {i} has only one of attn_k_b and attn_v_b")
+        if isinstance(k_b, QTensor) and isinstance(v_b, QTensor):
+            weights[p + "k_b"], weights[p + "v_b"] = k_b, v_b
+            continue
         keys = _float(k_b, torch.float32, "cpu").reshape(cfg.num_heads, spec.kv_rank, spec.nope_dim).transpose(1, 2)
         values = _float(v_b, torch.float32, "cpu").reshape(cfg.num_heads, spec.value_dim, spec.kv_rank)
         weights[p + "kv_b"] = torch.cat([keys, values], dim=1).reshape(-1, spec.kv_rank)
-        if isinstance(k_b, QTensor) and isinstance(v_b, QTensor):
-            weights[p + "k_b"], weights[p + "v_b"] = k_b, v_b
     return weights
 
 
@@ -276,6 +277,17 @@ class Glm4MoeLiteDecoder(Glm4MoeDecoder):
     @staticmethod
     def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         return latent_shapes(cfg)
+
+    def shapes_of(self, cfg: ModelConfig, weights: Mapping[str, Weight]) -> dict[str, tuple[int, ...]]:
+        """kv_b, or in a layer whose file's attn_k_b / attn_v_b blocks are kept (sanitize), those per head."""
+        shapes, spec = latent_shapes(cfg), cfg.latent
+        for i in range(cfg.num_layers):
+            p = f"layers.{i}."
+            if p + "k_b" in weights:
+                del shapes[p + "kv_b"]
+                shapes[p + "k_b"] = (cfg.num_heads * spec.kv_rank, spec.nope_dim)
+                shapes[p + "v_b"] = (cfg.num_heads * spec.value_dim, spec.kv_rank)
+        return shapes
 
     @staticmethod
     def required(cfg: ModelConfig) -> dict[str, bool]:

@@ -148,7 +148,7 @@ class Decoder(nn.Module):
                  device: torch.device | str = "cpu", source: object = "model",
                  name_of: Callable[[str], str] = str):
         super().__init__()
-        check_shapes(self.expected_shapes(cfg), weights, source, self.required(cfg), name_of)
+        check_shapes(self.shapes_of(cfg, weights), weights, source, self.required(cfg), name_of)
         self.config = cfg
         self.dtype = dtype
         self.device = torch.device(device)
@@ -205,6 +205,11 @@ class Decoder(nn.Module):
         return decoder_shapes(cfg)
 
     prefix_reusable = True  # a cached prefix stays valid when later tokens change (causal attention)
+
+    def shapes_of(self, cfg: ModelConfig, weights: Mapping[str, Weight]) -> dict[str, tuple[int, ...]]:
+        """What these weights must measure: expected_shapes, unless a family's file may hold some tensors in
+        another form."""
+        return self.expected_shapes(cfg)
 
     @staticmethod
     def required(cfg: ModelConfig) -> dict[str, bool]:
