@@ -7,6 +7,7 @@ Weights arrive in their stored form (float tensors or `QTensor` blocks) and go t
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Mapping, Union
 
@@ -17,6 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ChatGLMError, ModelFileError
 from ..kernels import fused_decoder, in_ggml_numerics, make_embedding, make_linear, tied_head
+from ..kernels.threads import StepThreads
 from ..kv_cache import BLOCK_SIZE, KVCache, KVMemoryError, format_size
 from ..quant import QTensor
 
@@ -163,6 +165,7 @@ class Decoder(nn.Module):
         # (fused_parts); ALiBi has no rotary there
         fusable = not cfg.extra.get("alibi") and self.device.type == "cpu"
         self.fused = fused_decoder(self.layers, cfg) if fusable else None
+        self.step_threads = StepThreads()  # one-token steps: as many threads as run them fastest here and now
         prefix = prefix_kv(cfg, weights, source)
         self.prefix = None if prefix is None else prefix.to(device=device, dtype=dtype)
         # keys and values as stored: float16 where the blocks take llama.cpp's numerics (as llama.cpp keeps its
@@ -256,6 +259,11 @@ class Decoder(nn.Module):
         for slot, tokens in zip(slots.tolist(), (last + 1).tolist()):  # padding columns past `take` take no block
             if not cache.grow(slot, tokens):
                 raise ChatGLMError(f"the KV cache has no free block for sequence {slot} at {tokens} tokens")
+        with self.step_threads.chosen(len(ids)) if ids.shape[1] == 1 and self.device.type == "cpu" else nullcontext():
+            return self._forward(ids, pos, cache, slots, last_only, take)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, slots: torch.Tensor, last_only: bool,
+                 take: torch.Tensor | None) -> torch.Tensor:
         x = self.embed(ids)
         if self.fused is not None and ids.shape[1] == 1 and cache.kv.dtype in FUSED_KV_TYPES:
             rows = pos[:, 0].contiguous() + self.prefix_len

@@ -1,0 +1,98 @@
+"""The thread count of one-token steps follows which count ran them faster (a simulated clock: no timing here)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatglm.kernels import threads
+from chatglm.kernels.threads import PROBE_EVERY, StepThreads
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_steps(chooser: StepThreads, monkeypatch, seconds_at: dict[int, float], steps: int, batch: int = 1) -> list[int]:
+    """Steps through the chooser on a clock where a step at n threads takes seconds_at[n]; the counts used."""
+    clock = [0.0]
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock[0])
+    used = []
+    for _ in range(steps):
+        with chooser.chosen(batch):
+            n = torch.get_num_threads()
+            used.append(n)
+            clock[0] += seconds_at[n]
+        assert torch.get_num_threads() == chooser.most  # torch gets back the count asked for after every step
+    return used
+
+
+def test_a_busy_core_moves_steps_to_one_thread_and_a_quiet_one_back(monkeypatch, two_threads):
+    chooser = StepThreads()
+    assert chooser.counts() == (2, 1)
+    busy = run_steps(chooser, monkeypatch, {2: 1.5, 1: 0.42}, 100)
+    assert busy[:2] == [2, 1]  # each count is tried once early
+    assert busy[4:].count(2) <= 100 // PROBE_EVERY + 1  # then two threads only as a try now and then
+    quiet = run_steps(chooser, monkeypatch, {2: 0.10, 1: 0.11}, 2 * PROBE_EVERY)
+    assert quiet[-PROBE_EVERY:].count(2) == PROBE_EVERY - 1  # back on two at the first try on a quiet machine
+
+
+def test_the_first_step_at_a_count_does_not_decide(monkeypatch, two_threads):
+    """A warm-up step (allocations) is replaced by the next one at that count, not averaged in."""
+    chooser = StepThreads()
+    clock = [0.0]
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock[0])
+    for i in range(3 * PROBE_EVERY):
+        with chooser.chosen(1):
+            clock[0] += (5.0 if i == 0 else 0.10) if torch.get_num_threads() == 2 else 0.12
+    assert chooser.seconds[1, 2] == pytest.approx(0.10) and chooser.pick(1) == (2, False)
+
+
+def test_each_batch_size_keeps_its_own_times_and_a_new_count_resets_them(monkeypatch, two_threads):
+    chooser = StepThreads()
+    run_steps(chooser, monkeypatch, {2: 1.0, 1: 0.5}, 10, batch=1)
+    run_steps(chooser, monkeypatch, {2: 0.5, 1: 1.0}, 10, batch=8)
+    assert chooser.pick(1)[0] == 1 and chooser.pick(8)[0] == 2
+    torch.set_num_threads(4)  # the caller asks for another count: earlier times say nothing about it
+    assert run_steps(chooser, monkeypatch, {4: 0.2, 2: 0.3}, 3)[:2] == [4, 2]
+    assert chooser.most == 4 and chooser.counts() == (4, 2)
+
+
+def test_one_thread_asked_for_stays_one(monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert set(run_steps(StepThreads(), monkeypatch, {1: 0.1}, 40)) == {1}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_models_decode_steps_go_through_it_and_prompts_do_not(tmp_path, two_threads):
+    from chatglm import load_model
+    from chatglm.synthetic import synthetic_gguf
+
+    model = load_model(synthetic_gguf("chatglm-tiny", "q4_0", tmp_path))
+    cache, slot = model.new_cache(1, 16), torch.zeros(1, dtype=torch.long)
+    model(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), cache, slot)
+    assert model.step_threads.steps == {}
+    for i in range(3):
+        model(torch.tensor([[4]]), torch.tensor([[3 + i]]), cache, slot)
+    assert model.step_threads.steps == {1: 3} and torch.get_num_threads() == 2
+
+
+def test_a_lucky_try_costs_a_few_steps_not_a_probe_period(monkeypatch, two_threads):
+    """On a quiet machine one try at one thread happens to run fast: the steps after it, timed at one thread,
+    bring two threads back within a few steps."""
+    chooser = StepThreads()
+    clock = [0.0]
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock[0])
+    used = []
+    for step in range(1, 3 * PROBE_EVERY + 1):
+        with chooser.chosen(1):
+            n = torch.get_num_threads()
+            used.append(n)
+            clock[0] += 0.10 if n == 2 else (0.05 if step == 2 * PROBE_EVERY else 0.12)
+    assert used[2 * PROBE_EVERY - 1] == 1 and used[2 * PROBE_EVERY + 6:].count(1) == 1  # the next try only
