@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -190,9 +194,32 @@ def _until_eos(tokens, eos: int, limit: int):
         yield token
 
 
+@contextmanager
+def busy_core(on: bool) -> Iterator[Callable[[], float]]:
+    """A CPU-bound process pinned to core 0 beside everything inside (`--busy`): a user's machine where another
+    program holds a core, the same for every engine measured in the run. Gives the CPU seconds it has spun so far
+    (0.0 when off), which shows that it ran."""
+    if not on:
+        yield lambda: 0.0
+        return
+    spin = subprocess.Popen([sys.executable, "-c", "import os\nos.sched_setaffinity(0, {0})\nwhile True: pass"])
+    stat = Path(f"/proc/{spin.pid}/stat")
+    try:  # utime and stime: fields 14 and 15, after the parenthesized command name
+        yield lambda: sum(map(int, stat.read_text().rsplit(")", 1)[1].split()[11:13])) / os.sysconf("SC_CLK_TCK")
+    finally:
+        spin.kill()
+        spin.wait()
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    with busy_core(args.busy) as busy_seconds:
+        args.busy_seconds = busy_seconds
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
     if args.prompt_file:
         return print_speculative(bench_speculative(args), args.json)
     path = args.model
@@ -214,10 +241,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result["llama_cpp"] = peer
         result["decode_ratio"] = round(ours["decode_tok_s"] / peer["decode_tok_s"], 3)
         result["prefill_ratio"] = round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 3)
+    result["busy_core_cpu_s"] = round(args.busy_seconds(), 2)
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"model {result['model']}  threads {ours['threads']}  batch {ours['batch']}")
+        print(f"model {result['model']}  threads {ours['threads']}  batch {ours['batch']}"
+              + ("  (a CPU-bound process on core 0)" if args.busy else ""))
         print(f"chatglm    load {ours['load_s']:.2f} s  prefill {ours['prefill_tok_s']:.1f} tok/s  "
               f"decode {ours['decode_tok_s']:.1f} tok/s  peak RSS {ours['peak_rss_mb']:.0f} MB  "
               f"KV {ours['kv_type']} {ours['kv_bytes_per_token']} B/token")
@@ -257,6 +286,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-type", choices=["auto", *KV_TYPES], default="auto",
                    help="KV cache storage (auto: f16 for ggml block files, as llama.cpp keeps its cache)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--busy", action="store_true",
+                   help="run a CPU-bound process pinned to core 0 beside every engine measured (a busy machine)")
     p.add_argument("--compare", choices=["llama.cpp"], default=None, help="run llama.cpp on the same file too")
     p.add_argument("--synthetic", default=None,
                    help="build a random-weight GGUF of this shape (chatglm3-6b, glm4-9b, glm4-9b-0414, glm-4.7-flash), "

@@ -47,6 +47,17 @@ def test_bench_json_with_llama_cpp(tmp_path, default_gguf, llama_cpp):
     assert result["llama_cpp"]["engine"] == "llama.cpp"
 
 
+def test_bench_busy_runs_a_pinned_spinner_beside_both_engines_and_stops_it(tmp_path, default_gguf, llama_cpp):
+    proc = subprocess.run([sys.executable, "-m", "chatglm", "bench", "--synthetic", "chatglm-tiny", "--busy",
+                           "--synthetic-dir", str(tmp_path), "--prompt-tokens", "16", "--new-tokens", "4",
+                           "--compare", "llama.cpp", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["busy_core_cpu_s"] > 0 and result["decode_ratio"] > 0
+    spinning = subprocess.run(["pgrep", "-f", "sched_setaffinity"], capture_output=True, text=True).stdout
+    assert spinning == "", "the spinner outlived the bench"
+
+
 def test_synthetic_glm_v1_is_a_chatglm_cpp_file_with_ice_texts_special_ids(tmp_path, shared_dir):
     """ChatGLM-6B's shape as chatglm.cpp's GGML .bin (GLM v1 has no llama.cpp architecture): its tokenizer has
     the real ice_text.model's piece count and control pieces at the same ids, which chatglm.cpp looks up."""
