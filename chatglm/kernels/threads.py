@@ -36,8 +36,10 @@ class StepThreads:
         """This step's count: the one with the lower average, or, every PROBE_EVERY steps, the other one (a try)."""
         counts = self.counts()
         step = self.steps[batch] = self.steps.get(batch, 0) + 1
-        known = {n: self.seconds.get((batch, n), 0.0) for n in counts}  # 0: not timed yet, so it gets tried
-        best = min(counts, key=lambda n: known[n])
+        untimed = [n for n in counts if self.samples.get((batch, n), 0) < 2]  # the first step was a warm-up
+        if untimed:
+            return untimed[0], False
+        best = min(counts, key=lambda n: self.seconds[batch, n])
         if len(counts) > 1 and step % PROBE_EVERY == 0:
             return next(n for n in counts if n != best), True
         return best, False
