@@ -235,8 +235,8 @@ class FusedDecoder {
       TORCH_CHECK(!l->qkv_per_head || heads == kv_heads, "qkv_per_head needs as many key heads as query heads");
       TORCH_CHECK(l->attn_norm.numel() == layers_[0]->attn_norm.numel(), "every layer must have the first layer's "
                   "hidden size");
-      TORCH_CHECK(!l->q_norm || (l->q_norm->numel() == head_dim && l->k_norm->numel() == head_dim), "q_norm and k_norm must have head_dim (", head_dim,
-                  ") values");
+      TORCH_CHECK(!l->q_norm || (l->q_norm->numel() == head_dim && l->k_norm->numel() == head_dim),
+                  "q_norm and k_norm must have head_dim (", head_dim, ") values");
     }
   }
 

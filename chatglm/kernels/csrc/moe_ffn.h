@@ -63,11 +63,12 @@ struct FeedForward {
 };
 
 // Routed experts alone (no shared part), each expert's gate_up and down from the ggml blocks `parts` of one type.
-std::shared_ptr<FeedForward> routed_experts(const torch::Tensor& router, const torch::Tensor& router_bias,
-                                            const std::vector<std::vector<torch::Tensor>>& gate_up,
-                                            int64_t gate_up_type, const std::vector<std::vector<torch::Tensor>>& down,
-                                            int64_t down_type, int64_t top_k, int64_t groups, int64_t top_groups,
-                                            bool normalize, double scaling) {
+inline std::shared_ptr<FeedForward> routed_experts(const torch::Tensor& router, const torch::Tensor& router_bias,
+                                                   const std::vector<std::vector<torch::Tensor>>& gate_up,
+                                                   int64_t gate_up_type,
+                                                   const std::vector<std::vector<torch::Tensor>>& down,
+                                                   int64_t down_type, int64_t top_k, int64_t groups,
+                                                   int64_t top_groups, bool normalize, double scaling) {
   TORCH_CHECK(!gate_up.empty() && gate_up.size() == down.size(), "experts: ", gate_up.size(), " gate_up weights but ",
               down.size(), " down");
   TORCH_CHECK(router.dim() == 2, "router must be [experts, hidden]");
@@ -82,8 +83,8 @@ std::shared_ptr<FeedForward> routed_experts(const torch::Tensor& router, const t
 }
 
 // SwiGLU over m rows: y = down(silu(gate) * up), gate_up's gate rows first.
-void swiglu_mlp(const BlockLinear& gate_up, const BlockLinear& down, const float* x, int64_t m, float* y,
-                std::vector<float>& gu, std::vector<float>& act, int64_t tile_rows) {
+inline void swiglu_mlp(const BlockLinear& gate_up, const BlockLinear& down, const float* x, int64_t m, float* y,
+                       std::vector<float>& gu, std::vector<float>& act, int64_t tile_rows) {
   const int64_t ffn = down.in;
   gu.resize(m * 2 * ffn);
   act.resize(m * ffn);
@@ -94,7 +95,7 @@ void swiglu_mlp(const BlockLinear& gate_up, const BlockLinear& down, const float
 
 // ids, weights [B, top_k]: sigmoid scores; the choice adds the correction bias and, with groups, keeps the
 // top_groups groups whose two best choices sum highest; weights are the chosen scores, normalised and scaled.
-void route(const FeedForward& f, const float* x, int64_t B, int64_t* ids, float* weights) {
+inline void route(const FeedForward& f, const float* x, int64_t B, int64_t* ids, float* weights) {
   const int64_t E = static_cast<int64_t>(f.gate_up.size()), hidden = f.hidden(), per_group = E / f.groups;
   const float* router = f.router.data_ptr<float>();
   const float* bias = f.router_bias.data_ptr<float>();
@@ -143,8 +144,8 @@ void route(const FeedForward& f, const float* x, int64_t B, int64_t* ids, float*
 
 // y [B, hidden] += the routed experts' weighted sum for the rows x [B, hidden]: each chosen expert once over the
 // rows routed to it (in row order, as the torch block groups them).
-void add_routed(const FeedForward& f, const float* x, int64_t B, float* y, std::vector<float>& gu,
-                std::vector<float>& act, int64_t tile_rows) {
+inline void add_routed(const FeedForward& f, const float* x, int64_t B, float* y, std::vector<float>& gu,
+                       std::vector<float>& act, int64_t tile_rows) {
   const int64_t hidden = f.hidden(), E = static_cast<int64_t>(f.gate_up.size());
   std::vector<int64_t> ids(B * f.top_k);
   std::vector<float> weights(B * f.top_k);
@@ -165,8 +166,8 @@ void add_routed(const FeedForward& f, const float* x, int64_t B, float* y, std::
 }
 
 // y [B, hidden] = the routed experts' weighted sum plus the shared expert (or the dense SwiGLU alone).
-void feed_forward(const FeedForward& f, const float* x, int64_t B, float* y, std::vector<float>& gu,
-                  std::vector<float>& act, int64_t tile_rows) {
+inline void feed_forward(const FeedForward& f, const float* x, int64_t B, float* y, std::vector<float>& gu,
+                         std::vector<float>& act, int64_t tile_rows) {
   const int64_t hidden = f.hidden();
   std::fill_n(y, B * hidden, 0.f);
   if (f.routed()) add_routed(f, x, B, y, gu, act, tile_rows);
