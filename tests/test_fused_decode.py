@@ -1,7 +1,7 @@
 """The fused one-token step (kernels/csrc/decode_step.cpp) against the torch blocks it replaces, with the
 same ggml-block weights: llama with biases and half-split rotary, GLM-4 with partial interleaved rotary and
-grouped keys, GLM-4-0414 with its post norms, GLM v1 (LayerNorm, per-head q/k/v, 2D rotary, GELU, alpha
-residuals), a P-Tuning prefix; a batch at mixed positions in scattered cache slots. The torch blocks are checked
+grouped keys, GLM-4-0414 with its post norms, GLM-4.5/4.6 (QK norm, a dense first layer, routed and shared
+experts), GLM v1 (LayerNorm, per-head q/k/v, 2D rotary, GELU, alpha residuals), a P-Tuning prefix; a batch at mixed positions in scattered cache slots. The torch blocks are checked
 against transformers and the official code elsewhere (test_models, test_glm4_families), so equality carries
 over. And on the default model, the steps really are fused and agree with llama.cpp."""
 from __future__ import annotations

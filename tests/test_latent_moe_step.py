@@ -2,7 +2,8 @@
 (which tests/test_glm4_families.py checks against transformers' Glm4MoeLiteForCausalLM), with the same ggml-block
 weights: latent attention with and without the query bottleneck, biases, grouped routing, the shared expert and
 the dense first layer; a batch at mixed positions in scattered cache blocks; and a GGUF file as llama.cpp lays it
-out, whose attn_k_b / attn_v_b blocks the step reads in place."""
+out, whose attn_k_b / attn_v_b blocks the step reads in place. The experts (moe_ffn.h) are GLM-4.5's too, whose
+step (decode_step.cpp) goes through the same engine and synthetic-file checks here."""
 from __future__ import annotations
 
 import pytest
