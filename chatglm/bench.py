@@ -290,8 +290,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run a CPU-bound process pinned to core 0 beside every engine measured (a busy machine)")
     p.add_argument("--compare", choices=["llama.cpp"], default=None, help="run llama.cpp on the same file too")
     p.add_argument("--synthetic", default=None,
-                   help="build a random-weight GGUF of this shape (chatglm3-6b, glm4-9b, glm4-9b-0414, glm-4.7-flash), "
-                        "or a chatglm.cpp GGML .bin (chatglm-6b)")
+                   help="build a random-weight GGUF of this shape (chatglm3-6b, glm4-9b, glm4-9b-0414, glm-4.5-air, "
+                        "glm-4.7-flash), or a chatglm.cpp GGML .bin (chatglm-6b)")
     p.add_argument("--qtype", default="q4_0", help="quant type of the synthetic file")
     p.add_argument("--synthetic-layers", "--layers", dest="synthetic_layers", type=int, default=None,
                    help="the synthetic shape's widths with this many layers (per-layer speed from a small file)")

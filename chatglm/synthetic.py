@@ -46,9 +46,18 @@ FAMILY_SHAPES = {
                           head_dim=256, ffn_size=10240, vocab_size=154880, rope_dim=64, rope_interleaved=True,
                           moe=MoESpec(64, 4, 1536, 1536, scaling=1.8, dense_layers=(0,)),
                           latent=LatentSpec(kv_rank=512, q_rank=768, nope_dim=192, value_dim=256, scale=256 ** -0.5)),
+    # GLM-4.5-Air (zai-org/GLM-4.5-Air config.json: no QK norm, one expert group, routed_scaling_factor 1.0, one
+    # shared expert, first_k_dense_replace 1, rope_theta 1e6); 46 layers are about 57 GB in q4_0: use
+    # --synthetic-layers (each MoE layer ~1.26 GB, the first, dense one ~0.14 GB, embedding and head ~0.7 GB)
+    "glm-4.5-air": dict(arch="glm4_moe", hidden_size=4096, num_layers=46, num_heads=96, num_kv_heads=8, head_dim=128,
+                        ffn_size=10944, vocab_size=151552, rope_dim=64, rope_theta=1e6, qkv_bias=True,
+                        moe=MoESpec(128, 8, 1408, 1408, dense_layers=(0,))),
     "glm4-tiny": dict(arch="glm4", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
                       ffn_size=512, vocab_size=49152, rope_dim=32, rope_interleaved=True, qkv_bias=True,
                       post_norms=True),  # for tests
+    "glm4-moe-tiny": dict(arch="glm4_moe", hidden_size=256, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=64,
+                          ffn_size=512, vocab_size=49152, rope_dim=32, qkv_bias=True, qk_norm=True,
+                          moe=MoESpec(8, 2, 128, 128, scaling=1.5, dense_layers=(0,))),  # for tests, with QK norm
     "glm4-moe-lite-tiny": dict(arch="glm4_moe_lite", hidden_size=256, num_layers=3, num_heads=4, num_kv_heads=4,
                                head_dim=96, ffn_size=512, vocab_size=49152, rope_dim=32, rope_interleaved=True,
                                moe=MoESpec(8, 2, 128, 128, scaling=1.8, dense_layers=(0,)),

@@ -104,9 +104,9 @@ def llama_cpp_kv_bytes_per_token(path, cells: int = 4096) -> float:
     return float(size.group(1)) * 2**20 / int(size.group(2))
 
 
-@pytest.mark.parametrize("name", ["chatglm-tiny", "glm4-tiny", "glm4-moe-lite-tiny", "default"])
+@pytest.mark.parametrize("name", ["chatglm-tiny", "glm4-tiny", "glm4-moe-tiny", "glm4-moe-lite-tiny", "default"])
 def test_f16_cache_takes_what_llama_cpp_allocates_per_token(tmp_path, default_gguf, llama_cpp, name):
-    """The shared decoder's keys and values, GLM-4-0414's, and GLM-4.7-Flash's latent rows (llama.cpp keeps no
+    """The shared decoder's keys and values, GLM-4-0414's and GLM-4.5's, and GLM-4.7-Flash's latent rows (llama.cpp keeps no
     values for it either), as `chatglm bench` and the serve banner report them."""
     path = default_gguf if name == "default" else synthetic_gguf(name, "q4_0", tmp_path)
     cache = load_model(path).new_cache(1, 16)

@@ -1,7 +1,7 @@
 """The fused one-token step (kernels/csrc/decode_step.cpp) against the torch blocks it replaces, with the
 same ggml-block weights: llama with biases and half-split rotary, GLM-4 with partial interleaved rotary and
-grouped keys, GLM-4-0414 with its post norms, GLM v1 (LayerNorm, per-head q/k/v, 2D rotary, GELU, alpha
-residuals), a P-Tuning prefix; a batch at mixed positions in scattered cache slots. The torch blocks are checked
+grouped keys, GLM-4-0414 with its post norms, GLM-4.5/4.6 (QK norm, a dense first layer, routed and shared
+experts), GLM v1 (LayerNorm, per-head q/k/v, 2D rotary, GELU, alpha residuals), a P-Tuning prefix; a batch at mixed positions in scattered cache slots. The torch blocks are checked
 against transformers and the official code elsewhere (test_models, test_glm4_families), so equality carries
 over. And on the default model, the steps really are fused and agree with llama.cpp."""
 from __future__ import annotations
@@ -111,6 +111,37 @@ def test_fused_step_reads_the_ptuning_prefix(tmp_path):
         assert torch.abs(fused - reference).max() < 1e-4 * torch.abs(reference).max()
 
 
+def engine_replies_agree(model, prompts: list[list[int]]) -> None:
+    """Greedy replies of the prompts decoded together by the engine (continuous batching): the same tokens with the
+    one-call step as with the torch blocks, the step taken for the decode steps after each prefill."""
+    from chatglm.engine import BatchEngine, SamplingParams
+
+    greedy = SamplingParams(do_sample=False, max_new_tokens=6)
+
+    def replies(m):
+        engine = BatchEngine(m, max_batch=len(prompts), max_queue=len(prompts))
+        try:
+            return [list(r) for r in [engine.submit(p, greedy) for p in prompts]]
+        finally:
+            engine.close()
+
+    class Counted:  # the step, counting its calls
+        def __init__(self, step):
+            self.inner, self.calls = step, 0
+
+        def step(self, *args):
+            self.calls += 1
+            return self.inner.step(*args)
+
+    step, model.fused = model.fused, Counted(model.fused)
+    try:
+        fused = replies(model)
+        assert model.fused.calls >= 5
+    finally:
+        model.fused = step
+    assert fused == without_fused(model, replies)
+
+
 def fused_and_torch_decode(model, prompts, follow, dtype: torch.dtype) -> None:
     """Prefill, then batched one-token steps at mixed positions over scrambled blocks of 2 rows: every step's
     logits from the fused step equal the torch blocks' (to float32 noise, about 1e-7 here). In a float16 cache
@@ -175,11 +206,70 @@ def test_glm_v1_fused_step_takes_2d_positions(tmp_path):
         model.fused.step(x.clone(), cache.kv, tables, torch.tensor([[2, 64]]), rows, rope)
 
 
-def test_moe_blocks_keep_the_torch_step(tmp_path):
-    """GLM-4.5's QK norm and experts are not in the fused step: its blocks say so, and decode runs as torch."""
+GLM4_MOE = {  # the tiny default: QK norm, qkv bias, experts in 2 groups of which the best one is kept
+    "qk-norm-grouped": {},
+    # GLM-4.5-Air's switches: no QK norm, one group, no routed scaling
+    "air": dict(use_qk_norm=False, n_group=1, topk_group=1, routed_scaling_factor=1.0),
+}
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q8_0], ids=["q4_0", "q8_0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32-cache", "f16-cache"])
+@pytest.mark.parametrize("name", list(GLM4_MOE))
+def test_glm4_moe_in_the_fused_step(tmp_path, name, qtype, dtype):
+    """GLM-4.5/4.6: an RMSNorm over each query and key head before partial half-split rotary, a dense first layer
+    (its SwiGLU wider than the shared expert after it) and MoE layers whose routed experts add to the shared one;
+    batched rows at mixed positions, each expert run once over the rows routed to it."""
+    tiny_glm4_moe(**GLM4_MOE[name]).save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype="f32")
+    cfg = model.config
+    assert cfg.moe.dense_layers == (0,) and cfg.rope_dim < cfg.head_dim and not cfg.rope_interleaved
+    assert cfg.qk_norm == (name != "air")
+    to_blocks(model, qtype)
+    rng = np.random.default_rng(1)
+    fused_and_torch_decode(model, PROMPTS, [rng.integers(0, 96, 5).tolist() for _ in PROMPTS], dtype=dtype)
+
+
+def test_glm4_moe_without_a_shared_expert_keeps_the_torch_step(tmp_path):
+    """The step's SwiGLU is the shared expert: an MoE layer without one (n_shared_experts 0) says so, and decode
+    runs as torch code."""
     tiny_glm4_moe().save_pretrained(tmp_path)
     model = load_model(tmp_path, dtype="f32")
-    assert all(block.fused_parts() is None for block in model.layers)
+    to_blocks(model, QType.Q8_0)
+    model.layers[2].ffn.shared = None
+    assert [block.fused_parts() is None for block in model.layers] == [False, False, True]
+    assert fused_decoder(model.layers, model.config) is None
+
+
+def test_bad_moe_layers_are_refused_by_name(tmp_path):
+    """A query/key norm of the wrong size, a correction bias that does not fit the experts, impossible routing:
+    each is named."""
+    tiny_glm4_moe().save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype="f32")
+    to_blocks(model, QType.Q8_0)
+    cfg, block = model.config, model.layers[1]
+
+    def layer(**change):
+        parts = block.fused_parts()
+        linears = {n: parts.pop(n) for n in ("qkv", "o", "gate_up", "down")}
+        for n, m in linears.items():
+            parts.update({n: list(m.parts), f"{n}_type": int(m.qtype), f"{n}_bias": m.bias})
+        router, experts = parts.pop("router"), parts.pop("experts")
+        parts.update(router=router.weight, router_bias=router.bias, top_k=3, groups=2, top_groups=1,
+                     experts_gate_up=[list(e.gate_up.parts) for e in experts], experts_gate_up_type=int(QType.Q8_0),
+                     experts_down=[list(e.down.parts) for e in experts], experts_down_type=int(QType.Q8_0))
+        parts.update(change)
+        return ggml._ggml.DecodeLayer(attn_width=cfg.num_heads * cfg.head_dim, ffn=linears["down"].in_features,
+                                      **parts)
+
+    short = block.attn.q_norm[:-1].contiguous()
+    with pytest.raises(RuntimeError, match=r"q_norm and k_norm must have head_dim \(8\) values"):
+        ggml._ggml.FusedDecoder([layer(q_norm=short, k_norm=short)], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                cfg.rope_dim, False, cfg.norm_eps, 64)
+    with pytest.raises(RuntimeError, match="router_bias must be a contiguous CPU float32 tensor of 8 values"):
+        layer(router_bias=block.ffn.router.bias[:-1].contiguous())
+    with pytest.raises(RuntimeError, match="routing: 3 of 8 experts in 1 of 3 groups is not possible"):
+        layer(groups=3)
 
 
 def test_default_model_decode_steps_agree_with_llama_cpp(default_gguf, llama_cpp):

@@ -2,7 +2,8 @@
 (which tests/test_glm4_families.py checks against transformers' Glm4MoeLiteForCausalLM), with the same ggml-block
 weights: latent attention with and without the query bottleneck, biases, grouped routing, the shared expert and
 the dense first layer; a batch at mixed positions in scattered cache blocks; and a GGUF file as llama.cpp lays it
-out, whose attn_k_b / attn_v_b blocks the step reads in place."""
+out, whose attn_k_b / attn_v_b blocks the step reads in place. The experts (moe_ffn.h) are GLM-4.5's too, whose
+step (decode_step.cpp) goes through the same engine and synthetic-file checks here."""
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,8 @@ from chatglm.kernels import ggml
 from chatglm.kernels.ggml import GGMLLinear, latent_moe_decoder
 from chatglm.quant import QType
 
-from checkpoints import tiny_glm4_moe_lite
-from test_fused_decode import batched_step, blocks_of, without_fused
+from checkpoints import tiny_glm4_moe, tiny_glm4_moe_lite
+from test_fused_decode import batched_step, blocks_of, engine_replies_agree, without_fused
 
 pytestmark = pytest.mark.skipif(not ggml.available(), reason="the C++ kernels were not built on this machine")
 
@@ -128,9 +129,11 @@ def test_a_gguf_files_latent_blocks_stay_blocks_and_are_shape_checked(tmp_path):
         lite.Glm4MoeLiteDecoder(cfg, bad, torch.float32, source=path)
 
 
-def test_steps_on_a_synthetic_file_agree_with_llama_cpp(tmp_path, llama_cpp):
-    """`--synthetic-layers`: the tiny GLM-4.7-Flash shape with 4 layers, every token through the one-call step,
-    against llama.cpp's logits on the same file (float32 caches both)."""
+@pytest.mark.parametrize("name", ["glm4-moe-lite-tiny", "glm4-moe-tiny"])
+def test_steps_on_a_synthetic_file_agree_with_llama_cpp(tmp_path, llama_cpp, name):
+    """`--synthetic-layers`: the tiny GLM-4.7-Flash and GLM-4.5 shapes with 4 layers, every token through the
+    one-call step (latent_moe_step.cpp, decode_step.cpp), against llama.cpp's logits on the same file (float32
+    caches both)."""
     import numpy as np
 
     from chatglm.synthetic import synthetic_gguf
@@ -138,8 +141,8 @@ def test_steps_on_a_synthetic_file_agree_with_llama_cpp(tmp_path, llama_cpp):
     from test_convert import llama_cpp_logits
     from test_glm4_families import rel_err
 
-    path = synthetic_gguf("glm4-moe-lite-tiny", "q4_0", tmp_path, layers=4)
-    assert path.name == "synthetic-glm4-moe-lite-tiny-4l-q4_0.gguf"
+    path = synthetic_gguf(name, "q4_0", tmp_path, layers=4)
+    assert path.name == f"synthetic-{name}-4l-q4_0.gguf"
     model = load_model(path)
     assert model.config.num_layers == 4 and model.fused is not None
     ids = [100, 2000, 300, 40, 5000, 6]
@@ -153,33 +156,18 @@ def test_steps_on_a_synthetic_file_agree_with_llama_cpp(tmp_path, llama_cpp):
         llm.close()
 
 
-def test_continuous_batching_replies_match_the_torch_blocks(tmp_path):
-    """Greedy replies of three prompts decoded together by the engine: the same tokens with and without the step."""
+@pytest.mark.parametrize("family", ["glm4_moe_lite", "glm4_moe"])
+def test_continuous_batching_replies_match_the_torch_blocks(tmp_path, family):
+    """Greedy replies of three prompts decoded together by the engine, from a converted GGUF: the same tokens with
+    and without the step (GLM-4.5's as llama.cpp's glm4moe: one expert group, no MTP layer)."""
     from chatglm.convert import convert
-    from chatglm.engine import BatchEngine, SamplingParams
 
     from test_convert import write_bpe_tokenizer
 
-    tiny_glm4_moe_lite(vocab_size=write_bpe_tokenizer(tmp_path), **WIDTHS).save_pretrained(tmp_path)
+    vocab = write_bpe_tokenizer(tmp_path)
+    ref = (tiny_glm4_moe_lite(vocab_size=vocab, **WIDTHS) if family == "glm4_moe_lite" else
+           tiny_glm4_moe(vocab_size=vocab, n_group=1, num_nextn_predict_layers=0))
+    ref.save_pretrained(tmp_path)
     model = load_model(convert(tmp_path, tmp_path / "m.gguf", "q8_0", progress=False))
-    prompts, greedy = [[5, 17, 3, 44], [8, 30, 71, 2, 9, 61], [12, 6]], SamplingParams(do_sample=False, max_new_tokens=6)
-
-    def replies(m):
-        engine = BatchEngine(m, max_batch=3, max_queue=3)
-        try:
-            return [list(r) for r in [engine.submit(p, greedy) for p in prompts]]
-        finally:
-            engine.close()
-
-    class Counted:  # the step, counting its calls
-        def __init__(self, step):
-            self.inner, self.calls = step, 0
-
-        def step(self, *args):
-            self.calls += 1
-            return self.inner.step(*args)
-
-    model.fused = Counted(model.fused)
-    fused = replies(model)
-    assert model.fused.calls >= 5  # the decode steps after each prefill went through it
-    assert fused == without_fused(model, replies)
+    assert model.config.arch == family and model.fused is not None
+    engine_replies_agree(model, [[5, 17, 3, 44], [8, 30, 71, 2, 9, 61], [12, 6]])

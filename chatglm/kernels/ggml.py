@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, MoESpec
 from ..quant import QTensor, QType, RowStack
 
 try:
@@ -64,10 +64,34 @@ class GGMLLinear(nn.Module):
 LINEARS = ("qkv", "o", "gate_up", "down")  # the block products of a fused layer, by DecodeLayer's names
 
 
+def _in_blocks(m: nn.Module) -> bool:
+    """Whether a linear is ggml blocks under float32 activations: what the C++ steps multiply."""
+    return isinstance(m, GGMLLinear) and m.dtype == torch.float32
+
+
+def _routing(spec: MoESpec) -> dict[str, object]:
+    """The C++ steps' routing arguments (moe_ffn.h) from a family's MoE settings."""
+    return dict(top_k=spec.experts_per_token, groups=spec.groups, top_groups=spec.groups_per_token,
+                normalize=spec.normalize, scaling=spec.scaling)
+
+
+def _routed_experts(router: nn.Module, experts: Sequence[nn.Module]) -> dict[str, object] | None:
+    """DecodeLayer's arguments for routed experts (each a gate_up and a down, of one block type per matrix across
+    the experts, as a file's expert stacks are); None where they are not all ggml blocks of one type."""
+    gate_ups, downs = [e.gate_up for e in experts], [e.down for e in experts]
+    if not all(_in_blocks(m) and m.bias is None for m in gate_ups + downs):
+        return None
+    if len({m.qtype for m in gate_ups}) != 1 or len({m.qtype for m in downs}) != 1:
+        return None
+    return dict(router=router.weight, router_bias=router.bias, experts_gate_up=[list(m.parts) for m in gate_ups],
+                experts_gate_up_type=int(gate_ups[0].qtype), experts_down=[list(m.parts) for m in downs],
+                experts_down_type=int(downs[0].qtype), **_routing(router.spec))
+
+
 def fused_decoder(blocks: Sequence[nn.Module], cfg: ModelConfig) -> "_ggml.FusedDecoder | None":
     """Every block's one-token step as one C++ call (csrc/decode_step.cpp), when each block describes itself
-    (`fused_parts()`: its norms, its four products and its shape switches) with all four products in ggml blocks
-    and float32 activations; None otherwise, and the blocks run as torch code."""
+    (`fused_parts()`: its norms, its four products, its shape switches and any routed experts) with every product
+    in ggml blocks and float32 activations; None otherwise, and the blocks run as torch code."""
     if _ggml is None:
         return None
     layers = []
@@ -76,13 +100,19 @@ def fused_decoder(blocks: Sequence[nn.Module], cfg: ModelConfig) -> "_ggml.Fused
         if parts is None:
             return None
         linears = {name: parts.pop(name) for name in LINEARS}
-        if not all(isinstance(m, GGMLLinear) and m.dtype == torch.float32 for m in linears.values()):
+        if not all(_in_blocks(m) for m in linears.values()):
             return None
         # biases and norms are float32 like the activations (the C++ side checks, naming any that is not)
         for name, m in linears.items():
             parts.update({name: list(m.parts), f"{name}_type": int(m.qtype), f"{name}_bias": m.bias})
+        if "experts" in parts:
+            routed = _routed_experts(parts.pop("router"), parts.pop("experts"))
+            if routed is None:
+                return None
+            parts.update(routed)
         parts = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in parts.items()}
-        layers.append(_ggml.DecodeLayer(attn_width=cfg.num_heads * cfg.head_dim, ffn=cfg.ffn_size, **parts))
+        layers.append(_ggml.DecodeLayer(attn_width=cfg.num_heads * cfg.head_dim,
+                                        ffn=linears["down"].in_features, **parts))
     return _ggml.FusedDecoder(layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_dim,
                               cfg.rope_interleaved, cfg.norm_eps, TILE_ROWS)
 
@@ -95,18 +125,17 @@ def latent_moe_decoder(blocks: Sequence[nn.Module], cfg: ModelConfig) -> "_ggml.
         return None
 
     def weight(m: nn.Module) -> "_ggml.BlockWeight":
-        if not (isinstance(m, GGMLLinear) and m.dtype == torch.float32):
+        if not _in_blocks(m):
             raise LookupError
         return _ggml.BlockWeight(list(m.parts), int(m.qtype), m.in_features, m.bias)
 
     def feed_forward(ffn: nn.Module) -> "_ggml.FeedForward":
         if not hasattr(ffn, "router"):  # a dense layer: the shared part alone
             return _ggml.FeedForward(None, None, [], [], weight(ffn.gate_up), weight(ffn.down), 1, 1, 1, False, 1.0)
-        spec, shared = ffn.router.spec, ffn.shared
+        shared = ffn.shared
         return _ggml.FeedForward(ffn.router.weight, ffn.router.bias, [weight(e.gate_up) for e in ffn.experts],
                                  [weight(e.down) for e in ffn.experts], weight(shared.gate_up) if shared else None,
-                                 weight(shared.down) if shared else None, spec.experts_per_token, spec.groups,
-                                 spec.groups_per_token, spec.normalize, spec.scaling)
+                                 weight(shared.down) if shared else None, **_routing(ffn.router.spec))
 
     layers, bottleneck = [], cfg.latent.q_rank > 0
     try:

@@ -187,13 +187,18 @@ class Glm4Block(nn.Module):
         return SwiGLU(w["gate_up"], w["down"], dtype, device)
 
     def fused_parts(self) -> dict[str, object] | None:
-        """This block for the one-call C++ step (kernels.fused_decoder): GLM-4-0414's, where the attention and
-        feed-forward are the plain ones (QK norm, experts and latent attention are not in that step)."""
-        if type(self.attn) is not Attention or self.attn.q_norm is not None or type(self.ffn) is not SwiGLU:
+        """This block for the one-call C++ step (kernels.fused_decoder): grouped-query attention (with QK norm or
+        not) and the feed-forward's parts; None for latent attention, which has its own step."""
+        ffn = self.fused_feed_forward()
+        if type(self.attn) is not Attention or ffn is None:
             return None
         return dict(attn_norm=self.attn_norm, ffn_norm=self.ffn_norm, qkv=self.attn.qkv, o=self.attn.o,
-                    gate_up=self.ffn.gate_up, down=self.ffn.down, attn_post_norm=self.attn_post_norm,
-                    ffn_post_norm=self.ffn_post_norm)
+                    q_norm=self.attn.q_norm, k_norm=self.attn.k_norm, attn_post_norm=self.attn_post_norm,
+                    ffn_post_norm=self.ffn_post_norm, **ffn)
+
+    def fused_feed_forward(self) -> dict[str, object] | None:
+        """The feed-forward's parts for the one-call step: a SwiGLU's gate_up and down."""
+        return dict(gate_up=self.ffn.gate_up, down=self.ffn.down) if type(self.ffn) is SwiGLU else None
 
     def forward(self, x: torch.Tensor, cs: torch.Tensor, layer: int, cache: KVCache, step: Step) -> torch.Tensor:
         h = self.attn(rms_norm(x, self.attn_norm, self.eps), cs, layer, cache, step)

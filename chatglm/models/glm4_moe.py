@@ -221,6 +221,16 @@ class MoEBlock(Glm4Block):
             return MoE(cfg.moe, w, dtype, device)
         return SwiGLU(w["gate_up"], w["down"], dtype, device)
 
+    def fused_feed_forward(self) -> dict[str, object] | None:
+        """The one-call step's SwiGLU is the shared expert, the router and routed experts added to it; a layer
+        without a shared expert keeps the torch step."""
+        if not isinstance(self.ffn, MoE):
+            return super().fused_feed_forward()
+        shared = self.ffn.shared
+        if shared is None:
+            return None
+        return dict(gate_up=shared.gate_up, down=shared.down, router=self.ffn.router, experts=list(self.ffn.experts))
+
 
 def moe_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Replace the SwiGLU tensors of the expert layers with the router's and the experts'."""

@@ -1,5 +1,6 @@
 // One decode step (one new token per sequence) through every block of the shared decoder (llama family,
-// ChatGLM2/3, GLM-4, CodeGeeX2) in a single call, for weights held as ggml blocks.
+// ChatGLM2/3, GLM-4, CodeGeeX2, GLM v1, GLM-4-0414, GLM-4.5/4.6 with its experts) in a single call, for weights
+// held as ggml blocks.
 //
 // Between two matrix products a block does little arithmetic (a norm, a rotation, one query row's attention,
 // SwiGLU), but as torch operators each is a dispatch of a few microseconds; dozens a layer cost more than the
@@ -9,6 +10,7 @@
 // The arithmetic is the Python block's (chatglm/models/layers.py: Block.forward, attend); a test checks one
 // against the other.
 #include "ggml_kernels.h"
+#include "moe_ffn.h"
 #include "step_math.h"
 
 #include <ATen/Parallel.h>
@@ -143,20 +145,26 @@ std::optional<torch::Tensor> checked_norm(const Bias& t, int64_t n, const char* 
 // One block's weights, and the switches of its shape (fixed per layer, so the step branches per layer, never per
 // value): the shared block is RMSNorm, SwiGLU and plain residuals; GLM-4-0414 adds RMSNorms on the attention and
 // MLP outputs (attn_post_norm, ffn_post_norm); GLM v1 has LayerNorms with biases, its q, k, v interleaved per
-// head (qkv_per_head), a GELU MLP with biases, and residuals alpha * the normed input (residual_alpha > 0).
+// head (qkv_per_head), a GELU MLP with biases, and residuals alpha * the normed input (residual_alpha > 0);
+// GLM-4.5/4.6 RMS-norms each query and key head before rotary (q_norm, k_norm) and adds routed experts (moe_ffn.h)
+// to the SwiGLU, which is then the shared expert.
 struct DecodeLayer {
   torch::Tensor attn_norm, ffn_norm;
   BlockLinear qkv, o, gate_up, down;
-  std::optional<torch::Tensor> attn_norm_bias, ffn_norm_bias, attn_post_norm, ffn_post_norm;
+  std::optional<torch::Tensor> attn_norm_bias, ffn_norm_bias, attn_post_norm, ffn_post_norm, q_norm, k_norm;
   bool gelu, qkv_per_head;
   float residual_alpha;
+  std::shared_ptr<FeedForward> experts;  // or null
 
   DecodeLayer(const torch::Tensor& attn_norm_, const torch::Tensor& ffn_norm_, Parts qkv_, int64_t qkv_type,
               const Bias& qkv_bias, Parts o_, int64_t o_type, const Bias& o_bias, int64_t attn_width, Parts gate_up_,
               int64_t gate_up_type, Parts down_, int64_t down_type, int64_t ffn, const Bias& gate_up_bias,
               const Bias& down_bias, const Bias& attn_norm_bias_, const Bias& ffn_norm_bias_,
               const Bias& attn_post_norm_, const Bias& ffn_post_norm_, const std::string& mlp, double alpha,
-              bool per_head)
+              bool per_head, const Bias& q_norm_, const Bias& k_norm_, const Bias& router, const Bias& router_bias,
+              const std::vector<Parts>& experts_gate_up, int64_t experts_gate_up_type,
+              const std::vector<Parts>& experts_down, int64_t experts_down_type, int64_t top_k, int64_t groups,
+              int64_t top_groups, bool normalize, double scaling)
       : attn_norm(checked_float(attn_norm_, attn_norm_.numel(), "attn_norm")),
         ffn_norm(checked_float(ffn_norm_, attn_norm.numel(), "ffn_norm")),
         qkv(std::move(qkv_), qkv_type, attn_norm.numel(), qkv_bias, "qkv_bias"),
@@ -167,8 +175,18 @@ struct DecodeLayer {
         ffn_norm_bias(checked_norm(ffn_norm_bias_, attn_norm.numel(), "ffn_norm_bias")),
         attn_post_norm(checked_norm(attn_post_norm_, attn_norm.numel(), "attn_post_norm")),
         ffn_post_norm(checked_norm(ffn_post_norm_, attn_norm.numel(), "ffn_post_norm")),
+        q_norm(checked_norm(q_norm_, q_norm_ ? q_norm_->numel() : 0, "q_norm")),
+        k_norm(checked_norm(k_norm_, k_norm_ ? k_norm_->numel() : 0, "k_norm")),
         gelu(mlp == "gelu"), qkv_per_head(per_head), residual_alpha(static_cast<float>(alpha)) {
     TORCH_CHECK(mlp == "swiglu" || mlp == "gelu", "mlp must be 'swiglu' or 'gelu', got '", mlp, "'");
+    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q_norm and k_norm come together or not at all");
+    if (router) {
+      TORCH_CHECK(router_bias && !gelu, "routed experts need router_bias and a SwiGLU shared expert");
+      experts = routed_experts(*router, *router_bias, experts_gate_up, experts_gate_up_type, experts_down,
+                               experts_down_type, top_k, groups, top_groups, normalize, scaling);
+      TORCH_CHECK(experts->hidden() == attn_norm.numel(), "the experts take ", experts->hidden(),
+                  " inputs; expected the hidden size ", attn_norm.numel());
+    }
     TORCH_CHECK(attn_norm_bias.has_value() == ffn_norm_bias.has_value(), "attn_norm_bias and ffn_norm_bias "
                 "come together (LayerNorm) or not at all (RMSNorm)");
     TORCH_CHECK(alpha >= 0, "residual_alpha must be >= 0 (0: plain residuals), got ", alpha);
@@ -215,8 +233,10 @@ class FusedDecoder {
       TORCH_CHECK(l->qkv.out == (heads + 2 * kv_heads) * head_dim && l->o.in == heads * head_dim,
                   "qkv has ", l->qkv.out, " rows; expected ", (heads + 2 * kv_heads) * head_dim);
       TORCH_CHECK(!l->qkv_per_head || heads == kv_heads, "qkv_per_head needs as many key heads as query heads");
-      TORCH_CHECK(l->down.in == layers_[0]->down.in && l->attn_norm.numel() == layers_[0]->attn_norm.numel(),
-                  "every layer must have the first layer's hidden and ffn sizes");
+      TORCH_CHECK(l->attn_norm.numel() == layers_[0]->attn_norm.numel(), "every layer must have the first layer's "
+                  "hidden size");
+      TORCH_CHECK(!l->q_norm || (l->q_norm->numel() == head_dim && l->k_norm->numel() == head_dim),
+                  "q_norm and k_norm must have head_dim (", head_dim, ") values");
     }
   }
 
@@ -254,9 +274,10 @@ class FusedDecoder {
            bool two_d, const int64_t* row, const torch::Tensor& rope) const {
     const int64_t B = x.size(0), hidden = layers_[0]->attn_norm.numel(), D = head_dim_;
     const int64_t nq = heads_ * D, nkv = kv_heads_ * D, qkv_width = nq + 2 * nkv;
-    const int64_t ffn = layers_[0]->down.in;
-    std::vector<float> h(B * hidden), qkv(B * qkv_width), att(B * nq), gu(B * 2 * ffn), act(B * ffn), y(B * hidden);
-    std::vector<float> per_head(qkv_width);
+    int64_t ffn_max = 0;  // a dense first layer's SwiGLU is wider than the shared expert of the MoE layers after it
+    for (const auto& l : layers_) ffn_max = std::max(ffn_max, l->down.in);
+    std::vector<float> h(B * hidden), qkv(B * qkv_width), att(B * nq), gu(B * 2 * ffn_max), act(B * ffn_max);
+    std::vector<float> y(B * hidden), per_head(qkv_width), expert_gu, expert_act;
     float* xs = x.data_ptr<float>();
     const float* rot = rope.data_ptr<float>();
     const Paged<T> paged{nullptr, table, width, kv.size(4), kv.stride(3), kv.stride(2), kv.stride(1), kv.stride(4)};
@@ -275,6 +296,11 @@ class FusedDecoder {
           for (int64_t i = 0; i < heads_; ++i)
             for (int64_t part = 0; part < 3; ++part)
               std::copy_n(&per_head[(3 * i + part) * D], D, r + part * nq + i * D);
+        }
+        if (w.q_norm) {  // each query and key head RMS-normed before rotary (GLM-4.5)
+          for (int64_t i = 0; i < heads_; ++i) rms_norm(r + i * D, w.q_norm->data_ptr<float>(), eps_, D, r + i * D);
+          for (int64_t g = 0; g < kv_heads_; ++g)
+            rms_norm(r + nq + g * D, w.k_norm->data_ptr<float>(), eps_, D, r + nq + g * D);
         }
         const float* cs = rot + at[two_d ? 2 * b : b] * rope_dim_;
         const float* cs2 = two_d ? rot + at[2 * b + 1] * rope_dim_ : nullptr;
@@ -295,6 +321,7 @@ class FusedDecoder {
       w.residual(xs, y.data(), h.data(), w.attn_post_norm, eps_, B, hidden);
       for (int64_t b = 0; b < B; ++b)
         w.norm(w.ffn_norm, w.ffn_norm_bias, xs + b * hidden, eps_, hidden, &h[b * hidden]);
+      const int64_t ffn = w.down.in;
       w.gate_up(h.data(), B, gu.data(), tile_rows_);
       for (int64_t b = 0; b < B; ++b) {
         if (w.gelu) {
@@ -304,6 +331,7 @@ class FusedDecoder {
         }
       }
       w.down(act.data(), B, y.data(), tile_rows_);
+      if (w.experts) add_routed(*w.experts, h.data(), B, y.data(), expert_gu, expert_act, tile_rows_);
       w.residual(xs, y.data(), h.data(), w.ffn_post_norm, eps_, B, hidden);
     }
   }
@@ -392,14 +420,21 @@ void register_decode_step(pybind11::module_& m) {
   py::class_<DecodeLayer, std::shared_ptr<DecodeLayer>>(m, "DecodeLayer", "one block's weights for FusedDecoder")
       .def(py::init<const torch::Tensor&, const torch::Tensor&, Parts, int64_t, const Bias&, Parts, int64_t,
                     const Bias&, int64_t, Parts, int64_t, Parts, int64_t, int64_t, const Bias&, const Bias&,
-                    const Bias&, const Bias&, const Bias&, const Bias&, const std::string&, double, bool>(),
+                    const Bias&, const Bias&, const Bias&, const Bias&, const std::string&, double, bool,
+                    const Bias&, const Bias&, const Bias&, const Bias&, const std::vector<Parts>&, int64_t,
+                    const std::vector<Parts>&, int64_t, int64_t, int64_t, int64_t, bool, double>(),
            py::arg("attn_norm"), py::arg("ffn_norm"), py::arg("qkv"), py::arg("qkv_type"), py::arg("qkv_bias"),
            py::arg("o"), py::arg("o_type"), py::arg("o_bias"), py::arg("attn_width"), py::arg("gate_up"),
            py::arg("gate_up_type"), py::arg("down"), py::arg("down_type"), py::arg("ffn"),
            py::arg("gate_up_bias") = py::none(), py::arg("down_bias") = py::none(),
            py::arg("attn_norm_bias") = py::none(), py::arg("ffn_norm_bias") = py::none(),
            py::arg("attn_post_norm") = py::none(), py::arg("ffn_post_norm") = py::none(),
-           py::arg("mlp") = "swiglu", py::arg("residual_alpha") = 0.0, py::arg("qkv_per_head") = false);
+           py::arg("mlp") = "swiglu", py::arg("residual_alpha") = 0.0, py::arg("qkv_per_head") = false,
+           py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none(), py::arg("router") = py::none(),
+           py::arg("router_bias") = py::none(), py::arg("experts_gate_up") = std::vector<Parts>(),
+           py::arg("experts_gate_up_type") = 0, py::arg("experts_down") = std::vector<Parts>(),
+           py::arg("experts_down_type") = 0, py::arg("top_k") = 1, py::arg("groups") = 1, py::arg("top_groups") = 1,
+           py::arg("normalize") = true, py::arg("scaling") = 1.0);
   py::class_<FusedDecoder>(m, "FusedDecoder", "every block of a one-token step in one call (decode_step.cpp)")
       .def(py::init<std::vector<std::shared_ptr<DecodeLayer>>, int64_t, int64_t, int64_t, int64_t, bool, double,
                     int64_t>(),
