@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .kv_cache import KV_TYPES
+from .kv_cache import KV_TYPES, kv_type_name
 
 
 def peak_rss_mb() -> float:
@@ -62,7 +62,7 @@ def bench_ours(path: str, device: str, dtype: str, prompt_tokens: int, new_token
            "decode_tok_s": round(batch * new_tokens / decode_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
            "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
            "fused_step": getattr(model, "fused", None) is not None,  # decode ran as one C++ call per token
-           "kv_type": str(cache.kv.dtype).removeprefix("torch."), "kv_bytes_per_token": cache.token_bytes()}
+           "kv_type": kv_type_name(cache.kv_type), "kv_bytes_per_token": cache.token_bytes()}
     if model.device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
