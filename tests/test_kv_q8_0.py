@@ -112,30 +112,39 @@ def test_ptuning_prefix_is_stored_as_q8_0(tmp_path):
 
 
 def test_q8_0_decode_stays_close_to_the_float16_cache(default_gguf):
-    """The default model (SmolLM2-135M, head_dim 64), 24 greedy tokens after a prompt, q8_0 against float16
-    keys and values: the same tokens, and every step's logits within 2% of their range. A q8_0 value is off by at
-    most half a code, 1/254 of its block's largest value (float16: 1/2048 of itself), so the cache's values differ
-    by about 0.4% of a head's largest value; a misplaced or misread block would change the tokens."""
+    """The default model (SmolLM2-135M, head_dim 64), 24 tokens after a prompt (the float16 cache's greedy reply fed
+    to every cache): q8_0's logits stay within twice the float16 cache's own distance from a float32 cache (measured
+    1.5x: 4.1% against 2.8% of the logits' range), and q8_0 picks float16's greedy token wherever float16's top two
+    are more than 1% of the range apart. A q8_0 value is off by up to half a code, 1/254 of its block's largest value
+    (float16: 1/2048 of itself); the 8-bit rounding of activations before each product (llama.cpp's numerics) then
+    amplifies both caches' rounding alike. A misplaced or misread block would be off by far more."""
     pipe = Pipeline(default_gguf)
     model = pipe.model
     prompt = pipe.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
 
-    def decode(kv_type) -> tuple[list[int], list[np.ndarray]]:
+    def decode(kv_type, fed: list[int] | None = None) -> tuple[list[int], list[np.ndarray]]:
         cache = model.new_cache(1, 64, dtype=kv_type)
         slots = torch.zeros(1, dtype=torch.long)
         logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, slots)[0, -1]
         tokens, steps = [], [logits.numpy()]
         for k in range(24):
-            tokens.append(int(logits.argmax()))
+            tokens.append(int(logits.argmax()) if fed is None else fed[k])
             logits = model(torch.tensor([[tokens[-1]]]), torch.tensor([[len(prompt) + k]]), cache, slots)[0, -1]
             steps.append(logits.numpy())
         return tokens, steps
 
-    q8_tokens, q8_steps = decode(Q8_0)
-    f16_tokens, f16_steps = decode(torch.float16)
-    assert q8_tokens == f16_tokens
-    for a, b in zip(q8_steps, f16_steps):
-        assert np.abs(a - b).max() < 2e-2 * (b.max() - b.min())
+    reply, half = decode(torch.float16)
+    _, q8 = decode(Q8_0, reply)
+    _, exact = decode(torch.float32, reply)
+
+    def distance(steps: list[np.ndarray]) -> float:
+        return max(np.abs(a - b).max() / (b.max() - b.min()) for a, b in zip(steps, half))
+
+    assert distance(q8) < 2 * distance(exact) and distance(q8) < 0.1
+    for a, b in zip(q8, half):
+        first, second = np.sort(b)[-1:-3:-1]
+        if first - second > 1e-2 * (b.max() - b.min()):
+            assert a.argmax() == b.argmax()
 
 
 def test_families_that_cannot_hold_q8_0_say_so(tmp_path):
