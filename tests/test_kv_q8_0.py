@@ -3,16 +3,23 @@ gguf.quants' bytes for the rows written (by the torch prefill and by the C++ one
 paths read them alike, the replies stay close to a float16 cache's, and what cannot hold them says so."""
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from gguf import quants as ggml_quants
 
 from chatglm import load_model
+from chatglm.cli import main
 from chatglm.kernels import ggml
 from chatglm.kv_cache import KV_TYPES, KVCache, KVTypeError, format_size
 from chatglm.quant import QType, q8_0_bytes, q8_0_values
 from chatglm.pipeline import Pipeline
+from chatglm.server import create_app
+from chatglm.server.app import KVSettings
 from chatglm.synthetic import synthetic_gguf
 
 from checkpoints import tiny_glm, tiny_llama
@@ -154,3 +161,45 @@ def test_families_that_cannot_hold_q8_0_say_so(tmp_path):
     flash = load_model(synthetic_gguf("glm4-moe-lite-tiny", "q4_0", tmp_path))
     with pytest.raises(KVTypeError, match=r"--kv-type q8_0 is not supported for GLM-4.7-Flash \(glm4_moe_lite\)"):
         flash.new_cache(1, 16, dtype=Q8_0)
+
+
+def test_serve_stores_q8_0_blocks(default_gguf):
+    """The server's engine takes the flag's cache type and replies over it."""
+    pipe = Pipeline(default_gguf)
+    app = create_app(pipe, max_batch=2, kv=KVSettings.from_flags("16M", 256, "q8_0"))
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json={"model": "m", "max_tokens": 8, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": "Name a colour."}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] > 0
+        cache = app.state.server.engine.cache
+        assert cache.kv_type == Q8_0 and cache.kv.dtype == torch.uint8 and "q8_0 in" in cache.describe()
+
+
+@pytest.mark.parametrize("args, message", [  # SmolLM2-135M: 30 layers x 2 x 3 key heads x 16 rows x 68 bytes
+    (["--kv-type", "q8_0", "--kv-memory", "1K"], r"^error: --kv-memory 1.0 KiB holds no KV block for a sequence: a "
+                                                 r"block of 16 tokens takes 191.2 KiB for this model \(q8_0\)"),
+    (["--kv-type", "q4_0"], r"argument --kv-type: invalid choice: 'q4_0' \(choose from '?auto'?, '?f32'?, '?f16'?, "
+                            r"'?bf16'?, '?q8_0'?\)"),
+])
+def test_serve_flag_reaches_the_cache_or_names_the_choices(default_gguf, capsys, args, message):
+    try:
+        code = main(["serve", "-m", str(default_gguf), *args])
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    err = capsys.readouterr().err
+    assert code in (1, 2) and re.search(message, err, re.M) and "Traceback" not in err
+
+
+def test_flash_refusal_is_one_line_from_the_cli(tmp_path, capsys):
+    path = synthetic_gguf("glm4-moe-lite-tiny", "q4_0", tmp_path)
+    assert main(["serve", "-m", str(path), "--kv-type", "q8_0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --kv-type q8_0 is not supported for GLM-4.7-Flash") and err.count("\n") == 1
+
+
+def test_perplexity_takes_q8_0(default_gguf, capsys):
+    assert main(["perplexity", "-m", str(default_gguf), "-f", __file__, "--ctx", "32", "--chunks", "2",
+                 "--kv-type", "q8_0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kv_type"] == "q8_0" and out["ppl"] > 1
