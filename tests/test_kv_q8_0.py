@@ -14,6 +14,7 @@ from gguf import quants as ggml_quants
 
 from chatglm import load_model
 from chatglm.cli import main
+from chatglm.engine import BatchEngine, SamplingParams, generate
 from chatglm.kernels import ggml
 from chatglm.kv_cache import KV_TYPES, KVCache, KVTypeError, format_size
 from chatglm.quant import QType, q8_0_bytes, q8_0_values
@@ -203,3 +204,23 @@ def test_perplexity_takes_q8_0(default_gguf, capsys):
                  "--kv-type", "q8_0", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kv_type"] == "q8_0" and out["ppl"] > 1
+
+
+def test_shared_prefixes_and_chunked_prompts_over_q8_0_blocks(tmp_path):
+    """The batch engine over a q8_0 pool: prompts prefilled in chunks of 5 tokens (later chunks read earlier q8_0
+    rows through the pages) and a second prompt taking the first one's full blocks give what one prompt alone,
+    prefilled whole, gives over a q8_0 cache."""
+    tiny_llama(layers=2, head_dim=32).save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype="f32")
+    model.kv_dtype = Q8_0  # the cache every helper below takes by default
+    engine = BatchEngine(model, max_batch=2, block_size=4, prefill_chunk=5)
+    try:
+        head = [5, 17, 3, 44, 9, 61, 2, 8, 19, 23, 40]
+        params = SamplingParams(do_sample=False, max_new_tokens=6)
+        for tail in ([7, 12], [30, 31, 32]):
+            request = engine.submit(head + tail, params)
+            list(request)
+            assert request.generated == list(generate(model, head + tail, params))
+        assert engine.stats["reused_tokens"] >= 8 and engine.cache.kv_type == Q8_0
+    finally:
+        engine.close()
