@@ -148,14 +148,15 @@ inline void quantize_q8_0(const float* x, int64_t n, BlockQ8_0* y) {
 // out = the 32 * n float32 values of n q8_0 blocks (each code times its scale: exact in float32)
 inline void dequantize_q8_0(const BlockQ8_0* x, int64_t n, float* out) {
   for (int64_t b = 0; b < n; ++b, out += 32) {
-    const float d = static_cast<float>(x[b].d);
 #if defined(__AVX512F__)
-    const __m512 dd = _mm512_set1_ps(d);
-    for (int k = 0; k < 32; k += 16) {
-      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[b].qs + k));
-      _mm512_storeu_ps(out + k, _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes))));
-    }
+    const __m512 d = _mm512_set1_ps(_cvtsh_ss(x[b].d.x));  // F16C: c10's scalar conversion may take the bit path
+    const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(codes)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(codes, 1)));
+    _mm512_storeu_ps(out, _mm512_mul_ps(d, lo));
+    _mm512_storeu_ps(out + 16, _mm512_mul_ps(d, hi));
 #else
+    const float d = static_cast<float>(x[b].d);
     for (int k = 0; k < 32; ++k) out[k] = d * static_cast<float>(x[b].qs[k]);
 #endif
   }
