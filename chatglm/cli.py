@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default="cpu", help="cpu or cuda")
     chat.add_argument("--dtype", default="auto",
                       help="auto, f32, bf16, f16, or q4_0 q4_1 q5_0 q5_1 q8_0 to quantize a Hugging Face folder as it loads")
+    chat.add_argument("--kv-type", choices=["auto", *KV_TYPES], default="auto",
+                      help="how keys and values are stored, as serve's --kv-type (q8_0: 53%% of f16's memory)")
     _speculation_flags(chat)
     chat.set_defaults(func=cmd_chat)
 

@@ -224,3 +224,13 @@ def test_shared_prefixes_and_chunked_prompts_over_q8_0_blocks(tmp_path):
         assert engine.stats["reused_tokens"] >= 8 and engine.cache.kv_type == Q8_0
     finally:
         engine.close()
+
+
+def test_chat_takes_the_flag(default_gguf, capsys, monkeypatch):
+    """`chatglm chat --kv-type q8_0`: every cache the turn takes stores q8_0 blocks."""
+    stored = []
+    store = KVCache.store
+    monkeypatch.setattr(KVCache, "store", lambda self, rows: stored.append(self.kv_type) or store(self, rows))
+    assert main(["chat", "-m", str(default_gguf), "--kv-type", "q8_0", "-p", "Name a colour.", "--temp", "0",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() and stored and set(stored) == {Q8_0}
