@@ -23,8 +23,8 @@ from chatglm.server import create_app
 from chatglm.server.app import KVSettings
 from chatglm.synthetic import synthetic_gguf
 
-from checkpoints import tiny_glm, tiny_llama
-from test_fused_decode import batched_step, fused_and_torch_decode, to_blocks, without_fused
+from checkpoints import tiny_glm, tiny_glm_v1, tiny_llama
+from test_fused_decode import GLM_V1_PROMPTS, batched_step, fused_and_torch_decode, to_blocks, without_fused
 from test_paged_cache import SLOTS, paged_decode, scrambled_cache
 
 Q8_0 = KV_TYPES["q8_0"]
@@ -54,7 +54,7 @@ def test_a_q8_0_block_takes_34_bytes_per_32_values(tmp_path):
     assert cache.token_bytes() == cfg.num_layers * 2 * cfg.num_kv_heads * 34 == KVCache.block_bytes(cfg, Q8_0, 1)
     half = model.new_cache(1, 16, dtype=torch.float16).token_bytes()
     assert cache.token_bytes() / half == 34 / 64  # 53% of f16's bytes
-    assert f"q8_0 in" in cache.describe() and f"{format_size(cache.token_bytes())} per token" in cache.describe()
+    assert "q8_0 in" in cache.describe() and f"{format_size(cache.token_bytes())} per token" in cache.describe()
 
 
 def layer0_rows(model, kv_type, prompts, follow):
@@ -234,3 +234,17 @@ def test_chat_takes_the_flag(default_gguf, capsys, monkeypatch):
     assert main(["chat", "-m", str(default_gguf), "--kv-type", "q8_0", "-p", "Name a colour.", "--temp", "0",
                  "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip() and stored and set(stored) == {Q8_0}
+
+
+@needs_kernels
+def test_glm_v1_fused_step_over_q8_0_blocks(tmp_path):
+    """ChatGLM-6B's block (per-head q/k/v, 2D rotary, a P-Tuning prefix stored as q8_0 too), heads of 32 values:
+    the C++ step's logits over q8_0 blocks equal torch's, to the bound and for the reason of the test above."""
+    model = load_model(tiny_glm_v1(tmp_path, hidden=128, heads=4), dtype="f32")
+    cfg = model.config
+    assert cfg.head_dim == 32
+    torch.manual_seed(1)
+    model.prefix = torch.randn(cfg.num_layers, 2, 3, cfg.num_kv_heads, cfg.head_dim)
+    to_blocks(model, QType.Q8_0)
+    rng = np.random.default_rng(1)
+    fused_and_torch_decode(model, GLM_V1_PROMPTS, [rng.integers(4, 20, 6).tolist() for _ in GLM_V1_PROMPTS], Q8_0)
