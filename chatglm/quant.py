@@ -56,7 +56,7 @@ class Affine(NamedTuple):
 
     def values(self) -> torch.Tensor:
         """float32 [rows, groups, 32] as ggml computes them: codes*scale is exact, then one rounding for the offset."""
-        w = self.codes.float() * self.scale.float()
+        w = self.codes.float().mul_(self.scale.float())  # in place: one float32 copy at the peak (a long KV span)
         if self.offset is not None:
             w += self.offset.float()
         return w
