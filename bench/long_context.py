@@ -3,11 +3,13 @@ lowest of several repeats: wall time on a shared CPU swings too much).
 
 decode: the C++ step (decode_step.cpp) over 28 layers of the 6B attention shape (32 query heads, 2 key heads of
 128) with a 64-wide hidden state, so its linears cost nothing and the step is its attention, against torch's
-grouped SDPA over the same pages gathered per layer (the torch step's attention).
+grouped SDPA over the same pages gathered per layer (the torch step's attention). With --kv-type q8_0 the same
+step over an f16 cache of the same values runs alternating with it (cpp_step_f16_ms): what reading 53% of the
+bytes and decoding the blocks costs or saves.
 prefill: one layer's attention for a T-token prompt: torch's causal kernel (what a fresh prompt takes now)
 against the mask with grouped keys (what it took before).
 
-Usage: .venv/bin/python bench/long_context.py [--context 3000] [--threads 2] [--kv-type f16]
+Usage: .venv/bin/python bench/long_context.py [--context 3000] [--threads 2] [--kv-type f16|f32|q8_0]
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from chatglm.kernels.ggml import _ggml
-from chatglm.kv_cache import KV_TYPES
-from chatglm.quant import QType, quantize
+from chatglm.kv_cache import KV_TYPES, KVType
+from chatglm.quant import QType, q8_0_bytes, q8_0_values, quantize
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, BLOCK = 32, 2, 128, 28, 16
 HIDDEN = FFN = 64
@@ -47,7 +49,7 @@ def blocks(rows: int, cols: int) -> list[torch.Tensor]:
     return [torch.from_numpy(quantize((torch.randn(rows, cols) * 0.1).numpy(), QType.Q4_0))]
 
 
-def decode(context: int, kv_dtype: torch.dtype, rounds: int) -> dict[str, float]:
+def decode(context: int, kv_type: KVType, rounds: int) -> dict[str, float]:
     q4 = int(QType.Q4_0)
     layers = [_ggml.DecodeLayer(torch.ones(HIDDEN), torch.ones(HIDDEN), blocks((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
                                 q4, None, blocks(HIDDEN, HEADS * HEAD_DIM), q4, None, HEADS * HEAD_DIM,
@@ -55,7 +57,9 @@ def decode(context: int, kv_dtype: torch.dtype, rounds: int) -> dict[str, float]
     step = _ggml.FusedDecoder(layers, HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM // 2, False, 1e-5, 4)
     rope = torch.randn(context + 1, HEAD_DIM // 4, 2)
     n = context // BLOCK + 2
-    kv = (torch.randn(LAYERS, 2, KV_HEADS, n, BLOCK, HEAD_DIM) * 0.5).to(kv_dtype)
+    rows = torch.randn(LAYERS, 2, KV_HEADS, n, BLOCK, HEAD_DIM) * 0.5
+    quantized = isinstance(kv_type, QType)
+    kv = q8_0_bytes(rows) if quantized else rows.to(kv_type)
     tables = torch.arange(1, n)[None].contiguous()
     x, at = torch.randn(1, HIDDEN), torch.tensor([context])
     q = torch.randn(1, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
@@ -63,10 +67,15 @@ def decode(context: int, kv_dtype: torch.dtype, rounds: int) -> dict[str, float]
     def torch_attention() -> None:
         for layer in range(LAYERS):
             keys, values = kv[layer][:, :, tables].transpose(1, 2).flatten(3, 4)[..., : context + 1, :]
+            if quantized:
+                keys, values = q8_0_values(keys), q8_0_values(values)
             F.scaled_dot_product_attention(q, keys.float(), values.float())
 
-    return lowest({"cpp_step_ms": lambda: step.step(x.clone(), kv, tables, at, at, rope),
-                   "torch_sdpa_ms": torch_attention}, rounds, 3)
+    pairs = {"cpp_step_ms": lambda: step.step(x.clone(), kv, tables, at, at, rope), "torch_sdpa_ms": torch_attention}
+    if quantized:
+        half = rows.half()
+        pairs["cpp_step_f16_ms"] = lambda: step.step(x.clone(), half, tables, at, at, rope)
+    return lowest(pairs, rounds, 3)
 
 
 def prefill(context: int, rounds: int) -> dict[str, float]:
@@ -82,7 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kv-type", choices=["f32", "f16"], default="f16")
+    ap.add_argument("--kv-type", choices=["f32", "f16", "q8_0"], default="f16")
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
     if _ggml is None:

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .kv_cache import KV_TYPES
+from .kv_cache import KV_TYPES, kv_type_name
+from .quant import QType
 
 
 def peak_rss_mb() -> float:
@@ -66,19 +67,25 @@ def bench_ours(path: str, device: str, dtype: str, prompt_tokens: int, new_token
            "decode_tok_s": round(batch * new_tokens / decode_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
            "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
            "fused_step": getattr(model, "fused", None) is not None,  # decode ran as one C++ call per token
-           "kv_type": str(cache.kv.dtype).removeprefix("torch."), "kv_bytes_per_token": cache.token_bytes()}
+           "kv_type": kv_type_name(cache.kv_type), "kv_bytes_per_token": cache.token_bytes()}
     if model.device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
 
-def bench_llama_cpp(path: str, threads: int, prompt_tokens: int, new_tokens: int) -> dict[str, Any]:
-    """llama.cpp (llama-cpp-python) on the same file: prompt eval, then token-by-token eval."""
+def bench_llama_cpp(path: str, threads: int, prompt_tokens: int, new_tokens: int,
+                    kv_type: str = "auto") -> dict[str, Any]:
+    """llama.cpp (llama-cpp-python) on the same file: prompt eval, then token-by-token eval; its cache stored as
+    ours (`kv_type`; q8_0 values need its flash attention), or its default (f16) for auto."""
     import llama_cpp
 
+    cache = {}
+    if kv_type != "auto":  # ggml's type id, as its -ctk / -ctv take it
+        ggml_type = int(QType[kv_type.upper()])
+        cache = dict(type_k=ggml_type, type_v=ggml_type, flash_attn=kv_type == "q8_0")
     start = time.perf_counter()
     llm = llama_cpp.Llama(model_path=path, n_ctx=prompt_tokens + new_tokens + 8, n_threads=threads,
-                          n_threads_batch=threads, n_batch=max(prompt_tokens, 8), verbose=False)
+                          n_threads_batch=threads, n_batch=max(prompt_tokens, 8), verbose=False, **cache)
     load_s = time.perf_counter() - start
     ids = prompt_ids(llm.n_vocab(), prompt_tokens)
     llm.eval(ids)  # warm-up
@@ -237,7 +244,8 @@ def _bench(args: argparse.Namespace) -> int:
             raise ValueError("--compare llama.cpp measures batch 1 only")
         from .loaders import resolve_path
 
-        peer = bench_llama_cpp(str(resolve_path(path)), torch.get_num_threads(), args.prompt_tokens, args.new_tokens)
+        peer = bench_llama_cpp(str(resolve_path(path)), torch.get_num_threads(), args.prompt_tokens, args.new_tokens,
+                               args.kv_type)
         result["llama_cpp"] = peer
         result["decode_ratio"] = round(ours["decode_tok_s"] / peer["decode_tok_s"], 3)
         result["prefill_ratio"] = round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 3)

@@ -15,7 +15,7 @@ from typing import Iterator, Protocol, Sequence
 import torch
 
 from .errors import ChatGLMError
-from .kv_cache import BLOCK_SIZE, default_budget
+from .kv_cache import BLOCK_SIZE, KVType, default_budget
 from .speculative import Drafter, accepted, verify
 
 log = logging.getLogger("chatglm")
@@ -283,7 +283,7 @@ class BatchEngine:
     """
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, context: int | None = None,
-                 kv_memory: int | None = None, kv_dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE,
+                 kv_memory: int | None = None, kv_dtype: KVType | None = None, block_size: int = BLOCK_SIZE,
                  share_prefixes: bool = True, prefill_chunk: int = PREFILL_CHUNK, drafter: Drafter | None = None):
         self.model = model
         self.drafter = drafter  # drafts checked in one forward while a single sequence runs (speculative.py)

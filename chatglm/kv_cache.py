@@ -15,20 +15,36 @@ import hashlib
 import os
 import re
 from array import array
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import torch
 
 from .config import ModelConfig
 from .errors import ChatGLMError
+from .quant import QType, q8_0_bytes, q8_0_values
 
 BLOCK_SIZE = 16  # tokens per block (vLLM's default): prefixes are shared at this granularity
 NULL = 0         # the block that stands for "no block"
-KV_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+KVType = Union[torch.dtype, QType]  # a float type, or ggml's q8_0 blocks (llama.cpp's -ctk q8_0 -ctv q8_0)
+KV_TYPES: dict[str, KVType] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "q8_0": QType.Q8_0}
+
+
+def kv_type_name(kv_type: KVType) -> str:
+    """'float16', 'q8_0': how the banner and `chatglm bench` name a cache's storage."""
+    return kv_type.name.lower() if isinstance(kv_type, QType) else str(kv_type).removeprefix("torch.")
+
+
+def row_bytes(width: int, kv_type: KVType) -> int:
+    """Memory of one cache row of `width` values: q8_0 takes 34 bytes (a float16 scale, 32 codes) per 32."""
+    return width // 32 * 34 if isinstance(kv_type, QType) else width * kv_type.itemsize
 
 
 class KVMemoryError(ChatGLMError, ValueError):
     """The KV budget cannot hold what was asked of it."""
+
+
+class KVTypeError(ChatGLMError, ValueError):
+    """The model's keys and values cannot be stored as the asked --kv-type."""
 
 
 class BlockPool:
@@ -203,7 +219,8 @@ class BlockPool:
 
 
 class KVCache(BlockPool):
-    """The pool's storage: [layer, key|value, kv_head, block, row, head_dim].
+    """The pool's storage: [layer, key|value, kv_head, block, row, head_dim], or with q8_0 a row's head_dim / 32
+    ggml blocks as bytes [..., row, head_dim / 32 * 34], each row quantized as it is written (`store`).
 
     One block of one key head is a contiguous [block_size, head_dim] tile that follows the same head's tile
     of the next block id, so a sequence whose blocks were taken together (a prompt's) reads one run of
@@ -213,30 +230,48 @@ class KVCache(BlockPool):
     The tensor is allocated empty: the OS commits its pages as blocks are first used.
     """
 
-    def __init__(self, cfg: ModelConfig, slots: int, max_tokens: int, dtype: torch.dtype,
+    def __init__(self, cfg: ModelConfig, slots: int, max_tokens: int, dtype: KVType,
                  device: torch.device | str = "cpu", blocks: int | None = None, block_size: int = BLOCK_SIZE,
                  prefix: torch.Tensor | None = None):
+        if isinstance(dtype, QType) and cfg.head_dim % 32:
+            raise KVTypeError(f"--kv-type q8_0 stores keys and values in blocks of 32 along the head dimension, but "
+                              f"this model's head_dim is {cfg.head_dim}, not a multiple of 32; use f16, bf16 or f32")
         super().__init__(slots, max_tokens, blocks, block_size, 0 if prefix is None else prefix.shape[2])
-        shape = (cfg.num_layers, 2, cfg.num_kv_heads, self.blocks, block_size, cfg.head_dim)
-        self.kv = torch.empty(shape, dtype=dtype, device=device)
+        width = row_bytes(cfg.head_dim, dtype) if isinstance(dtype, QType) else cfg.head_dim
+        shape = (cfg.num_layers, 2, cfg.num_kv_heads, self.blocks, block_size, width)
+        self.kv = torch.empty(shape, dtype=torch.uint8 if isinstance(dtype, QType) else dtype, device=device)
         self.by_row = [layer.permute(2, 3, 0, 1, 4) for layer in self.kv]
         self.tables = self.tables.to(device)
-        self.storage = f"{format_size(self.kv.numel() * self.kv.itemsize)} {str(dtype).removeprefix('torch.')} in "
+        self.storage = f"{format_size(self.kv.numel() * self.kv.itemsize)} {kv_type_name(dtype)} in "
         # Masked rows of a batch still meet the values (0 x NaN = NaN): a block is zeroed when first used.
         self.fresh = [True] * self.blocks
         self.kv[:, :, :, NULL].zero_()
         if prefix is not None:  # [layers, 2, P, Hkv, D] into the pinned blocks' first P rows
-            rows = torch.zeros(*prefix.shape[:2], len(self.prefix) * block_size, *prefix.shape[3:], dtype=dtype)
+            rows = torch.zeros(*prefix.shape[:2], len(self.prefix) * block_size, *prefix.shape[3:], dtype=prefix.dtype)
             rows[:, :, : self.prefix_rows] = prefix.cpu()
-            self.kv[:, :, :, self.prefix] = rows.unflatten(2, (-1, block_size)).permute(0, 1, 4, 2, 3, 5).to(device)
+            rows = rows.unflatten(2, (-1, block_size)).permute(0, 1, 4, 2, 3, 5)
+            self.kv[:, :, :, self.prefix] = self.store(rows).to(device)
+
+    @property
+    def kv_type(self) -> KVType:
+        """What the rows are stored as (uint8 storage holds q8_0 blocks)."""
+        return QType.Q8_0 if self.kv.dtype == torch.uint8 else self.kv.dtype
+
+    def store(self, rows: torch.Tensor) -> torch.Tensor:
+        """Keys or values [..., head_dim] as the cache stores them (q8_0: rounded into blocks, as ggml rounds)."""
+        return q8_0_bytes(rows) if self.kv.dtype == torch.uint8 else rows.to(self.kv.dtype)
+
+    def load(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Stored rows [..., storage width] back as `dtype` values [..., head_dim]."""
+        return q8_0_values(stored).to(dtype) if self.kv.dtype == torch.uint8 else stored.to(dtype)
 
     def token_bytes(self) -> int:
         return self.kv.nbytes // (self.blocks * self.block_size)
 
     @staticmethod
-    def block_bytes(cfg: ModelConfig, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
+    def block_bytes(cfg: ModelConfig, dtype: KVType, block_size: int = BLOCK_SIZE) -> int:
         """Memory of one block: keys and values of every layer for block_size tokens."""
-        return cfg.num_layers * 2 * cfg.num_kv_heads * block_size * cfg.head_dim * dtype.itemsize
+        return cfg.num_layers * 2 * cfg.num_kv_heads * block_size * row_bytes(cfg.head_dim, dtype)
 
     def _prepare(self, block: int, position: int) -> None:
         if position == len(self.prefix) - 1 and self.prefix_rows % self.block_size:

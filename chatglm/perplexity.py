@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import ChatGLMError
-from .kv_cache import KV_TYPES
+from .kv_cache import KV_TYPES, KVType
 
 
 @dataclass
@@ -68,7 +68,7 @@ def summarize(nll: torch.Tensor) -> tuple[float, float]:
 
 
 def perplexity(model, tokenizer, text: str, ctx: int = 512, chunks: int | None = None,
-               on_chunk: Callable[[int, float], None] | None = None, kv_dtype: torch.dtype | None = None) -> Perplexity:
+               on_chunk: Callable[[int, float], None] | None = None, kv_dtype: KVType | None = None) -> Perplexity:
     """The model's perplexity on `text` in chunks of `ctx` tokens (at most `chunks` of them), keys and values
     stored as `kv_dtype` (default: the model's cache type; --kv-type shows what the cache's rounding costs)."""
     if ctx < 4:

@@ -18,7 +18,8 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 from gguf import quants as ggml_quants
 
-__all__ = ["QType", "QTensor", "Affine", "quantize", "dequantize", "qtype_of", "affine", "FLOAT_TYPES"]
+__all__ = ["QType", "QTensor", "Affine", "quantize", "dequantize", "qtype_of", "affine", "FLOAT_TYPES", "q8_0_bytes",
+           "q8_0_values"]
 
 NAMES: dict[str, QType] = {q.name.lower(): q for q in
                            (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.F16, QType.BF16, QType.F32)}
@@ -55,7 +56,7 @@ class Affine(NamedTuple):
 
     def values(self) -> torch.Tensor:
         """float32 [rows, groups, 32] as ggml computes them: codes*scale is exact, then one rounding for the offset."""
-        w = self.codes.float() * self.scale.float()
+        w = self.codes.float().mul_(self.scale.float())  # in place: one float32 copy at the peak (a long KV span)
         if self.offset is not None:
             w += self.offset.float()
         return w
@@ -110,6 +111,24 @@ def affine(raw: torch.Tensor, qtype: QType) -> Affine:
     """
     _, type_size = GGML_QUANT_SIZES[qtype]
     return DECODERS[qtype](raw.reshape(raw.shape[0], -1, type_size))
+
+
+def q8_0_bytes(x: torch.Tensor) -> torch.Tensor:
+    """ggml's q8_0 blocks of x [..., n] (n a multiple of 32) as uint8 [..., n // 32 * 34], where x lies (a KV
+    cache quantizes each step's rows on its own device). Rounded as quantize_row_q8_0_ref and gguf.quants round:
+    scale amax / 127 (stored as float16), codes x * (1 / scale) rounded half away from zero."""
+    blocks = x.float().unflatten(-1, (-1, 32))
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    v = blocks * torch.where(scale == 0, 0.0, 1 / scale)
+    a = v.abs()
+    whole = a.floor()
+    codes = v.sign() * (whole + (2 * (a - whole)).floor())  # C's roundf, as gguf.quants' np_roundf spells it
+    return torch.cat([scale.half().view(torch.uint8), codes.to(torch.int8).view(torch.uint8)], -1).flatten(-2)
+
+
+def q8_0_values(raw: torch.Tensor) -> torch.Tensor:
+    """float32 [..., n] of q8_0 blocks raw uint8 [..., n // 32 * 34], exactly as ggml decodes them."""
+    return affine(raw.reshape(-1, raw.shape[-1]), QType.Q8_0).values().reshape(*raw.shape[:-1], -1)
 
 
 @dataclass

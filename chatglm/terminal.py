@@ -197,6 +197,7 @@ class Terminal:
 
 def run_chat(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
     """`chatglm chat`: tools and sandbox set up first (cheap checks before the model loads), then the chat."""
+    from .kv_cache import KV_TYPES
     from .pipeline import Pipeline
 
     if args.tool_module and not args.tools:
@@ -216,6 +217,8 @@ def run_chat(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
             print(f"[code interpreter: {box.description}]", file=sys.stderr, flush=True)
         pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads, draft=args.draft,
                         lookup=args.lookup)
+        if args.kv_type != "auto":  # the cache every turn takes
+            pipe.model.kv_dtype = KV_TYPES[args.kv_type]
         term = Terminal(Agent(pipe, tools, functions, box), system=args.system, sampling=sampling)
         act = partial(term.complete, parse_special=args.parse_special or None) if args.mode == "generate" else term.turn
         if args.prompt is not None:

@@ -13,7 +13,7 @@ import torch
 
 from chatglm import load_model
 from chatglm.kernels import ggml
-from chatglm.kv_cache import format_size
+from chatglm.kv_cache import KV_TYPES, format_size
 from chatglm.loaders import open_checkpoint
 from chatglm.synthetic import synthetic_file, synthetic_gguf
 
@@ -58,6 +58,20 @@ def test_bench_busy_runs_a_pinned_spinner_beside_both_engines_and_stops_it(tmp_p
     assert spinning == "", "the spinner outlived the bench"
 
 
+def test_bench_q8_0_cache_beside_llama_cpps(tmp_path, default_gguf, llama_cpp):
+    """`--kv-type q8_0` reports its bytes per token and gives llama.cpp the same cache (type_k = type_v = q8_0)."""
+    proc = subprocess.run([sys.executable, "-m", "chatglm", "bench", "--synthetic", "chatglm-tiny",
+                           "--synthetic-dir", str(tmp_path), "--prompt-tokens", "16", "--new-tokens", "4",
+                           "--kv-type", "q8_0", "--compare", "llama.cpp", "--json"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["kv_type"] == "q8_0" and result["fused_step"] is True
+    assert result["kv_bytes_per_token"] == pytest.approx(llama_cpp_kv_bytes_per_token(result["model"], q8_0=True),
+                                                         abs=LOG_ROUNDING)
+    assert result["llama_cpp"]["decode_tok_s"] > 0
+
+
 def test_synthetic_glm_v1_is_a_chatglm_cpp_file_with_ice_texts_special_ids(tmp_path, shared_dir):
     """ChatGLM-6B's shape as chatglm.cpp's GGML .bin (GLM v1 has no llama.cpp architecture): its tokenizer has
     the real ice_text.model's piece count and control pieces at the same ids, which chatglm.cpp looks up."""
@@ -94,9 +108,15 @@ def test_synthetic_glm4_0414_takes_the_fused_step(tmp_path, default_gguf):
     assert model.config.post_norms and model.fused is not None
 
 
-def llama_cpp_kv_bytes_per_token(path, cells: int = 4096) -> float:
-    """What llama.cpp allocates per token for its default (f16) cache: its verbose load log's KV size line."""
-    code = f"import llama_cpp; llama_cpp.Llama(model_path={str(path)!r}, n_ctx={cells}, n_batch=32, verbose=True)"
+LOG_ROUNDING = 0.005 * 2**20 / 4096  # llama.cpp logs the cache's MiB to 2 decimals: 1.3 bytes a token of 4096 cells
+
+
+def llama_cpp_kv_bytes_per_token(path, cells: int = 4096, q8_0: bool = False) -> float:
+    """What llama.cpp allocates per token for its default (f16) cache, or with `-ctk q8_0 -ctv q8_0` (type 8; its
+    quantized values need flash attention): its verbose load log's KV size line."""
+    quantized = ", type_k=8, type_v=8, flash_attn=True" if q8_0 else ""
+    code = (f"import llama_cpp; llama_cpp.Llama(model_path={str(path)!r}, n_ctx={cells}, n_batch=32, verbose=True"
+            f"{quantized})")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     size = re.search(r"kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells", proc.stderr)
@@ -113,3 +133,12 @@ def test_f16_cache_takes_what_llama_cpp_allocates_per_token(tmp_path, default_gg
     assert cache.kv.dtype == torch.float16  # block files: f16 by default, as llama.cpp
     assert cache.token_bytes() == llama_cpp_kv_bytes_per_token(path)
     assert f"{format_size(cache.token_bytes())} per token" in cache.describe()
+
+
+@pytest.mark.parametrize("name", ["chatglm-tiny", "glm4-tiny", "default"])
+def test_q8_0_cache_takes_what_llama_cpp_allocates_per_token(tmp_path, default_gguf, llama_cpp, name):
+    """--kv-type q8_0 against llama.cpp's -ctk q8_0 -ctv q8_0: 34 bytes per 32 keys or values, 53% of f16's."""
+    path = default_gguf if name == "default" else synthetic_gguf(name, "q4_0", tmp_path)
+    cache = load_model(path).new_cache(1, 16, dtype=KV_TYPES["q8_0"])
+    assert cache.token_bytes() == pytest.approx(llama_cpp_kv_bytes_per_token(path, q8_0=True), abs=LOG_ROUNDING)
+    assert "q8_0 in" in cache.describe() and f"{format_size(cache.token_bytes())} per token" in cache.describe()

@@ -295,10 +295,11 @@ def test_default_model_decode_steps_agree_with_llama_cpp(default_gguf, llama_cpp
     assert abs(np.exp(nll[0]) / np.exp(nll[1]) - 1) < 0.02, f"perplexity {np.exp(nll[0]):.3f} vs llama.cpp {np.exp(nll[1]):.3f}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, QType.Q8_0])
 def test_long_contexts_split_into_chunks_match_the_torch_step(tmp_path, dtype):
     """Contexts of several 256-row attention chunks (one ending a row into its last chunk), full 16-row tiles and
-    a partial last one, in one batch: the chunks' partial softmaxes merge into torch's attention over the cache."""
+    a partial last one, in one batch: the chunks' partial softmaxes merge into torch's attention over the cache
+    (q8_0 blocks decoded a tile at a time as torch decodes the gathered pages)."""
     hf = tiny_llama(heads=8, kv_heads=2, head_dim=32)
     hf.config.max_position_embeddings = 1024
     hf.save_pretrained(tmp_path)

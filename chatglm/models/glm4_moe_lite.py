@@ -18,8 +18,8 @@ from torch import nn
 from ..config import LatentSpec, ModelConfig, as_ids, need
 from ..errors import ModelFileError
 from ..kernels import latent_moe_decoder, make_linear
-from ..kv_cache import BLOCK_SIZE, NULL, BlockPool, KVCache, format_size
-from ..quant import QTensor
+from ..kv_cache import BLOCK_SIZE, NULL, BlockPool, KVCache, KVType, KVTypeError, format_size, kv_type_name
+from ..quant import QTensor, QType
 from . import glm4_moe
 from .glm4 import gguf_config, gguf_key, gguf_layers, glm4_shapes, norm_weight
 from .glm4_moe import MOE_NAMES, Glm4MoeDecoder, MoEBlock, moe_shapes, moe_spec, rope_parameters
@@ -294,10 +294,13 @@ class Glm4MoeLiteDecoder(Glm4MoeDecoder):
         """attention_bias gives q_a, kv_a and o a bias (held as cfg.o_bias)."""
         return {"q_a_bias": cfg.o_bias, "kv_a_bias": cfg.o_bias, "o_bias": cfg.o_bias, "head": not cfg.tie_embeddings}
 
-    def new_cache(self, slots: int, max_len: int, memory: int | None = None, dtype: torch.dtype | None = None,
+    def new_cache(self, slots: int, max_len: int, memory: int | None = None, dtype: KVType | None = None,
                   block_size: int = BLOCK_SIZE) -> KVCache:
         """A latent cache: kv_rank + rope_dim values per token and layer, whatever the number of heads."""
         dtype = dtype or self.kv_dtype
+        if isinstance(dtype, QType):
+            raise KVTypeError(f"--kv-type {kv_type_name(dtype)} is not supported for GLM-4.7-Flash ({ARCH}): its "
+                              f"latent cache is stored as a float type; use f16, bf16 or f32")
         blocks = None if memory is None else memory // LatentCache.block_bytes(self.config, dtype, block_size)
         return LatentCache(self.config, slots, max_len, dtype, self.device, blocks, block_size)
 

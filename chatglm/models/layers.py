@@ -19,11 +19,12 @@ from ..config import ModelConfig
 from ..errors import ChatGLMError, ModelFileError
 from ..kernels import fused_decoder, in_ggml_numerics, make_embedding, make_linear, tied_head
 from ..kernels.threads import StepThreads
-from ..kv_cache import BLOCK_SIZE, KVCache, KVMemoryError, format_size
+from ..kv_cache import BLOCK_SIZE, KVCache, KVMemoryError, KVType, format_size, kv_type_name
 from ..quant import QTensor
 
 Weight = Union[torch.Tensor, QTensor]
-FUSED_KV_TYPES = (torch.float32, torch.float16)  # the block storage the C++ decode step reads; others take torch's
+# the block storage the C++ decode step reads (uint8: q8_0 blocks); others take torch's
+FUSED_KV_TYPES = (torch.float32, torch.float16, torch.uint8)
 
 
 @dataclass
@@ -85,23 +86,24 @@ def attend(q: torch.Tensor, kv: torch.Tensor, cache: KVCache, layer: int, step: 
     in float32: torch's CPU attention then reads each key once instead of once per query head, and
     runs far faster than on bf16. A fresh prompt (`step.causal`) attends over its own keys and values as the
     cache holds them, through torch's causal flash kernel: no gather of the pages, no T x T mask (a 3,000-token
-    prompt's attention took 1.8x less time).
+    prompt's attention took 1.8x less time). Otherwise only the span's blocks are gathered and decoded (q8_0).
     """
     B, T, H, D = q.shape
-    stored = kv.to(cache.kv.dtype)
+    stored = cache.store(kv)
     cache.by_row[layer].index_put_((step.blocks, step.offsets), stored)
     if step.causal:
-        keys, values = stored.to(q.dtype).permute(2, 0, 3, 1, 4)  # [B, Hkv, T, D] each
+        keys, values = cache.load(stored, q.dtype).permute(2, 0, 3, 1, 4)  # [B, Hkv, T, D] each
         att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True, enable_gqa=True)
         return att.transpose(1, 2).reshape(B, T, H * D)
-    pages = cache.kv[layer][:, :, step.table]  # [2, Hkv, B, blocks, block_size, D]: one gather
-    keys, values = pages.transpose(1, 2).flatten(3, 4)[..., : step.span, :]  # [B, Hkv, span, D] each
+    pages = cache.kv[layer][:, :, step.table]  # [2, Hkv, B, blocks, block_size, row]: one gather
+    pages = pages.transpose(1, 2).flatten(3, 4)[..., : step.span, :]  # [2, B, Hkv, span, row]
     if T > 1:
-        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        keys, values = cache.load(pages, q.dtype)
         att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=step.mask, enable_gqa=True)
         return att.transpose(1, 2).reshape(B, T, H * D)
+    keys, values = cache.load(pages, torch.float32)
     grouped = q.float().reshape(B, keys.shape[1], -1, D)
-    att = F.scaled_dot_product_attention(grouped, keys.float(), values.float(), attn_mask=step.bias)
+    att = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=step.bias)
     return att.view(B, 1, H * D).to(q.dtype)
 
 
@@ -178,10 +180,11 @@ class Decoder(nn.Module):
         """P-Tuning v2 virtual tokens held in cache rows 0..prefix_len-1 of every slot."""
         return 0 if self.prefix is None else self.prefix.shape[2]
 
-    def new_cache(self, slots: int, max_len: int, memory: int | None = None, dtype: torch.dtype | None = None,
+    def new_cache(self, slots: int, max_len: int, memory: int | None = None, dtype: KVType | None = None,
                   block_size: int = BLOCK_SIZE) -> KVCache:
         """A paged cache for `slots` sequences of up to `max_len` tokens each, holding `memory` bytes of
-        blocks (default: enough for every slot at max_len, committed by the OS only as blocks are used)."""
+        blocks (default: enough for every slot at max_len, committed by the OS only as blocks are used),
+        stored as `dtype` (a float type or q8_0 blocks; default: the model's cache type)."""
         dtype = dtype or self.kv_dtype
         per_block = KVCache.block_bytes(self.config, dtype, block_size)
         blocks = None if memory is None else memory // per_block
@@ -191,7 +194,7 @@ class Decoder(nn.Module):
             need = 2 + -(-self.prefix_len // block_size)
             raise KVMemoryError(f"--kv-memory {format_size(memory)} holds no KV block for a sequence: a block of "
                                 f"{block_size} tokens takes {format_size(per_block)} for this model "
-                                f"({dtype}); give at least {format_size(need * per_block)}") from None
+                                f"({kv_type_name(dtype)}); give at least {format_size(need * per_block)}") from None
 
     def causal_mask(self, pos: torch.Tensor, both_ways: torch.Tensor | None = None) -> torch.Tensor:
         """[B,1,T,span] keys each token sees: the prefix rows, its own past, and (GLM) a two-way context."""
@@ -280,7 +283,7 @@ class Decoder(nn.Module):
             x = x[:, -1:]
         return self.head(self.final_norm(x)).float()
 
-    def logits(self, ids: list[int], kv_dtype: torch.dtype | None = None) -> "numpy.ndarray":  # noqa: F821
+    def logits(self, ids: list[int], kv_dtype: KVType | None = None) -> "numpy.ndarray":  # noqa: F821
         """Full-prefill logits [len(ids), vocab] as float32 numpy (tests and perplexity), keys and values stored
         as `kv_dtype` (default: the model's cache type)."""
         t = torch.tensor([list(ids)], dtype=torch.long, device=self.device)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 import anyio
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -32,6 +31,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ..engine import BatchEngine, ContextLengthError, QueueFullError, SamplingParams
 from ..errors import ChatFormatError
 from ..grammar import GrammarError
+from ..kv_cache import KV_TYPES, KVType, parse_size
 from ..markup import MarkupParser, Reasoning, markup_parser
 from ..messages import ChatMessage
 from ..pipeline import reply_text, template_chat
@@ -80,15 +80,15 @@ class KVSettings:
 
     memory: int | None = None
     ctx: int | None = None
-    dtype: torch.dtype | None = None
+    dtype: KVType | None = None
 
     @classmethod
     def from_flags(cls, kv_memory: str | None, ctx: int | None, kv_type: str | None) -> "KVSettings":
         """From `serve`'s --kv-memory, --ctx and --kv-type; a bad value is refused before the model loads."""
-        from ..kv_cache import KV_TYPES, parse_size
-
         if ctx is not None and ctx < 1:
             raise ValueError(f"--ctx must be a positive number of tokens, not {ctx}")
+        if kv_type not in (None, "auto", *KV_TYPES):
+            raise ValueError(f"--kv-type {kv_type!r} is not a cache type; expected one of auto, {', '.join(KV_TYPES)}")
         return cls(memory=parse_size(kv_memory) if kv_memory else None, ctx=ctx, dtype=KV_TYPES.get(kv_type))
 
 

@@ -66,6 +66,10 @@ inline const float* rows_f32(const c10::Half* p, int64_t n, float* buf) {
   for (; i < n; ++i) buf[i] = static_cast<float>(p[i]);
   return buf;
 }
+inline const float* rows_f32(const BlockQ8_0* p, int64_t n, float* buf) {  // n blocks: 32 n values
+  dequantize_q8_0(p, n, buf);
+  return buf;
+}
 
 #if defined(__AVX512F__)
 // Lane j of the result is the sum of the 16 lanes of v[j]: 16 dot products reduced in 15 shuffle-adds, not one
@@ -242,16 +246,20 @@ class FusedDecoder {
 
   // x [B, hidden] (updated in place and returned) for tokens at positions pos [B], their keys and values going to
   // cache rows rows [B] of each sequence; tables [B, width] are the sequences' block tables into the paged cache
-  // kv [layers, 2, kv_heads, blocks, block_size, head_dim] (float32 or float16), rope the (cos, sin) table
+  // kv [layers, 2, kv_heads, blocks, block_size, head_dim] (float32 or float16; q8_0: uint8 [..., head_dim / 32 * 34]
+  // bytes, head_dim / 32 blocks a row), rope the (cos, sin) table
   // [max_position, rope_dim/2, 2]. 2D rotary (GLM v1): pos [B, 2], each head's first rope_dim values rotated by
   // the token's position, the next rope_dim by its block position.
   torch::Tensor step(torch::Tensor x, const torch::Tensor& kv, const torch::Tensor& tables, const torch::Tensor& pos,
                      const torch::Tensor& rows, const torch::Tensor& rope) {
     const int64_t hidden = layers_[0]->attn_norm.numel();
-    TORCH_CHECK((kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kFloat16) && kv.is_contiguous() &&
-                kv.dim() == 6 && kv.size(0) == static_cast<int64_t>(layers_.size()) && kv.size(1) == 2 &&
-                kv.size(2) == kv_heads_ && kv.size(5) == head_dim_,
-                "the cache must be float32 or float16 [layers, 2, kv_heads, blocks, block_size, head_dim]");
+    const bool q8_0 = kv.scalar_type() == torch::kByte;  // head_dim / 32 q8_0 blocks per row
+    TORCH_CHECK((kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kFloat16 || q8_0) &&
+                kv.is_contiguous() && kv.dim() == 6 && kv.size(0) == static_cast<int64_t>(layers_.size()) &&
+                kv.size(1) == 2 && kv.size(2) == kv_heads_ &&
+                (q8_0 ? head_dim_ % 32 == 0 && kv.size(5) == head_dim_ / 32 * 34 : kv.size(5) == head_dim_),
+                "the cache must be float32 or float16 [layers, 2, kv_heads, blocks, block_size, head_dim], or q8_0 "
+                "blocks as uint8 [..., head_dim / 32 * 34]");
     const bool two_d = pos.dim() == 2;
     TORCH_CHECK(!two_d || (pos.size(1) == 2 && 2 * rope_dim_ <= head_dim_), "pos [batch, 2] (2D rotary) needs 2 "
                 "columns and 2 * rope_dim <= head_dim; got ", pos.sizes(), ", rope ", rope_dim_, " of ", head_dim_);
@@ -262,6 +270,8 @@ class FusedDecoder {
     const int64_t width = tables.size(1);
     if (kv.scalar_type() == torch::kFloat16) {
       run(x, static_cast<c10::Half*>(kv.data_ptr()), kv, table, width, at, two_d, row, rope);
+    } else if (q8_0) {
+      run(x, static_cast<BlockQ8_0*>(kv.data_ptr()), kv, table, width, at, two_d, row, rope);
     } else {
       run(x, kv.data_ptr<float>(), kv, table, width, at, two_d, row, rope);
     }
@@ -280,12 +290,14 @@ class FusedDecoder {
     std::vector<float> y(B * hidden), per_head(qkv_width), expert_gu, expert_act;
     float* xs = x.data_ptr<float>();
     const float* rot = rope.data_ptr<float>();
-    const Paged<T> paged{nullptr, table, width, kv.size(4), kv.stride(3), kv.stride(2), kv.stride(1), kv.stride(4)};
+    const int64_t unit = static_cast<int64_t>(sizeof(T)) / kv.element_size();  // tensor elements per T (q8_0: 34)
+    const Paged<T> paged{nullptr, table, width, kv.size(4), kv.stride(3) / unit, kv.stride(2) / unit,
+                         kv.stride(1) / unit, kv.stride(4) / unit};
 
     for (size_t l = 0; l < layers_.size(); ++l) {
       const DecodeLayer& w = *layers_[l];
       Paged<T> layer = paged;
-      layer.base = cache + l * kv.stride(0);
+      layer.base = cache + l * kv.stride(0) / unit;
       for (int64_t b = 0; b < B; ++b)
         w.norm(w.attn_norm, w.attn_norm_bias, xs + b * hidden, eps_, hidden, &h[b * hidden]);
       w.qkv(h.data(), B, qkv.data(), tile_rows_);
@@ -310,10 +322,8 @@ class FusedDecoder {
         }
         for (int64_t g = 0; g < kv_heads_; ++g) {  // this token's key and value into the cache
           T* k = layer.row(b, g, row[b]);
-          for (int64_t d = 0; d < D; ++d) {
-            k[d] = static_cast<T>(r[nq + g * D + d]);
-            k[layer.half_stride + d] = static_cast<T>(r[nq + nkv + g * D + d]);
-          }
+          store_row(r + nq + g * D, D, k);
+          store_row(r + nq + nkv + g * D, D, k + layer.half_stride);
         }
       }
       attend(layer, row, B, qkv.data(), qkv_width, att.data());

@@ -9,6 +9,7 @@
 
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -123,6 +124,50 @@ void rotate(float* v, const float* cs, int64_t rope_dim, bool interleaved) {
     b = a0 * s + b * c;
   }
 }
+
+// A ggml q8_0 block, the cache rows of --kv-type q8_0 (llama.cpp's -ctk/-ctv q8_0): 32 values as int8 codes times
+// one float16 scale, 34 bytes as ggml's block_q8_0 lays them out.
+struct BlockQ8_0 {
+  c10::Half d;
+  int8_t qs[32];
+};
+static_assert(sizeof(BlockQ8_0) == 34, "a q8_0 block is 34 bytes, as ggml's block_q8_0");
+
+// y = n values (a multiple of 32) as n / 32 q8_0 blocks, rounded as ggml's quantize_row_q8_0_ref (and gguf.quants,
+// and chatglm.quant.q8_0_bytes for the torch path): scale amax / 127, codes x * (1 / scale) rounded half away from 0.
+inline void quantize_q8_0(const float* x, int64_t n, BlockQ8_0* y) {
+  for (int64_t b = 0; b < n / 32; ++b, x += 32) {
+    float amax = 0.f;
+    for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+    y[b].d = static_cast<c10::Half>(d);
+    for (int k = 0; k < 32; ++k) y[b].qs[k] = static_cast<int8_t>(std::roundf(x[k] * id));
+  }
+}
+
+// out = the 32 * n float32 values of n q8_0 blocks (each code times its scale: exact in float32)
+inline void dequantize_q8_0(const BlockQ8_0* x, int64_t n, float* out) {
+  for (int64_t b = 0; b < n; ++b, out += 32) {
+#if defined(__AVX512F__)
+    const __m512 d = _mm512_set1_ps(_cvtsh_ss(x[b].d.x));  // F16C: c10's scalar conversion may take the bit path
+    const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(codes)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(codes, 1)));
+    _mm512_storeu_ps(out, _mm512_mul_ps(d, lo));
+    _mm512_storeu_ps(out + 16, _mm512_mul_ps(d, hi));
+#else
+    const float d = static_cast<float>(x[b].d);
+    for (int k = 0; k < 32; ++k) out[k] = d * static_cast<float>(x[b].qs[k]);
+#endif
+  }
+}
+
+// A new cache row y of n values from float32 x: converted (float16 rounded to nearest), or quantized to q8_0 blocks.
+template <typename T>
+inline void store_row(const float* x, int64_t n, T* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(x[i]);
+}
+inline void store_row(const float* x, int64_t n, BlockQ8_0* y) { quantize_q8_0(x, n, y); }
 
 torch::Tensor checked_float(const torch::Tensor& t, int64_t n, const char* what) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == n && !t.is_cuda(), what,
