@@ -53,12 +53,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     kv = KVSettings.from_flags(args.kv_memory, args.ctx, args.kv_type)
     pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads, draft=args.draft,
-                    lookup=args.lookup)
+                    lookup=args.lookup, use_mmap=args.use_mmap)
     app = create_app(pipe, api_key=args.api_key, cors_origins=args.cors_origins, max_batch=args.max_batch,
                      max_queue=args.max_queue, embedding_model=args.embedding_model, kv=kv)
     engine = app.state.server.engine
     print(f"{engine.cache.describe()}; context {engine.context}, {args.max_batch} sequences at once"
-          f"{'' if args.kv_memory else ' (--kv-memory not given: half the available memory)'}", file=sys.stderr)
+          f"{'' if args.kv_memory else ' (--kv-memory not given: half the available memory)'}"
+          f"{'; ' + pipe.placement if pipe.placement else ''}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -80,6 +81,13 @@ def _speculation_flags(p: argparse.ArgumentParser) -> None:
                         "in one forward (default 0: off)")
     p.add_argument("--draft", default=None, metavar="MODEL",
                    help="a smaller model with the same vocabulary drafts tokens the model checks in one forward")
+
+
+def mmap_flag(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's --mmap / --no-mmap: weights read in place from the file's mapping, or copied into huge pages."""
+    p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=True, dest="use_mmap",
+                   help="--no-mmap copies a GGUF or GGML file's weights (not MoE experts) into 2 MB huge pages at "
+                        "load: decode reads them faster, load takes longer (default: --mmap, read in place)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", default="auto",
                       help="auto, f32, bf16, f16, or q4_0 q4_1 q5_0 q5_1 q8_0 to quantize a Hugging Face folder as it loads")
     _speculation_flags(chat)
+    mmap_flag(chat)
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="serve the OpenAI, ChatGLM and GLM APIs over HTTP")
@@ -156,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --replicas: send a conversation's turns to the replica holding its prefix (default), "
                             "or balance load only")
     _speculation_flags(serve)
+    mmap_flag(serve)
     serve.set_defaults(func=cmd_serve)
 
     from .bench import add_parser as add_bench_parser
