@@ -92,7 +92,7 @@ def bench_llama_cpp(path: str, threads: int, prompt_tokens: int, new_tokens: int
         llm.eval([ids[-1]])
     decode_s = time.perf_counter() - t
     return {"engine": "llama.cpp", "load_s": round(load_s, 3), "prefill_tok_s": round(prompt_tokens / prefill_s, 2),
-            "decode_tok_s": round(new_tokens / decode_s, 2)}
+            "decode_tok_s": round(new_tokens / decode_s, 2), "use_mmap": use_mmap}
 
 
 class CountedDrafter:

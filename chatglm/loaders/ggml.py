@@ -101,6 +101,7 @@ def read_ggml(path: Path, use_mmap: bool = True) -> GGMLFile:
     copies, placement = {}, MAPPED
     if not use_mmap:
         copies, placement = copy_to_huge_pages(path, {name: span[:2] for name, span in spans.items()})
+    tensors: dict[str, torch.Tensor | QTensor] = {}
     for name, (start, nbytes, qtype, shape) in spans.items():
         raw = copies.get(name)
         if raw is None:
