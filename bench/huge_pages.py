@@ -1,80 +1,158 @@
-"""Whether decode's matrix-vector products read weights faster from 2 MB pages: the same ggml blocks multiplied
-as memory-mapped from a file (4 KB page-cache pages) and as copied into an anonymous MADV_HUGEPAGE buffer,
-alternating A/B in one process (the shared machine's load swings between runs, less within one).
+"""Whether decode reads weights faster from 2 MB pages: the same ggml blocks as memory-mapped from the file (4 KB
+page-cache pages) and as `--no-mmap` copies them into an anonymous MADV_HUGEPAGE buffer
+(chatglm/loaders/huge_pages.py), alternating A/B in one process (the shared machine's load swings between runs,
+less within one). Development only: the ratio against llama.cpp is `chatglm bench --compare llama.cpp`'s.
 
-The weights are the first --layers blocks' qkv, o, gate_up, down of a GGUF file (q4_0: the 6B-shape synthetic
-file's ~115 MB a layer), or, with --qtype q8_0, random q8_0 blocks of the 6B layer shapes written to a temporary
-file (the 6.6 GB q8_0 file is too large to read here). One "pass" multiplies a one-token activation by every
-weight, as a decode step does. Reports each variant's best wall GB/s (the bytes of the weights over the pass's
-wall time) and process CPU seconds per pass, and the huge pages the copy really got (/proc/self/smaps).
+kernels (default): the first --layers blocks' qkv, o, gate_up, down of a q4_0 GGUF (the 6B-shape synthetic file's
+~115 MB a layer) or, with --qtype q8_0, random q8_0 blocks of the 6B layer shapes in a temporary file (the 6.6 GB
+q8_0 file is too large to read here), dropped from the page cache and read back through the mapping as a first
+load would; one "pass" multiplies a one-token activation by every weight, as a decode step does.
+--decode FILE: whole decode steps of FILE loaded twice, mapped and with use_mmap=False.
+
+Reports each variant's best wall GB/s (kernels) or ms per token (decode), process CPU seconds, the median of the
+rounds' mapped/huge ratios, and the 2 MB pages each side really got (/proc/self/smaps: AnonHugePages of the copy,
+FilePmdMapped of the file: the page cache's own large folios).
 
 Usage: .venv/bin/python bench/huge_pages.py [--gguf /tmp/synth/synthetic-chatglm3-6b-q4_0.gguf] [--layers 10]
-       [--qtype q4_0|q8_0] [--threads 2] [--rounds 6]
+       [--qtype q4_0|q8_0] [--threads 2] [--rounds 10]
+       .venv/bin/python bench/huge_pages.py --decode FILE.gguf [--rounds 10] [--tokens 8]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
+import os
 import statistics
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from chatglm.bench import prompt_ids
 from chatglm.kernels import ggml
+from chatglm.loaders import load_model
 from chatglm.loaders.gguf import read_gguf
-from chatglm.loaders.huge_pages import HugePageArena, huge_pages_of
-from kernel_cost import QTYPE, random_blocks
+from chatglm.loaders.huge_pages import copy_to_huge_pages
+from kernel_cost import BLOCK_BYTES, QTYPE, random_blocks
 
 SHAPES_6B = ((4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696))  # qkv, o, gate_up, down
+Weights = list[tuple[torch.Tensor, int, int]]  # (blocks as uint8 [rows, bytes a row], qtype, inputs)
 
 
-def file_weights(path: Path, layers: int) -> list[tuple[torch.Tensor, int]]:
-    """The first `layers` blocks' four products, as views of the mapped file."""
+def smaps_total(field: str) -> int:
+    """This process's bytes under one /proc/self/smaps field, all mappings together."""
+    with open("/proc/self/smaps") as f:
+        return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def gguf_spans(path: Path, layers: int) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int, int]]]:
+    """The first `layers` blocks' four products: file spans, and (rows, qtype, inputs) for each."""
     f = read_gguf(path)
     names = [f"blk.{i}.{n}.weight" for i in range(layers) for n in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")]
-    return [(f.tensor(n).raw, int(f.tensors[n].qtype)) for n in names]
+    shapes = {n: (f.tensors[n].shape[0], int(f.tensors[n].qtype), f.tensors[n].shape[1]) for n in names}
+    return {n: (f.tensors[n].start, f.tensors[n].nbytes) for n in names}, shapes
 
 
-def q8_file(layers: int, directory: str) -> Path:
-    """Random q8_0 blocks of the 6B layer shapes in a file of our own."""
-    path = Path(directory) / "q8_0.blocks"
+def q8_spans(path: Path, layers: int) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int, int]]]:
+    """Random q8_0 blocks of the 6B layer shapes written to `path`, then dropped from the page cache."""
+    spans, shapes, at = {}, {}, 0
     with open(path, "wb") as out:
-        for _ in range(layers):
-            for rows, k in SHAPES_6B:
-                out.write(random_blocks(rows, k, "q8_0").numpy().tobytes())
-    return path
+        for i in range(layers):
+            for j, (rows, k) in enumerate(SHAPES_6B):
+                data = random_blocks(rows, k, "q8_0").numpy().tobytes()
+                out.write(data)
+                spans[f"{i}.{j}"], shapes[f"{i}.{j}"] = (at, len(data)), (rows, QTYPE["q8_0"], k)
+                at += len(data)
+        out.flush()
+        os.fsync(out.fileno())
+        os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return spans, shapes
 
 
-def mapped_q8(path: Path, layers: int) -> list[tuple[torch.Tensor, int]]:
-    import mmap
-
-    with open(path, "rb") as f:
-        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    out, at = [], 0
-    for _ in range(layers):
-        for rows, k in SHAPES_6B:
-            n = rows * k // 32 * 34
-            out.append((torch.frombuffer(m, dtype=torch.uint8, count=n, offset=at).view(rows, -1), QTYPE["q8_0"]))
-            at += n
-    return out
+def as_weights(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int, int]]) -> Weights:
+    return [(tensors[n].view(rows, -1), q, k) for n, (rows, q, k) in shapes.items()]
 
 
-def copied(weights: list[tuple[torch.Tensor, int]]) -> tuple[list[tuple[torch.Tensor, int]], HugePageArena]:
-    arena = HugePageArena(sum(w.numel() for w, _ in weights))
-    return [(arena.copy(w), q) for w, q in weights], arena
+def alternate(variants: dict[str, Callable[[], None]], rounds: int, passes: int) -> tuple[dict, list[float]]:
+    """Each variant's best (wall, CPU) seconds a pass, and each round's mapped/huge ratio of best walls."""
+    best = {tag: [float("inf"), float("inf")] for tag in variants}
+    ratios = []
+    for _ in range(rounds):
+        walls = {}
+        for tag, run in variants.items():
+            run()
+            walls[tag] = float("inf")
+            for _ in range(passes):
+                w0, c0 = time.perf_counter(), time.process_time()
+                run()
+                wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+                walls[tag] = min(walls[tag], wall)
+                best[tag] = [min(best[tag][0], wall), min(best[tag][1], cpu)]
+        ratios.append(walls["mapped"] / walls["huge"])
+    return best, ratios
 
 
-def file_pmd_mapped() -> int:
-    """Bytes of this process's file mappings the kernel maps with 2 MB entries (the page cache's large folios)."""
-    with open("/proc/self/smaps") as f:
-        return sum(int(line.split()[1]) * 1024 for line in f if line.startswith("FilePmdMapped:"))
+def kernels(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        path = Path(tmp) / "q8_0.blocks" if args.qtype == "q8_0" else Path(args.gguf)
+        spans, shapes = q8_spans(path, args.layers) if args.qtype == "q8_0" else gguf_spans(path, args.layers)
+        with open(path, "rb") as f:
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns that the mapping is read-only
+            mapped = as_weights({n: torch.frombuffer(buffer, dtype=torch.uint8, count=s[1], offset=s[0])
+                                 for n, s in spans.items()}, shapes)
+        for w, _, _ in mapped:  # fault the file's pages in, as a first decode step would
+            w.sum(dtype=torch.int64)
+        t0 = time.perf_counter()
+        copies, placement = copy_to_huge_pages(path, spans)
+        copy_s = time.perf_counter() - t0
+        huge = as_weights(copies, shapes)
+        gen = torch.Generator().manual_seed(0)
+        xs = {k: torch.randn(1, k, generator=gen) for k in {k for _, _, k in mapped}}
+
+        def one_pass(weights: Weights) -> Callable[[], None]:
+            return lambda: [ggml._ggml.linear(xs[k], [w], q, ggml.TILE_ROWS) for w, q, k in weights]
+
+        best, ratios = alternate({"mapped": one_pass(mapped), "huge": one_pass(huge)}, args.rounds, args.passes)
+        nbytes = sum(n for _, n in spans.values())
+        out = {"qtype": args.qtype, "GB": round(nbytes / 1e9, 3), "copy_s": round(copy_s, 3), "placement": placement,
+               "file_pmd_MB": smaps_total("FilePmdMapped") >> 20}
+        for tag, (wall, cpu) in best.items():
+            out[tag] = {"wall_GB_per_s": round(nbytes / wall / 1e9, 1), "cpu_s": round(cpu, 4)}
+        del mapped
+        return out | {"median_ratio": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios]}
 
 
-def one_pass(weights: list[tuple[torch.Tensor, int]], xs: dict[int, torch.Tensor]) -> None:
-    for w, q in weights:
-        ggml._ggml.linear(xs[w.shape[1] // (18 if q == QTYPE["q4_0"] else 34) * 32], [w], q, ggml.TILE_ROWS)
+def decode(args: argparse.Namespace) -> dict:
+    models = {"mapped": load_model(args.decode), "huge": load_model(args.decode, use_mmap=False)}
+    ids = prompt_ids(models["mapped"].config.vocab_size, 16)
+    ctx = 16 + (args.rounds * (args.passes + 1) + 1) * args.tokens + 8
+    state = {}
+    for tag, model in models.items():
+        cache, slots = model.new_cache(1, ctx), torch.zeros(1, dtype=torch.long)
+        model(torch.tensor([ids]), torch.arange(16)[None], cache, slots)
+        state[tag] = [cache, slots, 16]
+
+    def steps(tag: str) -> Callable[[], None]:
+        def run() -> None:
+            cache, slots, pos = state[tag]
+            for _ in range(args.tokens):
+                models[tag](torch.tensor([[ids[-1]]]), torch.tensor([[pos]]), cache, slots)
+                pos += 1
+            state[tag][2] = pos
+        return run
+
+    best, ratios = alternate({tag: steps(tag) for tag in models}, args.rounds, args.passes)
+    out = {"model": args.decode, "tokens_per_pass": args.tokens, "anon_huge_MB": smaps_total("AnonHugePages") >> 20,
+           "file_pmd_MB": smaps_total("FilePmdMapped") >> 20}
+    for tag, (wall, cpu) in best.items():
+        out[tag] = {"ms_per_token": round(wall / args.tokens * 1e3, 2), "cpu_ms_per_token": round(cpu / args.tokens * 1e3, 2)}
+    return out | {"median_ratio": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios]}
 
 
 def main() -> None:
@@ -82,47 +160,15 @@ def main() -> None:
     ap.add_argument("--gguf", default="/tmp/synth/synthetic-chatglm3-6b-q4_0.gguf")
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--qtype", default="q4_0", choices=("q4_0", "q8_0"))
+    ap.add_argument("--decode", metavar="FILE", help="A/B whole decode steps of this file instead of the kernels")
+    ap.add_argument("--tokens", type=int, default=8, help="--decode: tokens a pass")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=6, help="A/B alternations")
+    ap.add_argument("--rounds", type=int, default=10, help="A/B alternations")
     ap.add_argument("--passes", type=int, default=3, help="passes timed per round (the best counts)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-        if args.qtype == "q8_0":
-            mapped = mapped_q8(q8_file(args.layers, tmp), args.layers)
-        else:
-            mapped = file_weights(Path(args.gguf), args.layers)
-        t0 = time.perf_counter()
-        huge, arena = copied(mapped)
-        copy_s = time.perf_counter() - t0
-        nbytes = sum(w.numel() for w, _ in mapped)
-        gen = torch.Generator().manual_seed(0)
-        xs = {k: torch.randn(1, k, generator=gen) for k in (4096, 13696)}
-        for w, _ in mapped:  # fault the file's pages in before timing
-            w.sum(dtype=torch.int64)
-        best = {"mapped": [float("inf"), float("inf")], "huge": [float("inf"), float("inf")]}
-        ratios = []  # each round's mapped over huge wall time (its best pass each)
-        for _ in range(args.rounds):
-            walls = {}
-            for tag, weights in (("mapped", mapped), ("huge", huge)):
-                one_pass(weights, xs)
-                walls[tag] = float("inf")
-                for _ in range(args.passes):
-                    w0, c0 = time.perf_counter(), time.process_time()
-                    one_pass(weights, xs)
-                    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-                    walls[tag] = min(walls[tag], wall)
-                    best[tag] = [min(best[tag][0], wall), min(best[tag][1], cpu)]
-            ratios.append(walls["mapped"] / walls["huge"])
-        result = {"qtype": args.qtype, "threads": args.threads, "GB": round(nbytes / 1e9, 3),
-                  "copy_s": round(copy_s, 3), "huge_MB": huge_pages_of(arena) >> 20}
-        for tag, (wall, cpu) in best.items():
-            result[tag] = {"wall_GB_per_s": round(nbytes / wall / 1e9, 1), "cpu_s": round(cpu, 4)}
-        result["huge_over_mapped"] = round(best["mapped"][0] / best["huge"][0], 3)
-        result["round_ratios_median"] = round(statistics.median(ratios), 3)
-        result["round_ratios"] = [round(r, 3) for r in ratios]
-        result["file_pmd_MB"] = file_pmd_mapped() >> 20
-        print(json.dumps(result), flush=True)
+    out = decode(args) if args.decode else kernels(args)
+    print(json.dumps({"threads": args.threads, **out}), flush=True)
 
 
 if __name__ == "__main__":

@@ -83,13 +83,6 @@ class HugePageArena:
         self.at += -(-nbytes // ALIGN) * ALIGN
         return out
 
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
-        """`t`'s bytes in the buffer, as a tensor of t's dtype and shape."""
-        flat = t.contiguous().view(-1).view(torch.uint8)
-        out = self.take(flat.numel())
-        out.copy_(flat)
-        return out.view(t.dtype).view(t.shape)
-
     @property
     def address(self) -> int:
         return self.whole.data_ptr() + self.start
@@ -157,4 +150,5 @@ def copy_to_huge_pages(path: Path, spans: Mapping[str, tuple[int, int]],
     with open(path, "rb") as f:
         read_into(f.fileno(), [(copies[name], offset) for name, (offset, _) in spans.items()],
                   threads or torch.get_num_threads())
-    return copies, f"weights in huge pages ({huge_pages_of(arena) >> 20} of {total >> 20} MiB in 2 MB pages)"
+    huge = min(huge_pages_of(arena), total)  # the last 2 MB page may run past the weights
+    return copies, f"weights in huge pages ({huge >> 20} of {total >> 20} MiB in 2 MB pages)"
