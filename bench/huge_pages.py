@@ -153,7 +153,8 @@ def decode(args: argparse.Namespace) -> dict:
     out = {"model": args.decode, "tokens_per_pass": args.tokens, "anon_huge_MB": smaps_total("AnonHugePages") >> 20,
            "file_pmd_MB": smaps_total("FilePmdMapped") >> 20}
     for tag, (wall, cpu) in best.items():
-        out[tag] = {"ms_per_token": round(wall / args.tokens * 1e3, 2), "cpu_ms_per_token": round(cpu / args.tokens * 1e3, 2)}
+        out[tag] = {"ms_per_token": round(wall / args.tokens * 1e3, 2),
+                    "cpu_ms_per_token": round(cpu / args.tokens * 1e3, 2)}
     return out | ratios
 
 

@@ -52,7 +52,8 @@ def unavailable_reason(nbytes: int) -> str | None:
         return "this Python's mmap cannot ask for huge pages"
     available = mem_available()
     if available < nbytes + HEADROOM:
-        return f"{nbytes >> 20} MiB of weights would leave less than {HEADROOM >> 20} MiB of the {available >> 20} MiB available"
+        return (f"{nbytes >> 20} MiB of weights would leave less than {HEADROOM >> 20} MiB of the "
+                f"{available >> 20} MiB available")
     return None
 
 
@@ -132,8 +133,8 @@ def mmap_option(value: object) -> bool:
     """The loader's `use_mmap` option checked (llama-cpp-python's name; llama.cpp's --mmap / --no-mmap): True
     reads weights in place from the file's mapping, False copies them into huge pages."""
     if not isinstance(value, bool):
-        raise ValueError(f"use_mmap (--mmap/--no-mmap) is {value!r}; expected true (weights read in place from the file's mapping) or "
-                         "false (copied into huge pages: --no-mmap)")
+        raise ValueError(f"use_mmap (--mmap/--no-mmap) is {value!r}; expected true (weights read in place from the "
+                         "file's mapping) or false (copied into huge pages: --no-mmap)")
     return value
 
 
