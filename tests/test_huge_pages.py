@@ -75,7 +75,7 @@ def test_the_buffer_really_is_in_huge_pages():
 
 @pytest.mark.parametrize("fault, reason", [
     ({"thp_mode": lambda: "never"}, "transparent huge pages are 'never' on this machine"),
-    ({"mem_available": lambda: 0}, "would leave less than 1024 MiB of the 0 MiB available"),
+    ({"available_memory": lambda: 0}, "would leave less than 1024 MiB of the 0 MiB available"),
 ])
 def test_without_huge_pages_the_weights_stay_mapped(tmp_path, default_gguf, monkeypatch, fault, reason):
     path = synthetic_gguf("chatglm-tiny", "q4_0", tmp_path)

@@ -1,7 +1,8 @@
 """Weights in 2 MB pages: an anonymous buffer the kernel backs with transparent huge pages, and the file's
-tensor bytes read into it in parallel. A memory-mapped file sits in 4 KB page-cache pages (the kernel refuses
-MADV_COLLAPSE on a file mapping), and decode, reading every weight once a token, goes faster from huge pages
-(docs/BENCHMARKS.md, "Weights in huge pages"). llama.cpp's `--no-mmap` reads a file into allocated memory too.
+tensor bytes read into it in parallel. A memory-mapped file is read out of the page cache's pages, often 4 KB
+(2 MB only where the cache happens to hold large folios; the kernel refuses MADV_COLLAPSE on a file mapping), and
+decode, reading every weight once a token, goes faster from huge pages (docs/BENCHMARKS.md, "Weights in huge
+pages"). llama.cpp's `--no-mmap` reads a file into allocated memory too.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from typing import Mapping
 
 import torch
 
+from ..kv_cache import RESERVE, available_memory
+
 HUGE = 2 << 20
 ALIGN = 64            # each tensor's start in the buffer: a cache line, a multiple of every dtype's size
 CHUNK = 64 << 20      # bytes one read takes: large enough that a read's cost is the copy, small enough to share
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-HEADROOM = 1 << 30    # memory left to everything else after the copy
 
 
 def thp_mode() -> str:
@@ -31,18 +33,6 @@ def thp_mode() -> str:
     return found.group(1) if found else "unsupported"
 
 
-def mem_available() -> int:
-    """Bytes the kernel could give without swapping (MemAvailable), 0 where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def unavailable_reason(nbytes: int) -> str | None:
     """Why weights of `nbytes` cannot go into huge pages here, or None when they can."""
     mode = thp_mode()
@@ -50,9 +40,9 @@ def unavailable_reason(nbytes: int) -> str | None:
         return f"transparent huge pages are {mode!r} on this machine"
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return "this Python's mmap cannot ask for huge pages"
-    available = mem_available()
-    if available < nbytes + HEADROOM:
-        return (f"{nbytes >> 20} MiB of weights would leave less than {HEADROOM >> 20} MiB of the "
+    available = available_memory()
+    if available < nbytes + RESERVE:  # the 1 GiB the KV pool leaves to the OS too
+        return (f"{nbytes >> 20} MiB of weights would leave less than {RESERVE >> 20} MiB of the "
                 f"{available >> 20} MiB available")
     return None
 
