@@ -54,6 +54,16 @@ def test_ggml_bin_copied_gives_the_mapped_logits_bit_for_bit(tmp_path):
 
 
 @needs_thp
+def test_the_chat_banner_says_where_the_weights_are(tmp_path, default_gguf):
+    from chatglm.agent import Agent
+    from chatglm.terminal import Terminal
+
+    path = synthetic_gguf("chatglm-tiny", "q4_0", tmp_path)
+    for use_mmap, said in ((False, "; weights in huge pages ("), (True, "; weights mapped from the file.")):
+        assert said in Terminal(Agent(Pipeline(path, use_mmap=use_mmap), [], None, None)).banner(False)
+
+
+@needs_thp
 def test_moe_experts_stay_mapped(tmp_path, default_gguf):
     """Only a token's chosen experts are read: copying them all would double a MoE file's memory."""
     path = synthetic_gguf("glm4-moe-lite-tiny", "q4_0", tmp_path)
