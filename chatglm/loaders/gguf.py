@@ -230,10 +230,6 @@ def open_gguf(path: Path, use_mmap: bool = True) -> Checkpoint:
     from . import Checkpoint, matrix_dtype
 
     file = read_gguf(path)
-    placement = MAPPED
-    if not use_mmap:
-        spans = {name: (t.start, t.nbytes) for name, t in file.tensors.items() if len(t.shape) != 3}
-        file.copies, placement = copy_to_huge_pages(path, spans)
     meta = file.meta
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
@@ -247,6 +243,10 @@ def open_gguf(path: Path, use_mmap: bool = True) -> Checkpoint:
     except (ValueError, TypeError, ArithmeticError) as e:  # a string or 0 where a size belongs
         raise ModelFileError(path, f"bad metadata value ({type(e).__name__}: {e})") from None
     layout = main_layers(plan(file.tensors, family.GGUF_NAMES), config.num_layers)
+    placement = MAPPED
+    if not use_mmap:  # once the file is known to be a model we read
+        spans = {name: (t.start, t.nbytes) for name, t in file.tensors.items() if len(t.shape) != 3}
+        file.copies, placement = copy_to_huge_pages(path, spans)
 
     def tokenizer():
         from ..tokenizers import tokenizer_from_gguf
