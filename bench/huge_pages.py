@@ -1,5 +1,5 @@
 """Whether decode reads weights faster from 2 MB pages: the same ggml blocks as memory-mapped from the file (4 KB
-page-cache pages) and as `--no-mmap` copies them into an anonymous MADV_HUGEPAGE buffer
+page-cache pages) and as `--no-mmap` moves them into anonymous MADV_HUGEPAGE pages
 (chatglm/loaders/huge_pages.py), alternating A/B in one process (the shared machine's load swings between runs,
 less within one). Development only: the ratio against llama.cpp is `chatglm bench --compare llama.cpp`'s.
 
@@ -11,7 +11,7 @@ load would; one "pass" multiplies a one-token activation by every weight, as a d
 
 Reports each variant's best wall GB/s (kernels) or ms per token (decode), process CPU seconds, the median of the
 rounds' mapped/huge ratios (wall and CPU), and the 2 MB pages each side really got (/proc/self/smaps:
-AnonHugePages of the copy, FilePmdMapped of the file: the page cache's own large folios).
+AnonHugePages of the moved weights, FilePmdMapped of the file: the page cache's own large folios).
 
 Usage: .venv/bin/python bench/huge_pages.py [--gguf /tmp/synth/synthetic-chatglm3-6b-q4_0.gguf] [--layers 10]
        [--qtype q4_0|q8_0] [--threads 2] [--rounds 10]
@@ -36,7 +36,7 @@ from chatglm.bench import prompt_ids
 from chatglm.kernels import ggml
 from chatglm.loaders import load_model
 from chatglm.loaders.gguf import read_gguf
-from chatglm.loaders.huge_pages import copy_to_huge_pages
+from chatglm.loaders.huge_pages import into_huge_pages, settle
 from kernel_cost import BLOCK_BYTES, QTYPE, random_blocks
 
 SHAPES_6B = ((4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696))  # qkv, o, gate_up, down
@@ -102,18 +102,20 @@ def kernels(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         path = Path(tmp) / "q8_0.blocks" if args.qtype == "q8_0" else Path(args.gguf)
         spans, shapes = q8_spans(path, args.layers) if args.qtype == "q8_0" else gguf_spans(path, args.layers)
-        with open(path, "rb") as f:
-            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buffers = []
+        for _ in range(2):  # the file mapped twice: one mapping stays, the other's weights move into huge pages
+            with open(path, "rb") as f:
+                buffers.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch warns that the mapping is read-only
-            mapped = as_weights({n: torch.frombuffer(buffer, dtype=torch.uint8, count=s[1], offset=s[0])
-                                 for n, s in spans.items()}, shapes)
+            mapped, huge = (as_weights({n: torch.frombuffer(b, dtype=torch.uint8, count=s[1], offset=s[0])
+                                        for n, s in spans.items()}, shapes) for b in buffers)
         for w, _, _ in mapped:  # fault the file's pages in, as a first decode step would
             w.sum(dtype=torch.int64)
         t0 = time.perf_counter()
-        copies, placement = copy_to_huge_pages(path, spans)
-        copy_s = time.perf_counter() - t0
-        huge = as_weights(copies, shapes)
+        placement = into_huge_pages(path, buffers[1], spans.values())
+        settle()
+        move_s = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(0)
         xs = {k: torch.randn(1, k, generator=gen) for k in {k for _, _, k in mapped}}
 
@@ -122,7 +124,7 @@ def kernels(args: argparse.Namespace) -> dict:
 
         best, ratios = alternate({"mapped": one_pass(mapped), "huge": one_pass(huge)}, args.rounds, args.passes)
         nbytes = sum(n for _, n in spans.values())
-        out = {"qtype": args.qtype, "GB": round(nbytes / 1e9, 3), "copy_s": round(copy_s, 3), "placement": placement,
+        out = {"qtype": args.qtype, "GB": round(nbytes / 1e9, 3), "move_s": round(move_s, 3), "placement": placement,
                "file_pmd_MB": smaps_total("FilePmdMapped") >> 20}
         for tag, (wall, cpu) in best.items():
             out[tag] = {"wall_GB_per_s": round(nbytes / wall / 1e9, 1), "cpu_s": round(cpu, 4)}
@@ -150,6 +152,7 @@ def decode(args: argparse.Namespace) -> dict:
     if args.small_pages:
         into_small_pages(args.decode)
     models = {"mapped": load_model(args.decode), "huge": load_model(args.decode, use_mmap=False)}
+    settle()
     ids = prompt_ids(models["mapped"].config.vocab_size, 16)
     ctx = 16 + (args.rounds * (args.passes + 1) + 1) * args.tokens + 8
     state = {}

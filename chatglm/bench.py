@@ -31,11 +31,14 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
 def bench_ours(path: str, device: str, dtype: str, prompt_tokens: int, new_tokens: int, batch: int,
                kv_type: str = "auto", use_mmap: bool = True) -> dict[str, Any]:
     from .loaders import build_model, open_checkpoint
+    from .loaders.huge_pages import settle
 
     start = time.perf_counter()
     checkpoint = open_checkpoint(path, use_mmap=use_mmap)
     model = build_model(checkpoint, dtype, device)
     load_s = time.perf_counter() - start
+    settle()  # --no-mmap: decode is timed once the weights have moved into huge pages
+    moved_s = time.perf_counter() - start - load_s
     ids = prompt_ids(model.config.vocab_size, prompt_tokens)
     cache = model.new_cache(batch, prompt_tokens + new_tokens + 1, dtype=KV_TYPES.get(kv_type))
     slots = torch.arange(batch, device=model.device)
@@ -65,7 +68,7 @@ def bench_ours(path: str, device: str, dtype: str, prompt_tokens: int, new_token
            "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
            "fused_step": getattr(model, "fused", None) is not None,  # decode ran as one C++ call per token
            "kv_type": str(cache.kv.dtype).removeprefix("torch."), "kv_bytes_per_token": cache.token_bytes(),
-           "weights": checkpoint.placement}
+           "weights": checkpoint.placement, **({} if use_mmap else {"weights_moved_s": round(moved_s, 3)})}
     if model.device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out

@@ -1,5 +1,5 @@
-"""--no-mmap: a file's weights copied into huge pages give the very logits the mapped file gives; MoE experts
-stay mapped; where huge pages cannot be had the weights stay mapped, with no error."""
+"""--no-mmap: a file's weights moved into huge pages, in place, give the very logits the mapped file gives, while
+they move and after; MoE experts stay mapped; where huge pages cannot be had the weights stay mapped, no error."""
 from __future__ import annotations
 
 import json
@@ -8,79 +8,85 @@ import sys
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as Q
 
 from chatglm import Pipeline, load_model
 from chatglm.cli import build_parser
 from chatglm.loaders import huge_pages, open_checkpoint
-from chatglm.loaders.huge_pages import HugePageArena, huge_pages_of, thp_mode
-from chatglm.synthetic import synthetic_gguf
+from chatglm.loaders.huge_pages import HUGE, address_of, huge_pages_in, settle, thp_mode, windows
+from chatglm.synthetic import synthetic_file, synthetic_gguf
 
-from checkpoints import tiny_glm
-from test_ggml import ggml_bytes
 from test_models import IDS
 
 needs_thp = pytest.mark.skipif(thp_mode() not in ("always", "madvise"),
                                reason=f"transparent huge pages are {thp_mode()!r} on this machine")
 
 
-def inside(w, buffer) -> bool:
-    """Whether a tensor's bytes (a QTensor's blocks) lie in this buffer (a file's mapping)."""
-    base = np.frombuffer(buffer, np.uint8).ctypes.data
-    return base <= getattr(w, "raw", w).data_ptr() < base + len(buffer)
+def file_backed(lo: int, hi: int) -> bool:
+    """Whether every mapping of this process over [lo, hi) is a file's (nothing there moved to anonymous pages)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start < hi and lo < end and len(fields) < 6:
+                return False
+    return True
 
 
-def same_logits(path) -> None:
-    mapped, copied = load_model(path), load_model(path, use_mmap=False)
-    assert np.array_equal(copied.logits(IDS), mapped.logits(IDS))
+def moved_and_same(path) -> tuple[int, int]:
+    """Load mapped and with use_mmap=False: the logits equal while the weights move and after; the bytes of the
+    file's mapping that ended in huge pages, and its size."""
+    mapped, ckpt = load_model(path), open_checkpoint(path, use_mmap=False)
+    from chatglm.loaders import build_model
+
+    moving = build_model(ckpt)
+    assert ckpt.placement.startswith("weights moving into 2 MB pages in the background (")
+    reference = mapped.logits(IDS)
+    assert np.array_equal(moving.logits(IDS), reference)  # most likely mid-move
+    settle()
+    assert np.array_equal(moving.logits(IDS), reference)
+    buffer = ckpt.get.__self__.buffer if ckpt.format == "gguf" else None
+    if buffer is None:
+        return -1, -1
+    base = address_of(buffer)
+    return huge_pages_in(base, base + len(buffer)), len(buffer)
 
 
 @needs_thp
-def test_gguf_copied_gives_the_mapped_logits_bit_for_bit(tmp_path, default_gguf):
-    path = synthetic_gguf("chatglm-tiny", "q4_0", tmp_path)
+def test_gguf_weights_move_into_huge_pages_with_the_same_logits(tmp_path, default_gguf):
+    huge, size = moved_and_same(synthetic_gguf("chatglm-tiny", "q4_0", tmp_path))
+    assert huge >= size - 3 * HUGE  # all but the header (its vocabulary: 1.8 MB) and the partial pages at the ends
+
+
+@needs_thp
+def test_ggml_bin_weights_move_with_the_same_logits(tmp_path):
+    path = synthetic_file("chatglm-6b-tiny", "q4_0", tmp_path)  # chatglm.cpp's GGML .bin, 26 MB
     ckpt = open_checkpoint(path, use_mmap=False)
-    file = ckpt.get.__self__  # the GGUFFile behind the checkpoint
-    assert ckpt.placement.startswith("weights in huge pages") and set(file.copies) == set(file.tensors)
-    assert not any(inside(file.tensor(name), file.buffer) for name in file.tensors)
-    same_logits(path)
-
-
-@needs_thp
-def test_ggml_bin_copied_gives_the_mapped_logits_bit_for_bit(tmp_path):
-    path = tmp_path / "m.bin"
-    path.write_bytes(ggml_bytes(tiny_glm(head_dim=8, heads=8, kv_heads=2), Q.Q4_0))
-    assert open_checkpoint(path, use_mmap=False).placement.startswith("weights in huge pages")
-    same_logits(path)
-
-
-@needs_thp
-def test_the_chat_banner_says_where_the_weights_are(tmp_path, default_gguf):
-    from chatglm.agent import Agent
-    from chatglm.terminal import Terminal
-
-    path = synthetic_gguf("chatglm-tiny", "q4_0", tmp_path)
-    for use_mmap, said in ((False, "; weights in huge pages ("), (True, "; weights mapped from the file.")):
-        assert said in Terminal(Agent(Pipeline(path, use_mmap=use_mmap), [], None, None)).banner(False)
+    assert ckpt.placement.startswith("weights moving into 2 MB pages")
+    moved_and_same(path)
 
 
 @needs_thp
 def test_moe_experts_stay_mapped(tmp_path, default_gguf):
-    """Only a token's chosen experts are read: copying them all would double a MoE file's memory."""
+    """Only a token's chosen experts are read: moving them all would take the whole file's size in memory."""
     path = synthetic_gguf("glm4-moe-lite-tiny", "q4_0", tmp_path)
+    moved_and_same(path)
     file = open_checkpoint(path, use_mmap=False).get.__self__
-    experts = [name for name, t in file.tensors.items() if len(t.shape) == 3]
-    assert experts and not set(experts) & set(file.copies)
-    assert all(inside(file.tensor(name), file.buffer) for name in experts)
-    assert set(file.copies) == set(file.tensors) - set(experts)
-    assert not any(inside(file.tensor(name), file.buffer) for name in file.copies)
-    same_logits(path)
+    settle()
+    base = address_of(file.buffer)
+    experts = [t for name, t in file.tensors.items() if "_exps." in name]
+    assert experts and all(file_backed(base + t.start, base + t.start + t.nbytes) for t in experts)
+    embedding = file.tensors["token_embd.weight"]  # 7 MB: its whole 2 MB pages moved
+    assert huge_pages_in(base + embedding.start, base + embedding.start + embedding.nbytes) >= 4 << 20
 
 
-@needs_thp
-def test_the_buffer_really_is_in_huge_pages():
-    arena = HugePageArena(8 << 20)
-    arena.take(8 << 20).fill_(1)
-    assert arena.address % (2 << 20) == 0 and huge_pages_of(arena) >= 2 << 20
+def test_windows_are_whole_huge_pages_inside_the_spans():
+    H = HUGE
+    base = 5 * H  # spans: two meeting but for 32 bytes of padding (file offsets 100 .. 3H + 36 MB + 132), a gap,
+    spans = [(100, 3 * H), (3 * H + 132, 18 * H), (100 * H, H + 10)]  # then one of just over a page
+    # addresses 5H + 100 .. 26H + 132 hold the whole pages 6H .. 26H (in 64 MB = 32-page pieces); 105H .. 106H
+    assert windows(base, spans) == [(6 * H, 20 * H), (105 * H, H)]
+    assert windows(base, [(0, 64 * H)]) == [(5 * H, 32 * H), (37 * H, 32 * H)]
+    assert windows(base, [(100, H)]) == []  # no whole 2 MB page inside
 
 
 @pytest.mark.parametrize("fault, reason", [
@@ -93,9 +99,22 @@ def test_without_huge_pages_the_weights_stay_mapped(tmp_path, default_gguf, monk
         monkeypatch.setattr(huge_pages, name, check)
     pipe = Pipeline(path, use_mmap=False)
     assert pipe.placement.startswith("weights mapped from the file (") and pipe.placement.endswith(f"{reason})")
-    file = open_checkpoint(path, use_mmap=False).get.__self__
-    assert file.copies == {} and inside(file.tensor("blk.0.attn_qkv.weight"), file.buffer)
+    settle()
+    buffer = open_checkpoint(path, use_mmap=False).get.__self__.buffer
+    assert file_backed(address_of(buffer), address_of(buffer) + len(buffer))
     assert np.array_equal(load_model(path, use_mmap=False).logits(IDS), load_model(path).logits(IDS))
+
+
+@needs_thp
+def test_the_chat_banner_says_where_the_weights_are(tmp_path, default_gguf):
+    from chatglm.agent import Agent
+    from chatglm.terminal import Terminal
+
+    path = synthetic_gguf("chatglm-tiny", "q4_0", tmp_path)
+    for use_mmap, said in ((False, "; weights moving into 2 MB pages in the background ("),
+                           (True, "; weights mapped from the file.")):
+        assert said in Terminal(Agent(Pipeline(path, use_mmap=use_mmap), [], None, None)).banner(False)
+    settle()
 
 
 def test_the_option_parses_and_a_bad_value_is_refused(default_gguf):
@@ -112,11 +131,11 @@ def test_the_option_parses_and_a_bad_value_is_refused(default_gguf):
 
 
 @needs_thp
-def test_bench_says_where_the_weights_were_for_both_engines(tmp_path, default_gguf, llama_cpp):
+def test_bench_waits_for_the_move_and_says_where_the_weights_were(tmp_path, default_gguf, llama_cpp):
     proc = subprocess.run([sys.executable, "-m", "chatglm", "bench", "--synthetic", "chatglm-tiny", "--synthetic-dir",
                            str(tmp_path), "--prompt-tokens", "16", "--new-tokens", "4", "--no-mmap", "--compare",
                            "llama.cpp", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["weights"].startswith("weights in huge pages") and result["llama_cpp"]["use_mmap"] is False
-    assert result["decode_tok_s"] > 0 and result["llama_cpp"]["decode_tok_s"] > 0
+    assert result["weights"].startswith("weights moving into 2 MB pages") and result["weights_moved_s"] >= 0
+    assert result["llama_cpp"]["use_mmap"] is False and result["decode_tok_s"] > 0

@@ -47,7 +47,7 @@ class Checkpoint:
     load_tokenizer: Callable[[], Any]
     transforms: dict[str, Callable[[Weight], Weight]] = field(default_factory=dict)
     format: str = "hf"
-    placement: str = ""                    # where a GGUF/GGML file's weights are (huge_pages.copy_to_huge_pages)
+    placement: str = ""                    # where a GGUF/GGML file's weights are (huge_pages.into_huge_pages)
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -62,7 +62,7 @@ def resolve_path(path: str | Path) -> Path:
 
 def open_checkpoint(path: str | Path, lora: str | Path | None = None, use_mmap: bool = True) -> Checkpoint:
     """Open a model file or folder; with `lora`, a PEFT adapter folder merged into it as it loads; with
-    use_mmap=False a GGUF or GGML file's weights copied into huge pages (huge_pages.py) rather than mapped."""
+    use_mmap=False a GGUF or GGML file's weights moved into huge pages (huge_pages.py) in the background."""
     ckpt = _open(resolve_path(path), mmap_option(use_mmap))
     check_config(ckpt.config, ckpt.path)
     if lora is not None:

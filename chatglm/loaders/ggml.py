@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as QType
 
 from ..errors import ModelFileError
 from ..quant import QTensor
-from .huge_pages import MAPPED, copy_to_huge_pages
+from .huge_pages import MAPPED, into_huge_pages
 
 MAGIC = b"ggml"
 ALIGN = 16
@@ -40,7 +40,7 @@ class GGMLFile:
     config: dict[str, Any]        # an HF-style config.json for the family's config_from_hf
     tokenizer: bytes
     tensors: dict[str, torch.Tensor | QTensor]
-    placement: str = MAPPED         # where the tensors' bytes are: huge_pages.copy_to_huge_pages's line
+    placement: str = MAPPED         # where the tensors' bytes are: huge_pages.into_huge_pages's line
 
 
 class _Reader:
@@ -60,8 +60,8 @@ class _Reader:
 
 
 def read_ggml(path: Path, use_mmap: bool = True) -> GGMLFile:
-    """Parse a chatglm.cpp file; tensors are views on the memory-mapped file, or with use_mmap=False on their
-    copies in huge pages."""
+    """Parse a chatglm.cpp file; tensors are views on the memory-mapped file (with use_mmap=False moving into huge
+    pages in the background)."""
     with open(path, "rb") as f:
         try:
             data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
@@ -77,7 +77,8 @@ def read_ggml(path: Path, use_mmap: bool = True) -> GGMLFile:
     config = _read_config(r, family, version)
     size = r.ints(1, "tokenizer size")[0]
     tokenizer = bytes(r.take(size, "tokenizer"))
-    spans: dict[str, tuple[int, int, QType, tuple[int, ...]]] = {}  # name: offset, bytes, type, shape
+    tensors: dict[str, torch.Tensor | QTensor] = {}
+    spans = []
     while r.at < len(data):
         name = bytes(r.take(r.ints(1, "tensor name size")[0], "tensor name")).decode("utf-8", "replace")
         ndim = r.ints(1, f"tensor {name!r} rank")[0]
@@ -96,19 +97,12 @@ def read_ggml(path: Path, use_mmap: bool = True) -> GGMLFile:
             raise ModelFileError(path, f"tensor {name!r} has {shape[-1]} columns, not a multiple of {qtype.name}'s {block}")
         nbytes = int(np.prod(shape)) // block * block_bytes
         r.at = (r.at + ALIGN - 1) // ALIGN * ALIGN
-        spans[name] = (r.at, nbytes, qtype, tuple(shape))
-        r.take(nbytes, f"tensor {name!r} data")
-    copies, placement = {}, MAPPED
-    if not use_mmap:
-        copies, placement = copy_to_huge_pages(path, {name: span[:2] for name, span in spans.items()})
-    tensors: dict[str, torch.Tensor | QTensor] = {}
-    for name, (start, nbytes, qtype, shape) in spans.items():
-        raw = copies.get(name)
-        if raw is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # torch warns that the mapping is read-only
-                raw = torch.frombuffer(data, dtype=torch.uint8, count=nbytes, offset=start)
-        tensors[name] = _tensor(raw, qtype, shape)
+        spans.append((r.at, nbytes))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns that the mapping is read-only
+            raw = torch.frombuffer(r.take(nbytes, f"tensor {name!r} data"), dtype=torch.uint8)
+        tensors[name] = _tensor(raw, qtype, tuple(shape))
+    placement = MAPPED if use_mmap else into_huge_pages(path, data, spans)
     if "past_key_values" in tensors:  # back to the prefix encoder's embedding layout
         past = tensors.pop("past_key_values").float()
         tensors["transformer.prefix_encoder.embedding.weight"] = past.permute(2, 0, 1, 3).reshape(past.shape[2], -1)

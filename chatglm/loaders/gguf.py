@@ -10,7 +10,7 @@ from __future__ import annotations
 import mmap
 import struct
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,7 @@ from gguf import GGUFValueType as VType
 from ..errors import ModelFileError
 from ..models import family_for_gguf
 from ..quant import FLOAT_TYPES, QTensor
-from .huge_pages import MAPPED, copy_to_huge_pages
+from .huge_pages import MAPPED, into_huge_pages
 from .names import main_layers, plan
 
 if TYPE_CHECKING:
@@ -51,23 +51,19 @@ class TensorInfo:
 
 @dataclass
 class GGUFFile:
-    """A mapped GGUF file: its metadata, its tensor table, and the mapping the tensors view (or their copies
-    in huge pages, `copies`, where the loader made them)."""
+    """A mapped GGUF file: its metadata, its tensor table, and the mapping the tensors view."""
 
     path: Path
     meta: dict[str, Any]
     tensors: dict[str, TensorInfo]
     buffer: mmap.mmap
-    copies: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def tensor(self, name: str) -> torch.Tensor | QTensor:
-        """A torch view of one tensor's bytes in the mapping or in its copy (no copy made here)."""
+        """A torch view of one tensor's bytes in the mapping (no copy)."""
         t = self.tensors[name]
-        data = self.copies.get(name)
-        if data is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # torch warns that the mapping is read-only
-                data = torch.frombuffer(self.buffer, dtype=torch.uint8, count=t.nbytes, offset=t.start)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns that the mapping is read-only
+            data = torch.frombuffer(self.buffer, dtype=torch.uint8, count=t.nbytes, offset=t.start)
         if t.qtype in FLOAT_TYPES:
             dtype = FLOAT_TYPES[t.qtype]
             if t.start % dtype.itemsize:
@@ -225,8 +221,8 @@ def read_gguf(path: Path) -> GGUFFile:
 
 def open_gguf(path: Path, use_mmap: bool = True) -> Checkpoint:
     """A GGUF file as a checkpoint: config from its metadata, tensors and tokenizer read when asked for; with
-    use_mmap=False the tensors are first copied into huge pages, but for MoE expert stacks (3-D): a token reads
-    only its chosen experts, so they stay mapped rather than double the memory."""
+    use_mmap=False the tensors move into huge pages in the background, but for MoE expert stacks (`*_exps`): a
+    token reads only its chosen experts, so they stay mapped rather than take their whole size in memory."""
     from . import Checkpoint, matrix_dtype
 
     file = read_gguf(path)
@@ -245,8 +241,8 @@ def open_gguf(path: Path, use_mmap: bool = True) -> Checkpoint:
     layout = main_layers(plan(file.tensors, family.GGUF_NAMES), config.num_layers)
     placement = MAPPED
     if not use_mmap:  # once the file is known to be a model we read
-        spans = {name: (t.start, t.nbytes) for name, t in file.tensors.items() if len(t.shape) != 3}
-        file.copies, placement = copy_to_huge_pages(path, spans)
+        spans = [(t.start, t.nbytes) for name, t in file.tensors.items() if "_exps." not in name]
+        placement = into_huge_pages(path, file.buffer, spans)
 
     def tokenizer():
         from ..tokenizers import tokenizer_from_gguf

@@ -1,26 +1,31 @@
-"""Weights in 2 MB pages: an anonymous buffer the kernel backs with transparent huge pages, and the file's
-tensor bytes read into it in parallel. A memory-mapped file is read out of the page cache's pages, often 4 KB
-(2 MB only where the cache happens to hold large folios; the kernel refuses MADV_COLLAPSE on a file mapping), and
-decode, reading every weight once a token, goes faster from huge pages (docs/BENCHMARKS.md, "Weights in huge
-pages"). llama.cpp's `--no-mmap` reads a file into allocated memory too.
+"""Weights in 2 MB pages: a file mapping's weight bytes replaced, in place, by anonymous pages the kernel backs
+with transparent huge pages, holding the same bytes. A memory-mapped file is read out of the page cache's pages,
+often 4 KB (2 MB only where the cache happens to hold large folios; the kernel refuses MADV_COLLAPSE on a file
+mapping), and decode, reading every weight once a token, goes faster from huge pages (docs/BENCHMARKS.md,
+"Weights in huge pages"). llama.cpp's `--no-mmap` reads a file into allocated memory instead.
+
+In place: each 64 MB stretch is read into a fresh 2 MB-aligned MADV_HUGEPAGE buffer, which mremap then moves onto
+the mapping's own addresses. Every tensor, and every pointer the C++ decode steps hold, keeps its address and sees
+the same bytes before and after, so the move runs in the background after load while the model decodes.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import mmap
 import os
 import re
-import warnings
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterable
 
-import torch
+import numpy as np
 
 from ..kv_cache import RESERVE, available_memory
 
 HUGE = 2 << 20
-ALIGN = 64            # each tensor's start in the buffer: a cache line, a multiple of every dtype's size
-CHUNK = 64 << 20      # bytes one read takes: large enough that a read's cost is the copy, small enough to share
+CHUNK = 64 << 20      # bytes moved at a time: at most this much memory held twice while it moves
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -47,99 +52,129 @@ def unavailable_reason(nbytes: int) -> str | None:
     return None
 
 
-class HugePageArena:
-    """One anonymous buffer, its start 2 MB-aligned and advised MADV_HUGEPAGE, handed out as uint8 tensors."""
-
-    def __init__(self, nbytes: int):
-        # private: Python's default anonymous mapping is shared memory, which THP's `madvise` mode leaves in 4 KB
-        self.buffer = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            self.whole = torch.frombuffer(self.buffer, dtype=torch.uint8)
-        self.start = -self.whole.data_ptr() % HUGE
-        self.buffer.madvise(mmap.MADV_HUGEPAGE, self.start - self.start % mmap.PAGESIZE,
-                            len(self.buffer) - self.start + self.start % mmap.PAGESIZE)
-        self.at = self.start
-
-    @staticmethod
-    def size_for(sizes: list[int]) -> int:
-        """The bytes an arena needs to hand out tensors of these sizes."""
-        return sum(-(-n // ALIGN) * ALIGN for n in sizes)
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        """The next `nbytes` of the buffer, not yet written."""
-        if self.at + nbytes > len(self.buffer):
-            raise ValueError(f"huge-page buffer of {len(self.buffer)} bytes has no room for {nbytes} more")
-        out = self.whole[self.at : self.at + nbytes]
-        self.at += -(-nbytes // ALIGN) * ALIGN
-        return out
-
-    @property
-    def address(self) -> int:
-        return self.whole.data_ptr() + self.start
-
-
-def read_into(fd: int, pieces: list[tuple[torch.Tensor, int]], threads: int) -> None:
-    """Fill each (uint8 tensor, file offset) piece from the file, in CHUNK-sized reads on `threads` threads
-    (os.preadv releases the GIL: the copies from the page cache run side by side)."""
-    jobs = [(t, offset, at, min(CHUNK, t.numel() - at)) for t, offset in pieces for at in range(0, t.numel(), CHUNK)]
-
-    def read(job: tuple[torch.Tensor, int, int, int]) -> None:
-        t, offset, at, n = job
-        view = memoryview(t[at : at + n].numpy())
-        done = 0
-        while done < n:
-            got = os.preadv(fd, [view[done:]], offset + at + done)
-            if got <= 0:
-                raise OSError(f"the file ended {n - done} bytes short of a tensor at offset {offset + at + done}")
-            done += got
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        list(pool.map(read, jobs))
-
-
-def huge_pages_of(arena: HugePageArena) -> int:
-    """Bytes of the arena the kernel backs with huge pages (AnonHugePages in /proc/self/smaps)."""
-    at = arena.address
-    inside = False
-    try:
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                head = line.split(maxsplit=1)[0]
-                if "-" in head and not head.endswith(":"):
-                    lo, hi = (int(x, 16) for x in head.split("-"))
-                    inside = lo <= at < hi
-                elif inside and head == "AnonHugePages:":
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 MAPPED = "weights mapped from the file"
 
 
 def mmap_option(value: object) -> bool:
     """The loader's `use_mmap` option checked (llama-cpp-python's name; llama.cpp's --mmap / --no-mmap): True
-    reads weights in place from the file's mapping, False copies them into huge pages."""
+    reads weights in place from the file's mapping, False moves them into huge pages."""
     if not isinstance(value, bool):
         raise ValueError(f"use_mmap (--mmap/--no-mmap) is {value!r}; expected true (weights read in place from the "
-                         "file's mapping) or false (copied into huge pages: --no-mmap)")
+                         "file's mapping) or false (moved into huge pages: --no-mmap)")
     return value
 
 
-def copy_to_huge_pages(path: Path, spans: Mapping[str, tuple[int, int]],
-                       threads: int | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """Each named (file offset, byte count) span of the file read into one huge-page buffer, as uint8 tensors,
-    and a line saying where the weights are; no copies (the weights stay mapped) where huge pages cannot be had."""
-    total = HugePageArena.size_for([n for _, n in spans.values()])
-    reason = unavailable_reason(total)
+def _libc() -> ctypes.CDLL:
+    """mmap, mremap, mprotect and munmap by address (Python's mmap cannot put pages at a given address)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mremap.restype = ctypes.c_void_p, ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    for name in ("madvise", "mprotect"):
+        getattr(libc, name).argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+def address_of(buffer: Any) -> int:
+    """Where a mapping (an mmap, or a memoryview of one) starts in memory."""
+    return np.frombuffer(buffer, np.uint8).ctypes.data
+
+
+def windows(base: int, spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (address, bytes) stretches to move for these (file offset, bytes) spans of a mapping at `base`: spans
+    that meet (but for the file's alignment padding) joined, each run cut to the whole 2 MB pages inside it, then
+    into CHUNK pieces; no byte outside the spans and their padding moves."""
+    runs: list[list[int]] = []
+    for start, n in sorted(spans):
+        if runs and start - runs[-1][1] < mmap.PAGESIZE:
+            runs[-1][1] = max(runs[-1][1], start + n)
+        else:
+            runs.append([start, start + n])
+    out = []
+    for lo, hi in runs:
+        lo, hi = -(-(base + lo) // HUGE) * HUGE, (base + hi) // HUGE * HUGE
+        out.extend((at, min(CHUNK, hi - at)) for at in range(lo, hi, CHUNK))
+    return out
+
+
+def _move(libc: ctypes.CDLL, fd: int, base: int, at: int, n: int) -> None:
+    """Replace [at, at + n) of the file mapping at `base` by anonymous huge pages holding the same bytes."""
+    raw = libc.mmap(None, n + HUGE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if raw in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap of a buffer for huge pages failed")
+    start, moved = -(-raw // HUGE) * HUGE, False
+    try:
+        libc.madvise(start, n, mmap.MADV_HUGEPAGE)
+        view = memoryview((ctypes.c_char * n).from_address(start)).cast("B")
+        done = 0
+        while done < n:
+            got = os.preadv(fd, [view[done:]], at - base + done)
+            if got <= 0:
+                raise OSError(f"the file ended {n - done} bytes short at offset {at - base + done}")
+            done += got
+        view.release()
+        libc.mprotect(start, n, mmap.PROT_READ)
+        moved = libc.mremap(start, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, at) == at
+        if not moved:
+            raise OSError(ctypes.get_errno(), f"mremap onto the mapping failed: {os.strerror(ctypes.get_errno())}")
+    finally:
+        libc.munmap(raw, start - raw)
+        libc.munmap(start + n, raw + HUGE - start)
+        if not moved:
+            libc.munmap(start, n)
+
+
+_moving: list[threading.Thread] = []
+
+
+def into_huge_pages(path: Path, buffer: Any, spans: Iterable[tuple[int, int]]) -> str:
+    """Start moving these (file offset, bytes) spans of the file's mapping `buffer` into huge pages, on one
+    background thread at low priority; a line saying where the weights are. Nothing moves (the weights stay
+    mapped, no error) where huge pages cannot be had."""
+    base = address_of(buffer)
+    todo = windows(base, spans)
+    total = sum(n for _, n in todo)
+    reason = unavailable_reason(total) if total else "no whole 2 MB page of weights"
     if reason is not None:
-        return {}, f"{MAPPED} ({reason})"
-    arena = HugePageArena(total)
-    copies = {name: arena.take(n) for name, (_, n) in spans.items()}
-    with open(path, "rb") as f:
-        read_into(f.fileno(), [(copies[name], offset) for name, (offset, _) in spans.items()],
-                  threads or torch.get_num_threads())
-    huge = min(huge_pages_of(arena), total)  # the last 2 MB page may run past the weights
-    return copies, f"weights in huge pages ({huge >> 20} of {total >> 20} MiB in 2 MB pages)"
+        return f"{MAPPED} ({reason})"
+
+    def run(mapping: Any) -> None:  # holds the mapping: it must not be unmapped while pages move onto it
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only: decode goes first
+        except OSError:
+            pass
+        libc = _libc()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for at, n in todo:
+                _move(libc, fd, base, at, n)
+        except OSError as e:  # what moved stays moved; the rest stays mapped, the same bytes either way
+            logging.warning("%s: weights left in the file's mapping past address %#x (%s)", path, at, e)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=run, args=(buffer,), name="huge-pages", daemon=True)
+    thread.start()
+    _moving.append(thread)
+    return f"weights moving into 2 MB pages in the background ({total >> 20} MiB)"
+
+
+def settle() -> None:
+    """Wait until the moves started so far are done (bench: decode is timed once the weights sit still)."""
+    while _moving:
+        _moving.pop().join()
+
+
+def huge_pages_in(lo: int, hi: int) -> int:
+    """Bytes of [lo, hi) this process has in anonymous huge pages (AnonHugePages in /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start < hi and lo < end
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1]) * 1024
+    return total
