@@ -83,11 +83,13 @@ def _speculation_flags(p: argparse.ArgumentParser) -> None:
                    help="a smaller model with the same vocabulary drafts tokens the model checks in one forward")
 
 
-def mmap_flag(p: argparse.ArgumentParser) -> None:
-    """llama.cpp's --mmap / --no-mmap: weights read in place from the file's mapping, or copied into huge pages."""
-    p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=True, dest="use_mmap",
-                   help="--no-mmap copies a GGUF or GGML file's weights (not MoE experts) into 2 MB huge pages at "
-                        "load: decode reads them faster, load takes longer (default: --mmap, read in place)")
+def mmap_flag(p: argparse.ArgumentParser, default: bool = True) -> None:
+    """llama.cpp's --mmap / --no-mmap: weights read from the file's mapping as the page cache holds them, or moved
+    into huge pages in the background after load (loaders/huge_pages.py)."""
+    p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=default, dest="use_mmap",
+                   help="--no-mmap moves a GGUF or GGML file's weights (not MoE experts) into 2 MB huge pages in the "
+                        "background after load: decode reads them faster once moved (default: "
+                        f"{'--mmap' if default else '--no-mmap'})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --replicas: send a conversation's turns to the replica holding its prefix (default), "
                             "or balance load only")
     _speculation_flags(serve)
-    mmap_flag(serve)
+    mmap_flag(serve, default=False)  # a server runs long: the move's seconds after load pay back
     serve.set_defaults(func=cmd_serve)
 
     from .bench import add_parser as add_bench_parser

@@ -298,7 +298,7 @@ class ReplicaPlan:
         return cls(model=str(o.get("model") or "default"), app_options=app_options, replicas=replicas,
                    options=dict(dtype=o.get("dtype") or "auto", device=o.get("device") or "cpu", threads=threads,
                                 draft=o.get("draft"), lookup=int(o.get("lookup") or 0),
-                                use_mmap=mmap_option(o.get("use_mmap", True))),
+                                use_mmap=mmap_option(o.get("use_mmap", False))),  # as `serve`: moved
                    threads=threads, max_ongoing=max_batch + max_queue, ray_address=o.get("ray_address"),
                    routing=o.get("routing") or "prefix")
 
