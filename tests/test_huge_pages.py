@@ -12,13 +12,27 @@ import pytest
 from chatglm import Pipeline, load_model
 from chatglm.cli import build_parser
 from chatglm.loaders import huge_pages, open_checkpoint
-from chatglm.loaders.huge_pages import HUGE, address_of, huge_pages_in, settle, thp_mode, windows
+from chatglm.loaders.huge_pages import HUGE, address_of, settle, thp_mode, windows
 from chatglm.synthetic import synthetic_file, synthetic_gguf
 
 from test_models import IDS
 
 needs_thp = pytest.mark.skipif(thp_mode() not in ("always", "madvise"),
                                reason=f"transparent huge pages are {thp_mode()!r} on this machine")
+
+
+def huge_pages_in(lo: int, hi: int) -> int:
+    """Bytes of [lo, hi) this process has in anonymous huge pages (AnonHugePages in /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start < hi and lo < end
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 def file_backed(lo: int, hi: int) -> bool:
@@ -103,6 +117,19 @@ def test_without_huge_pages_the_weights_stay_mapped(tmp_path, default_gguf, monk
     buffer = open_checkpoint(path, use_mmap=False).get.__self__.buffer
     assert file_backed(address_of(buffer), address_of(buffer) + len(buffer))
     assert np.array_equal(load_model(path, use_mmap=False).logits(IDS), load_model(path).logits(IDS))
+
+
+@needs_thp
+def test_a_move_that_fails_leaves_the_weights_mapped_and_says_so(tmp_path, default_gguf, monkeypatch, caplog):
+    def refused(*args) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(huge_pages, "_move", refused)
+    path = synthetic_gguf("chatglm-tiny", "q4_0", tmp_path)
+    model = load_model(path, use_mmap=False)
+    settle()
+    assert "weights left in the file's mapping from address" in caplog.text and "Cannot allocate" in caplog.text
+    assert np.array_equal(model.logits(IDS), load_model(path).logits(IDS))
 
 
 @needs_thp

@@ -144,15 +144,16 @@ def into_huge_pages(path: Path, buffer: Any, spans: Iterable[tuple[int, int]]) -
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only: decode goes first
         except OSError:
             pass
-        libc = _libc()
-        fd = os.open(path, os.O_RDONLY)
+        at = todo[0][0]
         try:
-            for at, n in todo:
-                _move(libc, fd, base, at, n)
+            libc, fd = _libc(), os.open(path, os.O_RDONLY)
+            try:
+                for at, n in todo:
+                    _move(libc, fd, base, at, n)
+            finally:
+                os.close(fd)
         except OSError as e:  # what moved stays moved; the rest stays mapped, the same bytes either way
-            logging.warning("%s: weights left in the file's mapping past address %#x (%s)", path, at, e)
-        finally:
-            os.close(fd)
+            logging.warning("%s: weights left in the file's mapping from address %#x on (%s)", path, at, e)
 
     thread = threading.Thread(target=run, args=(buffer,), name="huge-pages", daemon=True)
     thread.start()
@@ -164,17 +165,3 @@ def settle() -> None:
     """Wait until the moves started so far are done (bench: decode is timed once the weights sit still)."""
     while _moving:
         _moving.pop().join()
-
-
-def huge_pages_in(lo: int, hi: int) -> int:
-    """Bytes of [lo, hi) this process has in anonymous huge pages (AnonHugePages in /proc/self/smaps)."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(maxsplit=1)[0]
-            if "-" in head and not head.endswith(":"):
-                start, end = (int(x, 16) for x in head.split("-"))
-                inside = start < hi and lo < end
-            elif inside and head == "AnonHugePages:":
-                total += int(line.split()[1]) * 1024
-    return total
