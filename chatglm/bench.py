@@ -232,7 +232,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"decode {ours['decode_tok_s']:.1f} tok/s  peak RSS {ours['peak_rss_mb']:.0f} MB  "
               f"KV {ours['kv_type']} {ours['kv_bytes_per_token']} B/token")
         if ours["weights"]:
-            print(f"           {ours['weights']}")
+            moved = f", all moved {ours['weights_moved_s']:.2f} s after load" if "weights_moved_s" in ours else ""
+            print(f"           {ours['weights']}{moved}")
         if "llama_cpp" in result:
             p = result["llama_cpp"]
             print(f"llama.cpp  load {p['load_s']:.2f} s  prefill {p['prefill_tok_s']:.1f} tok/s  "
