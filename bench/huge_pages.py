@@ -37,7 +37,7 @@ from chatglm.kernels import ggml
 from chatglm.loaders import load_model
 from chatglm.loaders.gguf import read_gguf
 from chatglm.loaders.huge_pages import into_huge_pages, settle
-from kernel_cost import BLOCK_BYTES, QTYPE, random_blocks
+from kernel_cost import QTYPE, random_blocks
 
 SHAPES_6B = ((4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696))  # qkv, o, gate_up, down
 Weights = list[tuple[torch.Tensor, int, int]]  # (blocks as uint8 [rows, bytes a row], qtype, inputs)
