@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .cli import mmap_flag
 from .kv_cache import KV_TYPES, kv_type_name
 from .quant import QType
 
@@ -33,12 +34,16 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
 
 
 def bench_ours(path: str, device: str, dtype: str, prompt_tokens: int, new_tokens: int, batch: int,
-               kv_type: str = "auto") -> dict[str, Any]:
-    from .loaders import load_model
+               kv_type: str = "auto", use_mmap: bool = True) -> dict[str, Any]:
+    from .loaders import build_model, open_checkpoint
+    from .loaders.huge_pages import settle
 
     start = time.perf_counter()
-    model = load_model(path, dtype=dtype, device=device)
+    checkpoint = open_checkpoint(path, use_mmap=use_mmap)
+    model = build_model(checkpoint, dtype, device)
     load_s = time.perf_counter() - start
+    settle()  # --no-mmap: decode is timed once the weights have moved into huge pages
+    moved_s = time.perf_counter() - start - load_s
     ids = prompt_ids(model.config.vocab_size, prompt_tokens)
     cache = model.new_cache(batch, prompt_tokens + new_tokens + 1, dtype=KV_TYPES.get(kv_type))
     slots = torch.arange(batch, device=model.device)
@@ -67,16 +72,18 @@ def bench_ours(path: str, device: str, dtype: str, prompt_tokens: int, new_token
            "decode_tok_s": round(batch * new_tokens / decode_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
            "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
            "fused_step": getattr(model, "fused", None) is not None,  # decode ran as one C++ call per token
-           "kv_type": kv_type_name(cache.kv_type), "kv_bytes_per_token": cache.token_bytes()}
+           "kv_type": kv_type_name(cache.kv_type), "kv_bytes_per_token": cache.token_bytes(),
+           "weights": checkpoint.placement, **({} if use_mmap else {"weights_moved_s": round(moved_s, 3)})}
     if model.device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
 
 def bench_llama_cpp(path: str, threads: int, prompt_tokens: int, new_tokens: int,
-                    kv_type: str = "auto") -> dict[str, Any]:
+                    kv_type: str = "auto", use_mmap: bool = True) -> dict[str, Any]:
     """llama.cpp (llama-cpp-python) on the same file: prompt eval, then token-by-token eval; its cache stored as
-    ours (`kv_type`; q8_0 values need its flash attention), or its default (f16) for auto."""
+    ours (`kv_type`; q8_0 values need its flash attention), or its default (f16) for auto; use_mmap=False is
+    llama.cpp's --no-mmap (the file read into allocated memory)."""
     import llama_cpp
 
     cache = {}
@@ -85,7 +92,8 @@ def bench_llama_cpp(path: str, threads: int, prompt_tokens: int, new_tokens: int
         cache = dict(type_k=ggml_type, type_v=ggml_type, flash_attn=kv_type == "q8_0")
     start = time.perf_counter()
     llm = llama_cpp.Llama(model_path=path, n_ctx=prompt_tokens + new_tokens + 8, n_threads=threads,
-                          n_threads_batch=threads, n_batch=max(prompt_tokens, 8), verbose=False, **cache)
+                          n_threads_batch=threads, n_batch=max(prompt_tokens, 8), use_mmap=use_mmap, verbose=False,
+                          **cache)
     load_s = time.perf_counter() - start
     ids = prompt_ids(llm.n_vocab(), prompt_tokens)
     llm.eval(ids)  # warm-up
@@ -98,7 +106,7 @@ def bench_llama_cpp(path: str, threads: int, prompt_tokens: int, new_tokens: int
         llm.eval([ids[-1]])
     decode_s = time.perf_counter() - t
     return {"engine": "llama.cpp", "load_s": round(load_s, 3), "prefill_tok_s": round(prompt_tokens / prefill_s, 2),
-            "decode_tok_s": round(new_tokens / decode_s, 2)}
+            "decode_tok_s": round(new_tokens / decode_s, 2), "use_mmap": use_mmap}
 
 
 class CountedDrafter:
@@ -131,7 +139,7 @@ def bench_speculative(args: argparse.Namespace) -> dict[str, Any]:
     from .pipeline import Pipeline
     from .speculative import PromptLookup, open_draft
 
-    pipe = Pipeline(args.model, dtype=args.dtype, device=args.device)
+    pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, use_mmap=args.use_mmap)
     text = Path(args.prompt_file).read_text(encoding="utf-8")
     prompt, _ = pipe.chat_prompt([{"role": "user", "content": text}])
     if args.draft:
@@ -234,7 +242,8 @@ def _bench(args: argparse.Namespace) -> int:
         from .synthetic import synthetic_file
 
         path = str(synthetic_file(args.synthetic, args.qtype, Path(args.synthetic_dir), args.synthetic_layers))
-    ours = bench_ours(path, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.kv_type)
+    ours = bench_ours(path, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.kv_type,
+                      args.use_mmap)
     result: dict[str, Any] = {"model": str(path), **ours}
     if args.compare == "llama.cpp":
         if str(path).endswith(".bin"):
@@ -245,7 +254,7 @@ def _bench(args: argparse.Namespace) -> int:
         from .loaders import resolve_path
 
         peer = bench_llama_cpp(str(resolve_path(path)), torch.get_num_threads(), args.prompt_tokens, args.new_tokens,
-                               args.kv_type)
+                               args.kv_type, args.use_mmap)
         result["llama_cpp"] = peer
         result["decode_ratio"] = round(ours["decode_tok_s"] / peer["decode_tok_s"], 3)
         result["prefill_ratio"] = round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 3)
@@ -258,6 +267,9 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"chatglm    load {ours['load_s']:.2f} s  prefill {ours['prefill_tok_s']:.1f} tok/s  "
               f"decode {ours['decode_tok_s']:.1f} tok/s  peak RSS {ours['peak_rss_mb']:.0f} MB  "
               f"KV {ours['kv_type']} {ours['kv_bytes_per_token']} B/token")
+        if ours["weights"]:
+            moved = f", all moved {ours['weights_moved_s']:.2f} s after load" if "weights_moved_s" in ours else ""
+            print(f"           {ours['weights']}{moved}")
         if "llama_cpp" in result:
             p = result["llama_cpp"]
             print(f"llama.cpp  load {p['load_s']:.2f} s  prefill {p['prefill_tok_s']:.1f} tok/s  "
@@ -296,7 +308,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--busy", action="store_true",
                    help="run a CPU-bound process pinned to core 0 beside every engine measured (a busy machine)")
-    p.add_argument("--compare", choices=["llama.cpp"], default=None, help="run llama.cpp on the same file too")
+    p.add_argument("--compare", choices=["llama.cpp"], default=None,
+                   help="run llama.cpp on the same file too (with the same --mmap / --no-mmap)")
+    mmap_flag(p)
     p.add_argument("--synthetic", default=None,
                    help="build a random-weight GGUF of this shape (chatglm3-6b, glm4-9b, glm4-9b-0414, glm-4.5-air, "
                         "glm-4.7-flash), or a chatglm.cpp GGML .bin (chatglm-6b)")

@@ -53,12 +53,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     kv = KVSettings.from_flags(args.kv_memory, args.ctx, args.kv_type)
     pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads, draft=args.draft,
-                    lookup=args.lookup)
+                    lookup=args.lookup, use_mmap=args.use_mmap)
     app = create_app(pipe, api_key=args.api_key, cors_origins=args.cors_origins, max_batch=args.max_batch,
                      max_queue=args.max_queue, embedding_model=args.embedding_model, kv=kv)
     engine = app.state.server.engine
     print(f"{engine.cache.describe()}; context {engine.context}, {args.max_batch} sequences at once"
-          f"{'' if args.kv_memory else ' (--kv-memory not given: half the available memory)'}", file=sys.stderr)
+          f"{'' if args.kv_memory else ' (--kv-memory not given: half the available memory)'}"
+          f"{'; ' + pipe.placement if pipe.placement else ''}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -80,6 +81,15 @@ def _speculation_flags(p: argparse.ArgumentParser) -> None:
                         "in one forward (default 0: off)")
     p.add_argument("--draft", default=None, metavar="MODEL",
                    help="a smaller model with the same vocabulary drafts tokens the model checks in one forward")
+
+
+def mmap_flag(p: argparse.ArgumentParser, default: bool = True) -> None:
+    """llama.cpp's --mmap / --no-mmap: weights read from the file's mapping as the page cache holds them, or moved
+    into huge pages in the background after load (loaders/huge_pages.py)."""
+    p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=default, dest="use_mmap",
+                   help="--no-mmap moves a GGUF or GGML file's weights (not MoE experts) into 2 MB huge pages in the "
+                        "background after load: decode reads them faster once moved (default: "
+                        f"{'--mmap' if default else '--no-mmap'})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--kv-type", choices=["auto", *KV_TYPES], default="auto",
                       help="how keys and values are stored, as serve's --kv-type (q8_0: 53%% of f16's memory)")
     _speculation_flags(chat)
+    mmap_flag(chat)
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="serve the OpenAI, ChatGLM and GLM APIs over HTTP")
@@ -160,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --replicas: send a conversation's turns to the replica holding its prefix (default), "
                             "or balance load only")
     _speculation_flags(serve)
+    mmap_flag(serve, default=False)  # a server runs long: the move's seconds after load pay back
     serve.set_defaults(func=cmd_serve)
 
     from .bench import add_parser as add_bench_parser

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .cli import mmap_flag
 from .errors import ChatGLMError
 from .kv_cache import KV_TYPES, KVType
 
@@ -101,7 +102,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
     text = Path(args.file).read_text(encoding="utf-8", errors="replace")
-    pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+    pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads, use_mmap=args.use_mmap)
 
     def show(i: int, running: float) -> None:
         print(f"[{i}]{running:.4f},", end="", flush=True)
@@ -132,4 +133,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-type", choices=["auto", *KV_TYPES], default="auto",
                    help="how keys and values are stored (auto: f16 beside block-quantized weights, as llama.cpp)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the running estimates")
+    mmap_flag(p)
     p.set_defaults(func=cmd_perplexity)

@@ -176,16 +176,18 @@ class Pipeline:
 
     def __init__(self, path: str | Path = "default", dtype: str = "auto", device: str = "cpu",
                  threads: int | None = None, lora: str | Path | None = None, draft: str | Path | None = None,
-                 lookup: int = 0):
+                 lookup: int = 0, use_mmap: bool = True):
         """draft: a smaller model over the same vocabulary whose drafts the model checks (speculative decoding);
-        lookup: draft up to this many tokens from n-grams of the prompt and reply instead (0: off)."""
+        lookup: draft up to this many tokens from n-grams of the prompt and reply instead (0: off);
+        use_mmap=False: a GGUF or GGML file's weights copied into huge pages, not mapped (`placement` says which)."""
         if threads:
             torch.set_num_threads(threads)
         if draft and lookup:
             raise ValueError("--draft and --lookup are two ways of drafting tokens; give one of them")
-        checkpoint = open_checkpoint(path, lora)
+        checkpoint = open_checkpoint(path, lora, use_mmap)
         self._attach(build_model(checkpoint, dtype, device), checkpoint.load_tokenizer(), checkpoint.path,
                      checkpoint.format)
+        self.placement = checkpoint.placement
         if draft:
             self.drafter = open_draft(draft, self.path, self.tokenizer, self.config.max_position, dtype, device)
         elif lookup:
@@ -206,6 +208,7 @@ class Pipeline:
         self.config = model.config
         self.stop_ids = frozenset(tokenizer.eos_ids) | frozenset(self.config.eos_token_ids)
         self.drafter: Drafter | None = None  # speculative decoding (speculative.py): None decodes one token a step
+        self.placement = ""  # where a GGUF/GGML file's weights are: mapped, or in huge pages (--no-mmap)
 
     @functools.cached_property
     def vocabulary(self) -> Vocabulary:

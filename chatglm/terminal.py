@@ -108,7 +108,9 @@ class Terminal:
 
     def banner(self, interactive: bool) -> str:
         pipe = self.agent.pipe
-        extras = [f"tools: {', '.join(f['name'] for f in self.agent.specs)}"] if self.agent.specs else []
+        extras = [pipe.placement] if pipe.placement else []
+        if self.agent.specs:
+            extras.append(f"tools: {', '.join(f['name'] for f in self.agent.specs)}")
         if self.agent.interpreter is not None:
             extras.append(f"code interpreter: {getattr(self.agent.interpreter, 'description', 'on')}")
         extra = "; ".join(extras)
@@ -216,7 +218,7 @@ def run_chat(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
         if box is not None and args.prompt is not None:
             print(f"[code interpreter: {box.description}]", file=sys.stderr, flush=True)
         pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads, draft=args.draft,
-                        lookup=args.lookup)
+                        lookup=args.lookup, use_mmap=args.use_mmap)
         if args.kv_type != "auto":  # the cache every turn takes
             pipe.model.kv_dtype = KV_TYPES[args.kv_type]
         term = Terminal(Agent(pipe, tools, functions, box), system=args.system, sampling=sampling)

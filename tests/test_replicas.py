@@ -105,9 +105,13 @@ def test_plans_come_from_command_line_or_config_options():
     plan = ReplicaPlan.from_options({"model": "/m.gguf", "replicas": "auto:1-3", "threads": "2", "max_batch": 4,
                                      "api_key": "k", "routing": "balanced"})
     assert (plan.replicas, plan.threads, plan.max_ongoing, plan.routing) == ((1, 3), 2, 4 + 64, "balanced")
-    assert plan.options == {"dtype": "auto", "device": "cpu", "threads": 2, "draft": None, "lookup": 0} and plan.app_options["api_key"] == "k"
+    assert plan.options == {"dtype": "auto", "device": "cpu", "threads": 2, "draft": None, "lookup": 0,
+                            "use_mmap": False} and plan.app_options["api_key"] == "k"
     assert plan.app_options["max_queue"] == 64 + 4  # room for slots being freed: Ray's backpressure answers first
     assert isinstance(build_app({"model": "/m.gguf", "replicas": 2}), Application)
+    assert ReplicaPlan.from_options({"model": "/m.gguf", "use_mmap": True}).options["use_mmap"] is True
+    with pytest.raises(ValueError, match=r"use_mmap \(--mmap/--no-mmap\) is 'no'; expected true"):
+        ReplicaPlan.from_options({"model": "/m.gguf", "use_mmap": "no"})  # refused before any replica starts
 
 
 def test_health_names_the_replica_and_every_response_carries_it(server):

@@ -20,6 +20,7 @@ from ..kernels import ggml_numerics
 from ..kernels.ggml import available as ggml_kernels_built  # (chatglm.loaders.ggml is the GGML file reader)
 from ..models.layers import Decoder, Weight
 from ..quant import QTensor
+from .huge_pages import mmap_option
 from .names import assemble, namer
 
 
@@ -46,6 +47,7 @@ class Checkpoint:
     load_tokenizer: Callable[[], Any]
     transforms: dict[str, Callable[[Weight], Weight]] = field(default_factory=dict)
     format: str = "hf"
+    placement: str = ""                    # where a GGUF/GGML file's weights are (huge_pages.into_huge_pages)
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -58,9 +60,10 @@ def resolve_path(path: str | Path) -> Path:
     return p
 
 
-def open_checkpoint(path: str | Path, lora: str | Path | None = None) -> Checkpoint:
-    """Open a model file or folder; with `lora`, a PEFT adapter folder merged into it as it loads."""
-    ckpt = _open(resolve_path(path))
+def open_checkpoint(path: str | Path, lora: str | Path | None = None, use_mmap: bool = True) -> Checkpoint:
+    """Open a model file or folder; with `lora`, a PEFT adapter folder merged into it as it loads; with
+    use_mmap=False a GGUF or GGML file's weights moved into huge pages (huge_pages.py) in the background."""
+    ckpt = _open(resolve_path(path), mmap_option(use_mmap))
     check_config(ckpt.config, ckpt.path)
     if lora is not None:
         from .lora import merged, read_adapter
@@ -70,7 +73,7 @@ def open_checkpoint(path: str | Path, lora: str | Path | None = None) -> Checkpo
     return ckpt
 
 
-def _open(p: Path) -> Checkpoint:
+def _open(p: Path, use_mmap: bool) -> Checkpoint:
     if p.is_dir():
         from .hf import open_hf
 
@@ -80,11 +83,11 @@ def _open(p: Path) -> Checkpoint:
     if magic == b"GGUF":
         from .gguf import open_gguf
 
-        return open_gguf(p)
+        return open_gguf(p, use_mmap)
     if magic == b"ggml":
         from .ggml import open_ggml
 
-        return open_ggml(p)
+        return open_ggml(p, use_mmap)
     if p.name == "config.json":
         from .hf import open_hf
 
@@ -212,6 +215,7 @@ def build_model(ckpt: Checkpoint, dtype: str = "auto", device: str = "cpu") -> D
         return decoder(ckpt.config, weights, act, device, ckpt.path, namer(ckpt.layout, ckpt.table))
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", lora: str | Path | None = None) -> Decoder:
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", lora: str | Path | None = None,
+               use_mmap: bool = True) -> Decoder:
     """A ready model with `.config` and `.logits(ids)`, from a folder, a GGUF or GGML file or 'default'."""
-    return build_model(open_checkpoint(path, lora), dtype, device)
+    return build_model(open_checkpoint(path, lora, use_mmap), dtype, device)

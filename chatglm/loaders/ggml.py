@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as QType
 
 from ..errors import ModelFileError
 from ..quant import QTensor
+from .huge_pages import MAPPED, into_huge_pages
 
 MAGIC = b"ggml"
 ALIGN = 16
@@ -39,6 +40,7 @@ class GGMLFile:
     config: dict[str, Any]        # an HF-style config.json for the family's config_from_hf
     tokenizer: bytes
     tensors: dict[str, torch.Tensor | QTensor]
+    placement: str = MAPPED         # where the tensors' bytes are: huge_pages.into_huge_pages's line
 
 
 class _Reader:
@@ -57,8 +59,9 @@ class _Reader:
         return struct.unpack(f"<{count}i", self.take(4 * count, what))
 
 
-def read_ggml(path: Path) -> GGMLFile:
-    """Parse a chatglm.cpp file; tensors are views on the memory-mapped file."""
+def read_ggml(path: Path, use_mmap: bool = True) -> GGMLFile:
+    """Parse a chatglm.cpp file; tensors are views on the memory-mapped file (with use_mmap=False moving into huge
+    pages in the background)."""
     with open(path, "rb") as f:
         try:
             data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
@@ -75,6 +78,7 @@ def read_ggml(path: Path) -> GGMLFile:
     size = r.ints(1, "tokenizer size")[0]
     tokenizer = bytes(r.take(size, "tokenizer"))
     tensors: dict[str, torch.Tensor | QTensor] = {}
+    spans = []
     while r.at < len(data):
         name = bytes(r.take(r.ints(1, "tensor name size")[0], "tensor name")).decode("utf-8", "replace")
         ndim = r.ints(1, f"tensor {name!r} rank")[0]
@@ -93,14 +97,16 @@ def read_ggml(path: Path) -> GGMLFile:
             raise ModelFileError(path, f"tensor {name!r} has {shape[-1]} columns, not a multiple of {qtype.name}'s {block}")
         nbytes = int(np.prod(shape)) // block * block_bytes
         r.at = (r.at + ALIGN - 1) // ALIGN * ALIGN
+        spans.append((r.at, nbytes))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch warns that the mapping is read-only
             raw = torch.frombuffer(r.take(nbytes, f"tensor {name!r} data"), dtype=torch.uint8)
         tensors[name] = _tensor(raw, qtype, tuple(shape))
+    placement = MAPPED if use_mmap else into_huge_pages(path, data, spans)
     if "past_key_values" in tensors:  # back to the prefix encoder's embedding layout
         past = tensors.pop("past_key_values").float()
         tensors["transformer.prefix_encoder.embedding.weight"] = past.permute(2, 0, 1, 3).reshape(past.shape[2], -1)
-    return GGMLFile(family, config, tokenizer, tensors)
+    return GGMLFile(family, config, tokenizer, tensors, placement)
 
 
 def _tensor(raw: torch.Tensor, qtype: QType, shape: tuple[int, ...]) -> torch.Tensor | QTensor:
@@ -137,12 +143,12 @@ def _read_config(r: _Reader, family: str, version: int) -> dict[str, Any]:
             "eos_token_id": eos, "pre_seq_len": virtual}
 
 
-def open_ggml(path: Path):
+def open_ggml(path: Path, use_mmap: bool = True):
     from ..models import family_for_hf
     from . import Checkpoint, matrix_dtype
     from .names import plan
 
-    parsed = read_ggml(path)
+    parsed = read_ggml(path, use_mmap)
     family = family_for_hf(parsed.config, path)
     try:
         config = family.config_from_hf(parsed.config, path)
@@ -159,7 +165,7 @@ def open_ggml(path: Path):
 
     stored = matrix_dtype(tensors.values())
     return Checkpoint(path, family, config, plan(tensors, family.HF_NAMES), family.HF_NAMES, tensors.__getitem__,
-                      stored, tokenizer, {}, "ggml")
+                      stored, tokenizer, {}, "ggml", parsed.placement)
 
 
 GGML_CONFIG_KEYS = ("dtype", "vocab_size", "hidden_size", "num_heads", "num_kv_heads", "num_layers", "ffn_size",

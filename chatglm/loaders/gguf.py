@@ -23,6 +23,7 @@ from gguf import GGUFValueType as VType
 from ..errors import ModelFileError
 from ..models import family_for_gguf
 from ..quant import FLOAT_TYPES, QTensor
+from .huge_pages import MAPPED, into_huge_pages
 from .names import main_layers, plan
 
 if TYPE_CHECKING:
@@ -218,8 +219,10 @@ def read_gguf(path: Path) -> GGUFFile:
     return GGUFFile(path, meta, tensors, buffer)
 
 
-def open_gguf(path: Path) -> Checkpoint:
-    """A GGUF file as a checkpoint: config from its metadata, tensors and tokenizer read when asked for."""
+def open_gguf(path: Path, use_mmap: bool = True) -> Checkpoint:
+    """A GGUF file as a checkpoint: config from its metadata, tensors and tokenizer read when asked for; with
+    use_mmap=False the tensors move into huge pages in the background, but for MoE expert stacks (`*_exps`): a
+    token reads only its chosen experts, so they stay mapped rather than take their whole size in memory."""
     from . import Checkpoint, matrix_dtype
 
     file = read_gguf(path)
@@ -236,6 +239,10 @@ def open_gguf(path: Path) -> Checkpoint:
     except (ValueError, TypeError, ArithmeticError) as e:  # a string or 0 where a size belongs
         raise ModelFileError(path, f"bad metadata value ({type(e).__name__}: {e})") from None
     layout = main_layers(plan(file.tensors, family.GGUF_NAMES), config.num_layers)
+    placement = MAPPED
+    if not use_mmap:  # once the file is known to be a model we read
+        spans = [(t.start, t.nbytes) for name, t in file.tensors.items() if "_exps." not in name]
+        placement = into_huge_pages(path, file.buffer, spans)
 
     def tokenizer():
         from ..tokenizers import tokenizer_from_gguf
@@ -243,4 +250,5 @@ def open_gguf(path: Path) -> Checkpoint:
         return tokenizer_from_gguf(meta, path)
 
     stored = matrix_dtype(file.tensor(name) for name in file.tensors)
-    return Checkpoint(path, family, config, layout, family.GGUF_NAMES, file.tensor, stored, tokenizer, {}, "gguf")
+    return Checkpoint(path, family, config, layout, family.GGUF_NAMES, file.tensor, stored, tokenizer, {}, "gguf",
+                      placement)

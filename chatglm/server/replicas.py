@@ -32,6 +32,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
+from ..loaders.huge_pages import mmap_option
 from .app import EngineMetrics, KVSettings, error_response
 
 log = logging.getLogger("chatglm")
@@ -296,7 +297,8 @@ class ReplicaPlan:
                            kv=KVSettings.from_flags(o.get("kv_memory"), o.get("ctx"), o.get("kv_type")))
         return cls(model=str(o.get("model") or "default"), app_options=app_options, replicas=replicas,
                    options=dict(dtype=o.get("dtype") or "auto", device=o.get("device") or "cpu", threads=threads,
-                                draft=o.get("draft"), lookup=int(o.get("lookup") or 0)),
+                                draft=o.get("draft"), lookup=int(o.get("lookup") or 0),
+                                use_mmap=mmap_option(o.get("use_mmap", False))),  # as `serve`: moved
                    threads=threads, max_ongoing=max_batch + max_queue, ray_address=o.get("ray_address"),
                    routing=o.get("routing") or "prefix")
 
