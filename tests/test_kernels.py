@@ -175,9 +175,8 @@ def test_ggml_simd_path_matches_the_portable_one(name, rows, k, n):
 @pytest.mark.parametrize("name", ["q4_0", "q8_0"])
 @pytest.mark.parametrize("rows", [1, 4, 20])
 def test_ggml_products_do_not_depend_on_how_threads_share_the_rows(name, rows):
-    """Threads take a product's output rows in chunks and take over each other's (a thread slowed by another
-    process hands its rest on): each output row is still one thread's whole sum in one order, so any split, here 8
-    threads racing on 2 cores over pieces of odd sizes, gives the single thread's bits."""
+    """Each output row is one thread's whole sum in one order, so any split of the rows, here 8 threads on 2 cores
+    over pieces of odd sizes, gives the single thread's bits (a step's thread count changes with the load)."""
     pieces = [qtensor(name, (n, 4096))[0] for n in (1000, 37, 250)]
     x = torch.randn(rows, 4096, generator=torch.Generator().manual_seed(4))
     threads = torch.get_num_threads()

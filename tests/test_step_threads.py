@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from chatglm.kernels import threads
-from chatglm.kernels.threads import PROBE_EVERY, StepThreads
+from chatglm.kernels.threads import PROBE_EVERY, QUIET_PROBE_EVERY, StepThreads
 
 
 @pytest.fixture
@@ -36,8 +36,18 @@ def test_a_busy_core_moves_steps_to_one_thread_and_a_quiet_one_back(monkeypatch,
     busy = run_steps(chooser, monkeypatch, {2: 1.5, 1: 0.42}, 100)
     assert busy[:4] == [2, 2, 1, 1]  # each count is timed twice first (the first step at a count warms it up)
     assert busy[4:].count(2) <= 100 // PROBE_EVERY + 1  # then two threads only as a try now and then
-    quiet = run_steps(chooser, monkeypatch, {2: 0.10, 1: 0.11}, 2 * PROBE_EVERY)
-    assert quiet[-PROBE_EVERY:].count(2) == PROBE_EVERY - 1  # back on two at the first try on a quiet machine
+    quiet = run_steps(chooser, monkeypatch, {2: 0.10, 1: 0.19}, 2 * PROBE_EVERY)
+    assert quiet[-PROBE_EVERY:] == [2] * PROBE_EVERY  # back on two at the first try, and one thread is tried rarely
+    assert 1 in run_steps(chooser, monkeypatch, {2: 0.10, 1: 0.19}, QUIET_PROBE_EVERY)
+
+
+def test_a_machine_getting_busy_moves_to_one_thread_without_waiting_for_a_try(monkeypatch, two_threads):
+    """The count in use is timed at every step: once its average passes what one thread took at its last try,
+    the steps move."""
+    chooser = StepThreads()
+    run_steps(chooser, monkeypatch, {2: 0.10, 1: 0.19}, 40)
+    busy = run_steps(chooser, monkeypatch, {2: 0.30, 1: 0.195}, 10)
+    assert busy[:2] == [2, 2] and busy[4:] == [1] * 6
 
 
 def test_the_first_step_at_a_count_does_not_decide(monkeypatch, two_threads):
@@ -90,9 +100,9 @@ def test_a_lucky_try_costs_a_few_steps_not_a_probe_period(monkeypatch, two_threa
     clock = [0.0]
     monkeypatch.setattr(threads.time, "perf_counter", lambda: clock[0])
     used = []
-    for step in range(1, 3 * PROBE_EVERY + 1):
+    for step in range(1, 2 * QUIET_PROBE_EVERY + 1):
         with chooser.chosen(1):
             n = torch.get_num_threads()
             used.append(n)
-            clock[0] += 0.10 if n == 2 else (0.05 if step == 2 * PROBE_EVERY else 0.12)
-    assert used[2 * PROBE_EVERY - 1] == 1 and used[2 * PROBE_EVERY + 6:].count(1) == 1  # the next try only
+            clock[0] += 0.10 if n == 2 else (0.05 if step == QUIET_PROBE_EVERY else 0.19)
+    assert used[QUIET_PROBE_EVERY - 1] == 1 and used[QUIET_PROBE_EVERY + 4:].count(1) == 1  # the next try only

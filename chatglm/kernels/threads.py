@@ -1,11 +1,14 @@
 """How many threads a one-token step runs on: all of torch's, or half, whichever recent steps ran faster.
 
-A one-token step reads every weight once, and one core alone reads nearly as fast as two, so a second thread adds
-little on a quiet machine. When another process holds a core, every product of the step waits at its end for the
-thread that shares that core: two threads then run several times slower than one (measured here: 420 ms a step
-with one thread against 1.8-2.8 s with two, on a 2-core machine with other work). The count is not guessed from the
-load: each batch size keeps a moving average of its step times at each count, runs the faster one, and tries the
-other every PROBE_EVERY steps, so the choice follows the machine as it gets busy or quiet.
+Each product of a step is split evenly over the threads and ends when its slowest thread does. When another
+process holds a core, the thread sharing that core sets the pace of every product, and two threads run slower than
+one (measured here, 6B q4_0 on 2 cores: 105 ms a step with two threads on a quiet machine; with a CPU-bound process
+pinned to one core, 300 ms with two against 195 ms with one; with a busier machine 0.9-2.8 s against 0.42 s).
+The count is not guessed from the load: each batch size keeps a moving average of its step times at each count and
+runs the faster one. The count in use is timed at every step, so a machine getting busy shows at once; the other
+count's average is refreshed by a try every PROBE_EVERY steps while on fewer threads (to notice the machine
+getting quiet), and only every QUIET_PROBE_EVERY steps while on all of them (a try at fewer threads costs most of a
+step on a quiet machine).
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from typing import Iterator
 
 import torch
 
-PROBE_EVERY = 32  # steps between tries of the count not in use (a try costs at most one slower step in 32)
+PROBE_EVERY = 32         # steps between tries of all threads while running on fewer
+QUIET_PROBE_EVERY = 256  # steps between tries of fewer threads while running on all
 WEIGHT = 0.3      # weight of the newest step time in the average of the count in use
 
 
@@ -33,14 +37,14 @@ class StepThreads:
         return (self.most, self.most // 2) if self.most > 1 else (1,)
 
     def pick(self, batch: int) -> tuple[int, bool]:
-        """This step's count: the one with the lower average, or, every PROBE_EVERY steps, the other one (a try)."""
+        """This step's count: the one with the lower average, or now and then the other one (a try)."""
         counts = self.counts()
         step = self.steps[batch] = self.steps.get(batch, 0) + 1
         untimed = [n for n in counts if self.samples.get((batch, n), 0) < 2]  # the first step was a warm-up
         if untimed:
             return untimed[0], False
         best = min(counts, key=lambda n: self.seconds[batch, n])
-        if len(counts) > 1 and step % PROBE_EVERY == 0:
+        if len(counts) > 1 and step % (QUIET_PROBE_EVERY if best == self.most else PROBE_EVERY) == 0:
             return next(n for n in counts if n != best), True
         return best, False
 

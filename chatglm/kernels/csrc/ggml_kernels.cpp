@@ -24,7 +24,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -48,7 +47,6 @@ constexpr int64_t CHUNK_BYTES = 512 << 10;  // prompt weight rows per chunk: the
 constexpr int PREFETCH = 512;  // how far ahead of its reads a prompt fetches each weight row, in bytes
 constexpr int DECODE_ROWS = 4;  // calls with at most this many activation rows take the per-block path
 constexpr int DECODE_PREFETCH = 512;  // bytes ahead of each weight row a decode call asks for (+10-20% on wide ones)
-constexpr int64_t STEAL_BYTES = 256 << 10;  // weight bytes a thread takes at a time (see parallel_rows)
 constexpr int64_t SHARED_ACTS = 20 << 10;  // decode activations past this many bytes serve four weight rows per load
 
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };  // gguf's numbering
@@ -592,46 +590,6 @@ int64_t check_parts(const std::vector<torch::Tensor>& parts, int64_t k, int64_t 
   return n_out;
 }
 
-// Output rows [0, n) across the threads, `chunk` at a time: each thread starts on its own share, taking chunks from
-// its front, and a thread left with nothing takes chunks from the back of another's share. A thread slowed by
-// another process (a busy core) so hands the rest of its share to the others instead of holding up the call, while
-// on a quiet machine each thread streams its own share in order as a static split would.
-template <typename Fn>
-void parallel_rows(int64_t n, int64_t chunk, Fn&& fn) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
-  if (threads <= 1 || at::in_parallel_region()) return fn(int64_t{0}, n);
-  struct alignas(64) Share {
-    std::atomic<uint64_t> span;  // the rows not yet taken: lo in the low 32 bits, hi in the high 32
-  };
-  std::vector<Share> shares(threads);
-  for (int64_t t = 0; t < threads; ++t) {
-    const uint64_t lo = n * t / threads / chunk * chunk, hi = t + 1 == threads ? n : n * (t + 1) / threads / chunk * chunk;
-    shares[t].span.store(lo | hi << 32, std::memory_order_relaxed);
-  }
-  // the next chunk of a share, from its front (its owner) or its back (another thread): false once it is empty
-  auto take = [&](Share& s, bool front, int64_t& lo, int64_t& hi) {
-    uint64_t span = s.span.load(std::memory_order_relaxed);
-    for (;;) {
-      lo = static_cast<int64_t>(span & 0xffffffffu), hi = static_cast<int64_t>(span >> 32);
-      if (lo >= hi) return false;
-      const uint64_t rest = front ? std::min(lo + chunk, hi) | static_cast<uint64_t>(hi) << 32
-                                  : static_cast<uint64_t>(lo) | static_cast<uint64_t>(std::max(hi - chunk, lo)) << 32;
-      if (s.span.compare_exchange_weak(span, rest, std::memory_order_relaxed)) {
-        if (front) hi = static_cast<int64_t>(rest & 0xffffffffu); else lo = static_cast<int64_t>(rest >> 32);
-        return true;
-      }
-    }
-  };
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t lo, hi;
-      while (take(shares[t], true, lo, hi)) fn(lo, hi);
-      for (int64_t other = 1; other < threads; ++other)
-        while (take(shares[(t + other) % threads], false, lo, hi)) fn(lo, hi);
-    }
-  });
-}
-
 void linear_into(const float* x, int64_t m, int64_t k, const std::vector<torch::Tensor>& parts, int64_t qtype,
                  int64_t tile_rows, float* out) {
   const Format f = format_of(qtype);
@@ -640,9 +598,8 @@ void linear_into(const float* x, int64_t m, int64_t k, const std::vector<torch::
   const int64_t n_out = first.back();
   if (m == 0 || n_out == 0) return;
   // run(w, stride, y_part, lo, hi) for each part's share of a thread's output columns
-  const int64_t chunk = std::max<int64_t>(16, STEAL_BYTES / (k / QK * f.block_bytes) / 16 * 16);
   auto each_part = [&](auto&& run) {
-    parallel_rows(n_out, chunk, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
       for (size_t i = 0; i < parts.size(); ++i) {
         const int64_t lo = std::max(n0, first[i]) - first[i], hi = std::min(n1, first[i + 1]) - first[i];
         if (lo < hi) run(parts[i].data_ptr<uint8_t>(), parts[i].stride(0), out + first[i], lo, hi);
