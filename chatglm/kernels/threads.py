@@ -12,6 +12,7 @@ step on a quiet machine).
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -20,7 +21,7 @@ import torch
 
 PROBE_EVERY = 32         # steps between tries of all threads while running on fewer
 QUIET_PROBE_EVERY = 256  # steps between tries of fewer threads while running on all
-WEIGHT = 0.3      # weight of the newest step time in the average of the count in use
+WEIGHT = 0.3             # weight of the newest step time in the average of the count in use
 
 
 class StepThreads:
@@ -31,21 +32,23 @@ class StepThreads:
         self.set = self.most                 # what this object last set, to notice the caller changing it
         self.seconds: dict[tuple[int, int], float] = {}  # (batch, threads) -> moving average seconds per step
         self.steps: dict[int, int] = {}
-        self.samples: dict[tuple[int, int], int] = {}
 
     def counts(self) -> tuple[int, ...]:
         return (self.most, self.most // 2) if self.most > 1 else (1,)
 
     def pick(self, batch: int) -> tuple[int, bool]:
-        """This step's count: the one with the lower average, or now and then the other one (a try)."""
+        """This step's count: the one with the lower average (all threads until fewer have been tried, the first try
+        coming after PROBE_EVERY steps, when the model is warm), or now and then the other one (a try)."""
         counts = self.counts()
         step = self.steps[batch] = self.steps.get(batch, 0) + 1
-        untimed = [n for n in counts if self.samples.get((batch, n), 0) < 2]  # the first step was a warm-up
-        if untimed:
-            return untimed[0], False
-        best = min(counts, key=lambda n: self.seconds[batch, n])
-        if len(counts) > 1 and step % (QUIET_PROBE_EVERY if best == self.most else PROBE_EVERY) == 0:
-            return next(n for n in counts if n != best), True
+        if len(counts) == 1:
+            return counts[0], False
+        average = {n: self.seconds.get((batch, n), math.inf) for n in counts}
+        best = min(counts, key=average.__getitem__)  # all threads first on a tie
+        other = next(n for n in counts if n != best)
+        tried = average[other] < math.inf
+        if step % (QUIET_PROBE_EVERY if best == self.most and tried else PROBE_EVERY) == 0:
+            return other, True
         return best, False
 
     @contextmanager
@@ -55,7 +58,7 @@ class StepThreads:
         if current != self.set:  # the caller set another count since: that is the one asked for now
             self.most = self.set = current
             self.seconds.clear()
-            self.samples.clear()
+            self.steps.clear()
         n, trying = self.pick(batch)
         torch.set_num_threads(n)
         start = time.perf_counter()
@@ -64,9 +67,7 @@ class StepThreads:
         finally:
             spent = time.perf_counter() - start
             torch.set_num_threads(self.most)
-            seen = self.samples[batch, n] = self.samples.get((batch, n), 0) + 1
-            # a try replaces what the count's average knew (it is old news of another machine state); so does the
-            # second step at a count, the first having paid its warm-up (allocations). A lucky try costs little:
-            # the count it puts in use is timed at every step after it.
-            old = spent if trying or seen <= 2 else self.seconds[batch, n]
+            # a try replaces what the count's average knew (old news of another machine state); a lucky try costs
+            # little: the count it puts in use is timed at every step after it
+            old = spent if trying else self.seconds.get((batch, n), spent)
             self.seconds[batch, n] = (1 - WEIGHT) * old + WEIGHT * spent
