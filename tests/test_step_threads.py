@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from chatglm.kernels import threads
-from chatglm.kernels.threads import PROBE_EVERY, QUIET_PROBE_EVERY, StepThreads
+from chatglm.kernels.threads import FIRST_TRY, PROBE_EVERY, QUIET_PROBE_EVERY, StepThreads
 
 
 @pytest.fixture
@@ -34,8 +34,8 @@ def test_a_busy_core_moves_steps_to_one_thread_and_a_quiet_one_back(monkeypatch,
     chooser = StepThreads()
     assert chooser.counts() == (2, 1)
     busy = run_steps(chooser, monkeypatch, {2: 1.5, 1: 0.42}, 100)
-    assert busy[:PROBE_EVERY] == [2] * (PROBE_EVERY - 1) + [1]  # one thread is first tried once the model is warm
-    assert busy[PROBE_EVERY:].count(2) == (100 - PROBE_EVERY) // PROBE_EVERY  # then two only as a try now and then
+    assert busy[:FIRST_TRY] == [2] * (FIRST_TRY - 1) + [1]  # one thread is first tried once the model is warm
+    assert busy[FIRST_TRY:].count(2) == 100 // PROBE_EVERY  # then two threads only as a try now and then
     quiet = run_steps(chooser, monkeypatch, {2: 0.10, 1: 0.19}, 2 * PROBE_EVERY)
     assert quiet[-PROBE_EVERY:] == [2] * PROBE_EVERY  # back on two at the first try, and one thread is tried rarely
     assert 1 in run_steps(chooser, monkeypatch, {2: 0.10, 1: 0.19}, QUIET_PROBE_EVERY)
@@ -50,9 +50,8 @@ def test_a_machine_getting_busy_moves_to_one_thread_without_waiting_for_a_try(mo
     assert busy[:2] == [2, 2] and busy[4:] == [1] * 6
 
 
-def test_a_warm_up_step_fades_before_the_first_try(monkeypatch, two_threads):
-    """The first step (allocations) is slow; one thread is first tried PROBE_EVERY steps later, against an average
-    that has forgotten it."""
+def test_a_warm_up_step_does_not_count(monkeypatch, two_threads):
+    """The first step (allocations) is slow and not counted; one thread is first tried FIRST_TRY steps later."""
     chooser = StepThreads()
     clock = [0.0]
     monkeypatch.setattr(threads.time, "perf_counter", lambda: clock[0])
@@ -70,7 +69,7 @@ def test_each_batch_size_keeps_its_own_times_and_a_new_count_resets_them(monkeyp
     run_steps(chooser, monkeypatch, {2: 0.5, 1: 1.0}, PROBE_EVERY + 1, batch=8)
     assert chooser.pick(1)[0] == 1 and chooser.pick(8)[0] == 2
     torch.set_num_threads(4)  # the caller asks for another count: earlier times say nothing about it
-    assert run_steps(chooser, monkeypatch, {4: 0.2, 2: 0.3}, PROBE_EVERY + 1) == [4] * (PROBE_EVERY - 1) + [2, 4]
+    assert run_steps(chooser, monkeypatch, {4: 0.2, 2: 0.3}, FIRST_TRY + 1) == [4] * (FIRST_TRY - 1) + [2, 4]
     assert chooser.most == 4 and chooser.counts() == (4, 2)
 
 

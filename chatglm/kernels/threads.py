@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+FIRST_TRY = 8            # the step that first tries fewer threads (the first steps warm the model up)
 PROBE_EVERY = 32         # steps between tries of all threads while running on fewer
 QUIET_PROBE_EVERY = 256  # steps between tries of fewer threads while running on all
 WEIGHT = 0.3             # weight of the newest step time in the average of the count in use
@@ -37,8 +38,8 @@ class StepThreads:
         return (self.most, self.most // 2) if self.most > 1 else (1,)
 
     def pick(self, batch: int) -> tuple[int, bool]:
-        """This step's count: the one with the lower average (all threads until fewer have been tried, the first try
-        coming after PROBE_EVERY steps, when the model is warm), or now and then the other one (a try)."""
+        """This step's count: the one with the lower average (all threads until fewer have been tried, first at step
+        FIRST_TRY, when the model is warm), or now and then the other one (a try)."""
         counts = self.counts()
         step = self.steps[batch] = self.steps.get(batch, 0) + 1
         if len(counts) == 1:
@@ -46,8 +47,8 @@ class StepThreads:
         average = {n: self.seconds.get((batch, n), math.inf) for n in counts}
         best = min(counts, key=average.__getitem__)  # all threads first on a tie
         other = next(n for n in counts if n != best)
-        tried = average[other] < math.inf
-        if step % (QUIET_PROBE_EVERY if best == self.most and tried else PROBE_EVERY) == 0:
+        period = QUIET_PROBE_EVERY if best == self.most else PROBE_EVERY
+        if (step == FIRST_TRY and average[other] == math.inf) or step % period == 0:
             return other, True
         return best, False
 
@@ -67,7 +68,9 @@ class StepThreads:
         finally:
             spent = time.perf_counter() - start
             torch.set_num_threads(self.most)
-            # a try replaces what the count's average knew (old news of another machine state); a lucky try costs
-            # little: the count it puts in use is timed at every step after it
-            old = spent if trying else self.seconds.get((batch, n), spent)
-            self.seconds[batch, n] = (1 - WEIGHT) * old + WEIGHT * spent
+            # a batch size's first step warms up (allocations) and says nothing of the machine; a try replaces what
+            # the count's average knew (old news of another machine state); a lucky try costs little: the count it
+            # puts in use is timed at every step after it
+            if self.steps[batch] > 1:
+                old = spent if trying else self.seconds.get((batch, n), spent)
+                self.seconds[batch, n] = (1 - WEIGHT) * old + WEIGHT * spent
