@@ -46,7 +46,7 @@ constexpr int64_t SPAN_BYTES = 256 << 10;   // prompt activations per span of bl
 constexpr int64_t CHUNK_BYTES = 512 << 10;  // prompt weight rows per chunk: they stay in L2 for every panel
 constexpr int PREFETCH = 512;  // how far ahead of its reads a prompt fetches each weight row, in bytes
 constexpr int DECODE_ROWS = 4;  // calls with at most this many activation rows take the per-block path
-constexpr int DECODE_PREFETCH = 512;  // bytes ahead of each weight row a decode call asks for (+10-20% on wide ones)
+constexpr int DECODE_PREFETCH = 1024;  // bytes ahead of each weight row a decode call asks for (512: 3-10% slower, 1536: slower)
 constexpr int64_t SHARED_ACTS = 20 << 10;  // decode activations past this many bytes serve four weight rows per load
 
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };  // gguf's numbering
