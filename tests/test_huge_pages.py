@@ -147,7 +147,8 @@ def test_the_chat_banner_says_where_the_weights_are(tmp_path, default_gguf):
 def test_the_option_parses_and_a_bad_value_is_refused(default_gguf):
     parser = build_parser()
     for command in (["chat"], ["serve"], ["bench"], ["perplexity", "-f", "x.txt"]):
-        assert parser.parse_args(command).use_mmap is (command != ["serve"])  # a server moves its weights
+        # serve decides when not told: one process moves its weights, replicas share the mapped pages
+        assert parser.parse_args(command).use_mmap is (None if command == ["serve"] else True)
         assert parser.parse_args([*command, "--no-mmap"]).use_mmap is False
         assert parser.parse_args([*command, "--mmap"]).use_mmap is True
     with pytest.raises(ValueError, match=r"use_mmap \(--mmap/--no-mmap\) is 'no'; expected true .* or false"):

@@ -106,10 +106,11 @@ def test_plans_come_from_command_line_or_config_options():
                                      "api_key": "k", "routing": "balanced"})
     assert (plan.replicas, plan.threads, plan.max_ongoing, plan.routing) == ((1, 3), 2, 4 + 64, "balanced")
     assert plan.options == {"dtype": "auto", "device": "cpu", "threads": 2, "draft": None, "lookup": 0,
-                            "use_mmap": False} and plan.app_options["api_key"] == "k"
+                            "use_mmap": True} and plan.app_options["api_key"] == "k"  # shared pages
     assert plan.app_options["max_queue"] == 64 + 4  # room for slots being freed: Ray's backpressure answers first
     assert isinstance(build_app({"model": "/m.gguf", "replicas": 2}), Application)
-    assert ReplicaPlan.from_options({"model": "/m.gguf", "use_mmap": True}).options["use_mmap"] is True
+    assert ReplicaPlan.from_options({"model": "/m.gguf", "use_mmap": False}).options["use_mmap"] is False
+    assert ReplicaPlan.from_options({"model": "/m.gguf", "use_mmap": None}).options["use_mmap"] is True  # not given
     with pytest.raises(ValueError, match=r"use_mmap \(--mmap/--no-mmap\) is 'no'; expected true"):
         ReplicaPlan.from_options({"model": "/m.gguf", "use_mmap": "no"})  # refused before any replica starts
 

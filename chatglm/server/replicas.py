@@ -298,7 +298,8 @@ class ReplicaPlan:
         return cls(model=str(o.get("model") or "default"), app_options=app_options, replicas=replicas,
                    options=dict(dtype=o.get("dtype") or "auto", device=o.get("device") or "cpu", threads=threads,
                                 draft=o.get("draft"), lookup=int(o.get("lookup") or 0),
-                                use_mmap=mmap_option(o.get("use_mmap", False))),  # as `serve`: moved
+                                # mapped unless asked: replicas on one machine then share the file's pages
+                                use_mmap=mmap_option(True if o.get("use_mmap") is None else o["use_mmap"])),
                    threads=threads, max_ongoing=max_batch + max_queue, ray_address=o.get("ray_address"),
                    routing=o.get("routing") or "prefix")
 
