@@ -97,8 +97,8 @@ inline __m256i quantize_block_512(const float* v, int& sum, float& d) {
 
 #endif
 
-// One block of 32 activations as 8-bit codes in value order (ggml's q8_0 rounding), written to c; returns
-// their sum and sets the f16-rounded scale d.
+}  // namespace
+
 int quantize_block(const float* v, int8_t* c, float& d) {
 #ifdef GGML_KERNELS_VNNI
   int sum;
@@ -117,6 +117,8 @@ int quantize_block(const float* v, int8_t* c, float& d) {
   return sum;
 #endif
 }
+
+namespace {
 
 // Activation rows quantized to 8-bit blocks in value order: the portable path's input.
 struct Acts {

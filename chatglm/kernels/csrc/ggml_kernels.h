@@ -10,6 +10,10 @@
 // numbering) for `k` inputs; throws naming the mismatch.
 int64_t check_parts(const std::vector<torch::Tensor>& parts, int64_t k, int64_t qtype);
 
+// One block of 32 values as 8-bit codes in value order, rounded as ggml's quantize_row_q8_0_ref (scale amax / 127,
+// codes rounded half away from zero), written to c; returns their sum and sets the float16-rounded scale d.
+int quantize_block(const float* v, int8_t* c, float& d);
+
 // y [m, n_out] = x [m, k] @ W.T, W the rows of `parts` stacked; x and y float32, contiguous. Unchecked:
 // check_parts first. Threads split the output rows.
 void linear_into(const float* x, int64_t m, int64_t k, const std::vector<torch::Tensor>& parts, int64_t qtype,

@@ -133,15 +133,13 @@ struct BlockQ8_0 {
 };
 static_assert(sizeof(BlockQ8_0) == 34, "a q8_0 block is 34 bytes, as ggml's block_q8_0");
 
-// y = n values (a multiple of 32) as n / 32 q8_0 blocks, rounded as ggml's quantize_row_q8_0_ref (and gguf.quants,
-// and chatglm.quant.q8_0_bytes for the torch path): scale amax / 127, codes x * (1 / scale) rounded half away from 0.
+// y = n values (a multiple of 32) as n / 32 q8_0 blocks, rounded as the activations of the block products are
+// (quantize_block: ggml's quantize_row_q8_0_ref, gguf.quants, and chatglm.quant.q8_0_bytes for the torch path).
 inline void quantize_q8_0(const float* x, int64_t n, BlockQ8_0* y) {
-  for (int64_t b = 0; b < n / 32; ++b, x += 32) {
-    float amax = 0.f;
-    for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(x[k]));
-    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
-    y[b].d = static_cast<c10::Half>(d);
-    for (int k = 0; k < 32; ++k) y[b].qs[k] = static_cast<int8_t>(std::roundf(x[k] * id));
+  for (int64_t b = 0; b < n / 32; ++b) {
+    float d;
+    quantize_block(x + 32 * b, y[b].qs, d);
+    y[b].d = static_cast<c10::Half>(d);  // exact: d is float16-rounded already
   }
 }
 
