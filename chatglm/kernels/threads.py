@@ -30,7 +30,6 @@ class StepThreads:
 
     def __init__(self) -> None:
         self.most = torch.get_num_threads()  # the count asked for (torch.set_num_threads, --threads)
-        self.set = self.most                 # what this object last set, to notice the caller changing it
         self.seconds: dict[tuple[int, int], float] = {}  # (batch, threads) -> moving average seconds per step
         self.steps: dict[int, int] = {}
 
@@ -56,8 +55,8 @@ class StepThreads:
     def chosen(self, batch: int) -> Iterator[None]:
         """Run the step inside at the picked count, time it, and give torch back the count asked for."""
         current = torch.get_num_threads()
-        if current != self.set:  # the caller set another count since: that is the one asked for now
-            self.most = self.set = current
+        if current != self.most:  # after each step torch is given `most` back: the caller has set another count
+            self.most = current
             self.seconds.clear()
             self.steps.clear()
         n, trying = self.pick(batch)
