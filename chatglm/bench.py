@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .cli import mmap_flag
+from .cli import kv_type_flag, mmap_flag
 from .kv_cache import KV_TYPES, kv_type_name
 from .quant import QType
 
@@ -303,8 +303,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--kv-type", choices=["auto", *KV_TYPES], default="auto",
-                   help="KV cache storage (auto: f16 for ggml block files, as llama.cpp keeps its cache)")
+    kv_type_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--busy", action="store_true",
                    help="run a CPU-bound process pinned to core 0 beside every engine measured (a busy machine)")

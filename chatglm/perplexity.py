@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .cli import mmap_flag
+from .cli import kv_type_flag, mmap_flag
 from .errors import ChatGLMError
 from .kv_cache import KV_TYPES, KVType
 
@@ -130,8 +130,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="auto",
                    help="auto, f32, bf16, f16, or a ggml type to quantize a Hugging Face folder as it loads")
-    p.add_argument("--kv-type", choices=["auto", *KV_TYPES], default="auto",
-                   help="how keys and values are stored (auto: f16 beside block-quantized weights, as llama.cpp)")
+    kv_type_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the running estimates")
     mmap_flag(p)
     p.set_defaults(func=cmd_perplexity)

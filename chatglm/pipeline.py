@@ -179,7 +179,7 @@ class Pipeline:
                  lookup: int = 0, use_mmap: bool = True):
         """draft: a smaller model over the same vocabulary whose drafts the model checks (speculative decoding);
         lookup: draft up to this many tokens from n-grams of the prompt and reply instead (0: off);
-        use_mmap=False: a GGUF or GGML file's weights copied into huge pages, not mapped (`placement` says which)."""
+        use_mmap=False: a GGUF or GGML file's weights moved into huge pages after load (`placement` says where they are)."""
         if threads:
             torch.set_num_threads(threads)
         if draft and lookup:
