@@ -34,15 +34,16 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
 
 
 def bench_ours(path: str, device: str, dtype: str, prompt_tokens: int, new_tokens: int, batch: int,
-               kv_type: str = "auto", use_mmap: bool = True) -> dict[str, Any]:
-    from .loaders import build_model, open_checkpoint
+               kv_type: str = "auto", use_mmap: bool | None = None) -> dict[str, Any]:
+    from .loaders import build_model, mmap_option, open_checkpoint
     from .loaders.huge_pages import settle
 
     start = time.perf_counter()
+    use_mmap = mmap_option(use_mmap, device)
     checkpoint = open_checkpoint(path, use_mmap=use_mmap)
     model = build_model(checkpoint, dtype, device)
     load_s = time.perf_counter() - start
-    settle()  # --no-mmap: decode is timed once the weights have moved into huge pages
+    settle()  # moving into huge pages: decode is timed once the weights sit still
     moved_s = time.perf_counter() - start - load_s
     ids = prompt_ids(model.config.vocab_size, prompt_tokens)
     cache = model.new_cache(batch, prompt_tokens + new_tokens + 1, dtype=KV_TYPES.get(kv_type))
@@ -73,7 +74,8 @@ def bench_ours(path: str, device: str, dtype: str, prompt_tokens: int, new_token
            "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
            "fused_step": getattr(model, "fused", None) is not None,  # decode ran as one C++ call per token
            "kv_type": kv_type_name(cache.kv_type), "kv_bytes_per_token": cache.token_bytes(),
-           "weights": checkpoint.placement, **({} if use_mmap else {"weights_moved_s": round(moved_s, 3)})}
+           "weights": checkpoint.placement, "use_mmap": use_mmap,
+           **({} if use_mmap else {"weights_moved_s": round(moved_s, 3)})}
     if model.device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
@@ -139,7 +141,10 @@ def bench_speculative(args: argparse.Namespace) -> dict[str, Any]:
     from .pipeline import Pipeline
     from .speculative import PromptLookup, open_draft
 
+    from .loaders.huge_pages import settle
+
     pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, use_mmap=args.use_mmap)
+    settle()  # the weights sit still before anything is timed
     text = Path(args.prompt_file).read_text(encoding="utf-8")
     prompt, _ = pipe.chat_prompt([{"role": "user", "content": text}])
     if args.draft:
@@ -254,7 +259,7 @@ def _bench(args: argparse.Namespace) -> int:
         from .loaders import resolve_path
 
         peer = bench_llama_cpp(str(resolve_path(path)), torch.get_num_threads(), args.prompt_tokens, args.new_tokens,
-                               args.kv_type, args.use_mmap)
+                               args.kv_type, ours["use_mmap"])
         result["llama_cpp"] = peer
         result["decode_ratio"] = round(ours["decode_tok_s"] / peer["decode_tok_s"], 3)
         result["prefill_ratio"] = round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 3)

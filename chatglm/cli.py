@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     kv = KVSettings.from_flags(args.kv_memory, args.ctx, args.kv_type)
     pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, threads=args.threads, draft=args.draft,
-                    lookup=args.lookup, use_mmap=bool(args.use_mmap))  # None (not given): moved
+                    lookup=args.lookup, use_mmap=args.use_mmap)
     app = create_app(pipe, api_key=args.api_key, cors_origins=args.cors_origins, max_batch=args.max_batch,
                      max_queue=args.max_queue, embedding_model=args.embedding_model, kv=kv)
     engine = app.state.server.engine
@@ -83,13 +83,13 @@ def _speculation_flags(p: argparse.ArgumentParser) -> None:
                    help="a smaller model with the same vocabulary drafts tokens the model checks in one forward")
 
 
-def mmap_flag(p: argparse.ArgumentParser, default: bool | None = True, default_text: str | None = None) -> None:
+def mmap_flag(p: argparse.ArgumentParser, default_text: str = "--no-mmap on a CPU, --mmap for a GPU") -> None:
     """llama.cpp's --mmap / --no-mmap: weights read from the file's mapping as the page cache holds them, or moved
-    into huge pages in the background after load (loaders/huge_pages.py); default None: the command decides."""
-    p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=default, dest="use_mmap",
+    into huge pages in the background after load (loaders/huge_pages.py); None (not given): huge_pages.mmap_option
+    decides by device, `serve --replicas` keeps them mapped."""
+    p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=None, dest="use_mmap",
                    help="--no-mmap moves a GGUF or GGML file's weights (not MoE experts) into 2 MB huge pages in the "
-                        "background after load: decode reads them faster once moved (default: "
-                        f"{default_text or ('--mmap' if default else '--no-mmap')})")
+                        f"background after load: decode reads them faster once moved (default: {default_text})")
 
 
 def kv_type_flag(p: argparse.ArgumentParser) -> None:
@@ -176,9 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --replicas: send a conversation's turns to the replica holding its prefix (default), "
                             "or balance load only")
     _speculation_flags(serve)
-    # a server runs long: the move's seconds after load pay back; replicas on one machine share the mapped pages
-    mmap_flag(serve, default=None, default_text="--no-mmap; --mmap with --replicas, whose processes on one machine "
-              "then share the file's pages instead of each holding a copy")
+    # replicas on one machine share the mapped pages
+    mmap_flag(serve, "--no-mmap on a CPU; --mmap for a GPU and with --replicas, whose processes on one machine then "
+              "share the file's pages instead of each holding a copy")
     serve.set_defaults(func=cmd_serve)
 
     from .bench import add_parser as add_bench_parser

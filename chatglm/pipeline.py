@@ -11,7 +11,7 @@ import torch
 from .engine import SamplingParams, TokenMask, generate
 from .errors import ChatFormatError
 from .grammar import Vocabulary, response_grammar
-from .loaders import build_model, open_checkpoint
+from .loaders import build_model, mmap_option, open_checkpoint
 from .markup import MarkupParser, Reasoning, markup_parser, openai_tools, takes_tools
 from .messages import ChatMessage, MessageLike, as_messages
 from .speculative import Drafter, PromptLookup, open_draft
@@ -176,15 +176,16 @@ class Pipeline:
 
     def __init__(self, path: str | Path = "default", dtype: str = "auto", device: str = "cpu",
                  threads: int | None = None, lora: str | Path | None = None, draft: str | Path | None = None,
-                 lookup: int = 0, use_mmap: bool = True):
+                 lookup: int = 0, use_mmap: bool | None = None):
         """draft: a smaller model over the same vocabulary whose drafts the model checks (speculative decoding);
         lookup: draft up to this many tokens from n-grams of the prompt and reply instead (0: off);
-        use_mmap=False: a GGUF or GGML file's weights moved into huge pages after load (`placement` says where they are)."""
+        use_mmap: False moves a GGUF or GGML file's weights into huge pages after load, True reads them from the file's
+        mapping; None moves them on a CPU (`placement` says where they are)."""
         if threads:
             torch.set_num_threads(threads)
         if draft and lookup:
             raise ValueError("--draft and --lookup are two ways of drafting tokens; give one of them")
-        checkpoint = open_checkpoint(path, lora, use_mmap)
+        checkpoint = open_checkpoint(path, lora, mmap_option(use_mmap, device))
         self._attach(build_model(checkpoint, dtype, device), checkpoint.load_tokenizer(), checkpoint.path,
                      checkpoint.format)
         self.placement = checkpoint.placement

@@ -12,7 +12,7 @@ import pytest
 from chatglm import Pipeline, load_model
 from chatglm.cli import build_parser
 from chatglm.loaders import huge_pages, open_checkpoint
-from chatglm.loaders.huge_pages import HUGE, address_of, settle, thp_mode, windows
+from chatglm.loaders.huge_pages import HUGE, address_of, mmap_option, settle, thp_mode, windows
 from chatglm.synthetic import synthetic_file, synthetic_gguf
 
 from test_models import IDS
@@ -147,10 +147,11 @@ def test_the_chat_banner_says_where_the_weights_are(tmp_path, default_gguf):
 def test_the_option_parses_and_a_bad_value_is_refused(default_gguf):
     parser = build_parser()
     for command in (["chat"], ["serve"], ["bench"], ["perplexity", "-f", "x.txt"]):
-        # serve decides when not told: one process moves its weights, replicas share the mapped pages
-        assert parser.parse_args(command).use_mmap is (None if command == ["serve"] else True)
+        # not told: the device decides (moved on a CPU, mapped for a GPU); serve's replicas share the mapped pages
+        assert parser.parse_args(command).use_mmap is None
         assert parser.parse_args([*command, "--no-mmap"]).use_mmap is False
         assert parser.parse_args([*command, "--mmap"]).use_mmap is True
+    assert [mmap_option(None, device) for device in ("cpu", "cuda", "cuda:1")] == [False, True, True]
     with pytest.raises(ValueError, match=r"use_mmap \(--mmap/--no-mmap\) is 'no'; expected true .* or false"):
         Pipeline(default_gguf, use_mmap="no")
     proc = subprocess.run([sys.executable, "-m", "chatglm", "chat", "--mmap=no", "-p", "hi"], capture_output=True,
@@ -161,8 +162,9 @@ def test_the_option_parses_and_a_bad_value_is_refused(default_gguf):
 
 @needs_thp
 def test_bench_waits_for_the_move_and_says_where_the_weights_were(tmp_path, default_gguf, llama_cpp):
+    """Not told, bench on a CPU moves the weights (the default) and runs llama.cpp with --no-mmap too."""
     proc = subprocess.run([sys.executable, "-m", "chatglm", "bench", "--synthetic", "chatglm-tiny", "--synthetic-dir",
-                           str(tmp_path), "--prompt-tokens", "16", "--new-tokens", "4", "--no-mmap", "--compare",
+                           str(tmp_path), "--prompt-tokens", "16", "--new-tokens", "4", "--compare",
                            "llama.cpp", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
