@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -548,13 +549,18 @@ void panel_rows(const uint8_t* raw, int64_t row_stride, const ActTile* a, int64_
   }
 }
 
+// Weight rows of `row_bytes` that stay in L2 while every panel of a prompt's activation rows passes over them: a
+// multiple of 12 rows, which every W divides.
+int64_t prompt_chunk_rows(int64_t row_bytes) {
+  return std::max<int64_t>(12, CHUNK_BYTES / std::max<int64_t>(1, row_bytes) / 12 * 12);
+}
+
 // y rows at columns [n0, n1) = the products: weight rows in chunks that stay in L2 while each panel of
 // activation rows passes over them.
 template <int QT>
 void rows_prompt(const uint8_t* raw, int64_t row_stride, const TileActs& a, float* y, int64_t n_out, int64_t n0,
                  int64_t n1) {
-  // a multiple of 12 rows, which every W divides
-  const int64_t chunk = std::max<int64_t>(12, CHUNK_BYTES / std::max<int64_t>(1, row_stride) / 12 * 12);
+  const int64_t chunk = prompt_chunk_rows(row_stride);
   std::vector<float> part(chunk * a.panel * TILE);
   for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
     const int64_t c1 = std::min(n1, c0 + chunk);
@@ -599,14 +605,15 @@ void linear_into(const float* x, int64_t m, int64_t k, const std::vector<torch::
   for (const torch::Tensor& raw : parts) first.push_back(first.back() + raw.size(0));
   const int64_t n_out = first.back();
   if (m == 0 || n_out == 0) return;
-  // run(w, stride, y_part, lo, hi) for each part's share of a thread's output columns
-  auto each_part = [&](auto&& run) {
-    at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
-      for (size_t i = 0; i < parts.size(); ++i) {
-        const int64_t lo = std::max(n0, first[i]) - first[i], hi = std::min(n1, first[i + 1]) - first[i];
-        if (lo < hi) run(parts[i].data_ptr<uint8_t>(), parts[i].stride(0), out + first[i], lo, hi);
-      }
-    });
+  // run(w, stride, y_part, lo, hi) for each part's share of the output columns [n0, n1)
+  auto parts_in = [&](int64_t n0, int64_t n1, auto&& run) {
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const int64_t lo = std::max(n0, first[i]) - first[i], hi = std::min(n1, first[i + 1]) - first[i];
+      if (lo < hi) run(parts[i].data_ptr<uint8_t>(), parts[i].stride(0), out + first[i], lo, hi);
+    }
+  };
+  auto each_part = [&](auto&& run) {  // an even split of the columns over the threads
+    at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) { parts_in(n0, n1, run); });
   };
 #ifdef GGML_KERNELS_VNNI
   // the block type as a compile-time constant for the SIMD kernels
@@ -629,9 +636,20 @@ void linear_into(const float* x, int64_t m, int64_t k, const std::vector<torch::
     return;
   }
   const TileActs a = quantize_tile_acts(x, m, k, f, (tile_rows + TILE - 1) / TILE);
+  // Prompts take chunks of weight rows from a shared counter: a thread that shares its core with another process
+  // takes fewer, where an even split would wait for it. A chunk is at most the rows rows_prompt keeps in L2 and at
+  // least 4 for each thread; decode keeps the even split (a shared counter cost it 10-25%).
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::min(prompt_chunk_rows(k / QK * f.block_bytes), (n_out + 48 * threads - 1) / (48 * threads) * 12);
+  const int64_t chunks = (n_out + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
   by_type([&](auto qt) {
-    each_part([&](const uint8_t* w, int64_t stride, float* yp, int64_t lo, int64_t hi) {
-      rows_prompt<decltype(qt)::value>(w, stride, a, yp, n_out, lo, hi);
+    at::parallel_for(0, std::min(chunks, threads), 1, [&](int64_t, int64_t) {
+      for (int64_t c = next++; c < chunks; c = next++)
+        parts_in(c * chunk, std::min(n_out, (c + 1) * chunk),
+                 [&](const uint8_t* w, int64_t stride, float* yp, int64_t lo, int64_t hi) {
+                   rows_prompt<decltype(qt)::value>(w, stride, a, yp, n_out, lo, hi);
+                 });
     });
   });
 #else
