@@ -259,7 +259,7 @@ def _bench(args: argparse.Namespace) -> int:
         from .loaders import resolve_path
 
         peer = bench_llama_cpp(str(resolve_path(path)), torch.get_num_threads(), args.prompt_tokens, args.new_tokens,
-                               args.kv_type, ours["use_mmap"])
+                               args.kv_type, True if args.use_mmap is None else args.use_mmap)  # not told: its default
         result["llama_cpp"] = peer
         result["decode_ratio"] = round(ours["decode_tok_s"] / peer["decode_tok_s"], 3)
         result["prefill_ratio"] = round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 3)
@@ -313,7 +313,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--busy", action="store_true",
                    help="run a CPU-bound process pinned to core 0 beside every engine measured (a busy machine)")
     p.add_argument("--compare", choices=["llama.cpp"], default=None,
-                   help="run llama.cpp on the same file too (with the same --mmap / --no-mmap)")
+                   help="run llama.cpp on the same file too (with the --mmap / --no-mmap given, else its own default)")
     mmap_flag(p)
     p.add_argument("--synthetic", default=None,
                    help="build a random-weight GGUF of this shape (chatglm3-6b, glm4-9b, glm4-9b-0414, glm-4.5-air, "
