@@ -10,7 +10,7 @@ import torch
 
 from .engine import SamplingParams, TokenMask, generate
 from .errors import ChatFormatError
-from .grammar import Vocabulary, response_grammar
+from .grammar import Vocabulary, for_prompt, response_grammar
 from .loaders import build_model, mmap_option, open_checkpoint
 from .markup import MarkupParser, Reasoning, markup_parser, openai_tools, takes_tools
 from .messages import ChatMessage, MessageLike, as_messages
@@ -243,7 +243,8 @@ class Pipeline:
         {"name", "schema"}}``, enforced while decoding (grammar.py); a bad schema raises GrammarError.
         """
         prompt, parser = self.chat_prompt(messages, tools, template_kwargs)
-        tokens = self._tokens(prompt, sampling, response_grammar(self.tokenizer.family, response_format))
+        grammar = for_prompt(response_grammar(self.tokenizer.family, response_format), self.tokenizer, prompt)
+        tokens = self._tokens(prompt, sampling, grammar)
         reply = ChatStream(reply_text(tokens, self.tokenizer, stop, parser), parser)
         return reply if stream else reply.message()
 

@@ -280,3 +280,126 @@ def test_template_kwargs_reach_the_template_and_decide_where_the_reply_starts(to
         assert pipe.model.prompt() == off
     finally:
         (folder / "chat_template.jinja").write_text(template[: -len(switch)])
+
+
+# ----- constrained replies: forced calls and response_format after the reasoning -----
+
+CALL_PARTS = ["<tool_call>", "get_weather", "\n", "<arg_key>", "city", "</arg_key>", "<arg_value>", "Oslo",
+              "</arg_value>", "<arg_key>", "days", "</arg_key>", "<arg_value>", "3", "</arg_value>", "<arg_key>",
+              "units", "</arg_key>", "<arg_value>", '{"t": "C"}', "</arg_value>", "</tool_call>"]
+OK = {"type": "json_schema", "json_schema": {"name": "ok", "schema": {
+    "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}}}
+
+
+def openai_client(pipe):
+    """The official openai client over the server's routes, in-process (a context manager)."""
+    from contextlib import contextmanager
+
+    from fastapi.testclient import TestClient
+    from openai import OpenAI
+
+    from chatglm.server import create_app
+
+    @contextmanager
+    def client():
+        with TestClient(create_app(pipe, max_batch=2, max_queue=4)) as test_client:
+            yield OpenAI(base_url="http://testserver/v1", api_key="none", http_client=test_client)
+    return client()
+
+
+def test_forced_calls_and_json_come_after_the_reasoning(tokenizer):
+    """tool_choice "required" writes GLM-4.5's tagged call, and response_format's JSON is the answer, not the
+    thoughts: the grammar lets the model reason first (GLM-Z1's prompt opens <think>; GLM-4.5 may open it) and
+    accepts each part as the model writes it (a model that left the grammar would be pulled off its script)."""
+    z1 = not takes_tools(tokenizer.chat_template)
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    thoughts = [*([] if z1 else ["<think>"]), "The user wants weather.", "</think>", "\n"]
+    with openai_client(scripted_pipeline(tokenizer, ids(tokenizer, *thoughts, '{"ok": true}'))) as client:
+        done = client.chat.completions.create(model="m", messages=ask, response_format=OK)
+        assert done.choices[0].message.content == '{"ok": true}'
+        assert done.choices[0].message.model_extra["reasoning_content"] == "The user wants weather."
+    if z1:
+        return
+    with openai_client(scripted_pipeline(tokenizer, ids(tokenizer, *thoughts, *CALL_PARTS))) as client:
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            done = client.chat.completions.create(model="m", messages=ask, tool_choice=choice,
+                                                  tools=[{"type": "function", "function": WEATHER}])
+            assert done.choices[0].finish_reason == "tool_calls"
+            assert done.choices[0].message.model_extra["reasoning_content"] == "The user wants weather."
+            [call] = done.choices[0].message.tool_calls
+            assert call.function.name == "get_weather" and json.loads(call.function.arguments) == ARGS | {"city": "Oslo"}
+
+
+def test_forced_calls_and_json_hold_their_schemas_when_sampled(tokenizer, tmp_path):
+    """A random GLM-4-0414 over the folder's tokenizer, sampled at temperature 1: tool_choice "required" gives a
+    tagged call whose arguments the function's JSON Schema accepts (checked by jsonschema), and json_schema a
+    reply it accepts."""
+    import shutil
+
+    jsonschema = pytest.importorskip("jsonschema")
+    from checkpoints import tiny_glm4
+
+    if not takes_tools(tokenizer.chat_template):
+        pytest.skip("GLM-Z1's template has no tool format; its JSON is checked after its reasoning above")
+    folder = tmp_path / "model"
+    shutil.copytree(tokenizer.path.parent, folder)
+    # thinking off, as GLM-4.5's template turns it off (a random model's thoughts would run to max_tokens)
+    switch = "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    (folder / "chat_template.jinja").write_text((folder / "chat_template.jinja").read_text() + switch)
+    model = tiny_glm4(vocab=tokenizer.vocab_size)
+    model.config.max_position_embeddings = 512  # the prompt lists the tools
+    model.config.eos_token_id = sorted(tokenizer.eos_ids)  # the folder's stops (the tiny model's are text here)
+    model.save_pretrained(folder)
+    shutil.copy(tokenizer.path.parent / "generation_config.json", folder)
+    forecast = {"name": "forecast", "parameters": {"type": "object", "required": ["city", "days"], "properties": {
+        "city": {"type": "string", "enum": ["Oslo", "Rome"]}, "days": {"type": "integer", "minimum": 1, "maximum": 9},
+        "hourly": {"type": "boolean"}}}}
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    with openai_client(Pipeline(folder, dtype="f32")) as client:
+        for seed in range(3):
+            done = client.chat.completions.create(model="m", messages=ask, tool_choice="required", temperature=1.0,
+                                                  seed=seed, max_tokens=40, tools=[{"type": "function", "function": forecast}],
+                                                  extra_body=off)
+            assert done.choices[0].finish_reason == "tool_calls", done.choices[0]
+            [call] = done.choices[0].message.tool_calls
+            args = json.loads(call.function.arguments)
+            jsonschema.validate(args, forecast["parameters"])
+            assert set(args) == {"city", "days"}
+            done = client.chat.completions.create(model="m", messages=ask, response_format=OK, temperature=1.0,
+                                                  seed=seed, max_tokens=40, extra_body=off)
+            assert (done.choices[0].message.model_extra or {}).get("reasoning_content") is None
+            jsonschema.validate(json.loads(done.choices[0].message.content), OK["json_schema"]["schema"])
+
+
+def test_constraints_where_the_tags_are_plain_text(tmp_path):
+    """A vocabulary without the tags as tokens (the model spells them): the same grammars accept GLM-4.5's reply
+    written in ordinary tokens, and refuse an answer outside them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from chatglm.grammar import Vocabulary, after_reasoning, json_grammar, markup_call_grammar
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["Let me think. </think> <tool_call>get_weather</tool_call> <arg_key>city</arg_key>"],
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    plain = load_tokenizer(tmp_path)
+    vocab = Vocabulary(plain, [0])
+
+    def accepts(grammar: str, text: str) -> bool:
+        mask = vocab.mask(grammar)
+        for i in plain.encode(text):
+            if not mask.matcher.validate_tokens([i]):
+                return False
+            mask.accept(i)
+        return mask.matcher.is_accepting()
+
+    call = CALL.replace("42", "Oslo")
+    assert accepts(after_reasoning(json_grammar("llama"), {}, opened=True), 'Let me think.</think>\n{"ok": true}')
+    assert accepts(after_reasoning(json_grammar("llama"), {}, opened=False), '{"ok": true}')
+    assert accepts(after_reasoning(markup_call_grammar({}, [WEATHER]), {}, opened=False), f"<think>Hmm.</think>\n{call}")
+    assert not accepts(after_reasoning(json_grammar("llama"), {}, opened=True), "Let me think.</think>\nSunny.")
+    assert not accepts(markup_call_grammar({}, [WEATHER]), call.replace("get_weather", "get_time"))
