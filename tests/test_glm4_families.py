@@ -311,3 +311,40 @@ def test_bad_moe_configs_are_refused_by_name(tmp_path, change, message):
     with pytest.raises(ModelFileError, match="config.json") as e:
         load_model(tmp_path)
     assert message in str(e.value)
+
+
+def test_a_deepseek2_file_that_names_no_gating_routes_as_llama_cpp_routes_it(tmp_path, llama_cpp):
+    """llama.cpp's converter writes GLM-4.7-Flash without expert_gating_func (its config.json names no scoring_func);
+    llama.cpp then routes by sigmoid where the file has GLM-4.7-Flash's 47 blocks and 154880-token vocabulary, else by
+    softmax. Here: such a file (the key removed by gguf-py's own gguf_new_metadata) gives llama.cpp's logits and
+    transformers', and the same file with 3 blocks is refused by the key's name (softmax is not GLM's routing)."""
+    import subprocess
+    import sys
+
+    from chatglm.convert import convert
+    from chatglm.errors import ModelFileError
+
+    from test_convert import llama_cpp_logits, write_bpe_tokenizer
+
+    def without_gating(layers: int, vocab: int):
+        folder = tmp_path / str(layers)
+        folder.mkdir()
+        write_bpe_tokenizer(folder)
+        ref = tiny_glm4_moe_lite(layers=layers, vocab_size=vocab)
+        ref.save_pretrained(folder)
+        out = convert(folder, folder / "m.gguf", "f32", progress=False)
+        bare = folder / "bare.gguf"
+        subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(out), str(bare), "--force",
+                        "--remove-metadata", "deepseek2.expert_gating_func"], check=True, capture_output=True)
+        return ref, bare
+
+    ref, bare = without_gating(47, 154880)
+    ours = load_model(bare, dtype="f32").logits(IDS)
+    assert rel_err(ours, reference(ref, IDS)) < TOL
+    llm = llama_cpp.Llama(str(bare), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)
+    try:
+        assert rel_err(llama_cpp_logits(llm, IDS), ours) < 1e-4
+    finally:
+        llm.close()
+    with pytest.raises(ModelFileError, match=r"deepseek2.expert_gating_func is 1 \(or absent, meaning 1\)"):
+        load_model(without_gating(3, 320)[1])
