@@ -348,3 +348,86 @@ def test_a_deepseek2_file_that_names_no_gating_routes_as_llama_cpp_routes_it(tmp
         llm.close()
     with pytest.raises(ModelFileError, match=r"deepseek2.expert_gating_func is 1 \(or absent, meaning 1\)"):
         load_model(without_gating(3, 320)[1])
+
+
+# llama.cpp's own converter, run on a folder here. The tokenizer is trained by the test, so llama.cpp cannot know its
+# pre-tokenizer by the hash of its output: the converter is told GLM-4's, as it would tell for a real GLM folder.
+LLAMA_CPP_CONVERT = """import runpy, sys
+src = sys.argv.pop(1)
+sys.path[:0] = [src, src + "/gguf-py"]
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "glm4"
+sys.argv[0] = src + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def with_mtp_layer(folder, ref) -> None:
+    """Add what GLM-4.5 and GLM-4.7-Flash folders carry after the decoder: one multi-token-prediction layer (its
+    decoder weights NaN, so reading them would show) and num_nextn_predict_layers in config.json."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    last, hidden = ref.config.num_hidden_layers - 1, ref.config.hidden_size
+    extra = {k.replace(f"layers.{last}.", f"layers.{last + 1}."): torch.full_like(v, float("nan"))
+             for k, v in state.items() if f"layers.{last}." in k}
+    mtp = f"model.layers.{last + 1}."
+    extra.update({mtp + "eh_proj.weight": torch.zeros(hidden, 2 * hidden), mtp + "enorm.weight": torch.ones(hidden),
+                  mtp + "hnorm.weight": torch.ones(hidden), mtp + "shared_head.norm.weight": torch.ones(hidden)})
+    save_file({**state, **extra}, folder / "model.safetensors")
+    cfg = json.loads((folder / "config.json").read_text())
+    # as GLM-4.5/4.7 configs name them (what llama.cpp's converter reads): the dense layers and the routing's scores
+    cfg.update(num_nextn_predict_layers=1, first_k_dense_replace=1, scoring_func="sigmoid")
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+LLAMA_CPP_WRITES = {"glm4": ("glm4", lambda v: tiny_glm4(vocab=v), "GLM-4.6.jinja"),
+                    "glm4_moe": ("glm4moe", lambda v: tiny_glm4_moe(vocab_size=v, n_group=1), "GLM-4.6.jinja"),
+                    "glm4_moe_lite": ("deepseek2", lambda v: tiny_glm4_moe_lite(vocab_size=v), "GLM-4.7-Flash.jinja")}
+
+
+@pytest.mark.parametrize("arch", list(LLAMA_CPP_WRITES))
+def test_gguf_written_by_llama_cpps_converter_reads_here(tmp_path, llama_cpp_src, llama_cpp, arch):
+    """A folder (tokenizer.json, the real chat template llama.cpp keeps for the family, MTP layer for the MoE families)
+    converted by llama.cpp's convert_hf_to_gguf.py: read here as its family, with transformers' logits (the MTP layer
+    unread), llama.cpp's own logits, the folder's tokens and its chat template."""
+    import subprocess
+    import sys
+
+    import gguf
+
+    from chatglm.loaders import open_checkpoint
+    from chatglm.tokenizers import load_tokenizer
+
+    from checkpoints import write_glm_tokenizer
+    from test_convert import llama_cpp_logits
+
+    name, build, template = LLAMA_CPP_WRITES[arch]
+    ref = build(write_glm_tokenizer(tmp_path, (llama_cpp_src / "models" / "templates" / template).read_text()))
+    ref.save_pretrained(tmp_path)
+    if arch != "glm4":
+        with_mtp_layer(tmp_path, ref)
+    out = tmp_path / "m.gguf"
+    done = subprocess.run([sys.executable, "-c", LLAMA_CPP_CONVERT, str(llama_cpp_src), str(tmp_path), "--outfile",
+                           str(out), "--outtype", "f32"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fields = gguf.GGUFReader(str(out)).fields
+    assert fields["general.architecture"].contents() == name
+    if arch != "glm4":
+        assert fields[f"{name}.nextn_predict_layers"].contents() == 1  # the MTP layer is in the file
+    ckpt = open_checkpoint(out)
+    assert ckpt.config.arch == arch
+    ours = load_model(out, dtype="f32").logits(IDS)
+    assert rel_err(ours, reference(ref, IDS)) < TOL
+    llm = llama_cpp.Llama(str(out), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)
+    try:
+        assert rel_err(llama_cpp_logits(llm, IDS), ours) < 1e-4
+    finally:
+        llm.close()
+    folder, file = load_tokenizer(tmp_path), ckpt.load_tokenizer()
+    text = "The user wants the weather in Oslo: 21 degrees."
+    assert file.encode(text) == folder.encode(text)
+    chat = [{"role": "user", "content": "Weather in Oslo?"}]
+    assert file.encode_chat(chat) == folder.encode_chat(chat)

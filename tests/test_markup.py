@@ -16,6 +16,7 @@ from chatglm.markup import MarkupParser, Reasoning, parse_call, speaks_markup, t
 from chatglm.pipeline import Pipeline
 from chatglm.tokenizers import load_tokenizer
 
+from checkpoints import write_glm_tokenizer
 from reply_script import ReplyModel, ids
 from test_server_support import scripted_pipeline
 
@@ -84,9 +85,6 @@ def test_several_calls_in_one_reply_without_newlines():
 
 # ----- end to end: tokenizer.json + chat template, Pipeline and server -----
 
-SPECIALS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>",
-            "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
-            "</arg_value>"]
 # GLM-4.5's layout: tools as JSON lines in a system part, calls as tagged parts, results in <tool_response>
 TEMPLATE = (
     "[gMASK]<sop>"
@@ -109,26 +107,12 @@ TEMPLATE = (
 @pytest.fixture(scope="module", params=["glm45", "z1"])
 def tokenizer(request, tmp_path_factory):
     """A GLM-4.5-style folder (tools, optional thinking) or a GLM-Z1-style one (the prompt opens <think>)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-
     folder = tmp_path_factory.mktemp(request.param)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["The user wants the weather of a city. Let me look it up. It is sunny in Oslo, 21 degrees.",
-              "get_weather city days units Oslo Rome Paris tool_response Tools function name key value"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
-    tok.save(str(folder / "tokenizer.json"))
     think = "" if request.param == "glm45" else "\n<think>"
     template = TEMPLATE.replace("{{ THINK }}", think)
     if request.param == "z1":  # GLM-Z1 has no tool format
         template = template.split("{% if tools %}")[0] + template.split("{% endif %}", 1)[1]
-    (folder / "chat_template.jinja").write_text(template)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    vocab = tok.get_vocab()
-    stops = [vocab[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}))
+    write_glm_tokenizer(folder, template)
     return load_tokenizer(folder)
 
 
