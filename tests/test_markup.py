@@ -387,3 +387,43 @@ def test_constraints_where_the_tags_are_plain_text(tmp_path):
     assert accepts(after_reasoning(markup_call_grammar({}, [WEATHER]), {}, opened=False), f"<think>Hmm.</think>\n{call}")
     assert not accepts(after_reasoning(json_grammar("llama"), {}, opened=True), "Let me think.</think>\nSunny.")
     assert not accepts(markup_call_grammar({}, [WEATHER]), call.replace("get_weather", "get_time"))
+
+
+@pytest.mark.parametrize("template", ["GLM-4.6.jinja", "GLM-4.7-Flash.jinja"])
+def test_the_real_glm_templates(llama_cpp_src, tmp_path, template):
+    """The chat templates GLM-4.6 and GLM-4.7-Flash ship (as llama.cpp keeps them) with a GLM tokenizer.json: the
+    reasoning and a call in the model's own layout come apart (GLM-4.7-Flash's prompt opens <think>, GLM-4.6's reply
+    does), the call and its result go back through the template, and over the openai client tool_choice "required"
+    and json_schema hold after the reasoning."""
+    write_glm_tokenizer(tmp_path, (llama_cpp_src / "models" / "templates" / template).read_text())
+    tok = load_tokenizer(tmp_path)
+    flash = "Flash" in template
+    assert (tok.encode_chat([{"role": "user", "content": "hi"}])[-1] == tok.specials["<think>"]) == flash
+    thoughts = [*([] if flash else ["<think>"]), "The user wants weather.", "</think>", "\n"]
+    newline = [] if flash else ["\n"]  # GLM-4.6 puts each part of a call on its own line
+    call = ["<tool_call>", "get_weather", *newline, "<arg_key>", "city", "</arg_key>", *newline, "<arg_value>", "Oslo",
+            "</arg_value>", *newline, "</tool_call>"]
+    city = {"name": "get_weather", "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    pipe = scripted(tok, [*thoughts, *call], [*thoughts, "It is sunny in Oslo."])
+    history = [{"role": "user", "content": "Weather in Oslo?"}]
+    reply = pipe.chat(history, tools=[city])
+    assert reply.reasoning_content == "The user wants weather." and reply.content == ""
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in reply.tool_calls] == \
+        [("get_weather", {"city": "Oslo"})]
+    assert json.dumps({"type": "function", "function": city}) in tok.decode(pipe.model.prompts[0])  # tools listed
+    history += [reply, {"role": "tool", "content": "sunny, 21 degrees"}]
+    assert pipe.chat(history, tools=[city]).content == "It is sunny in Oslo."
+    second = tok.decode(pipe.model.prompts[1])
+    assert "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value></tool_call>" in \
+        second.replace("\n", "")
+    assert "<tool_response>" in second and "sunny, 21 degrees" in second
+    with openai_client(scripted_pipeline(tok, ids(tok, *thoughts, *call))) as client:
+        done = client.chat.completions.create(model="m", messages=history[:1], tool_choice="required",
+                                              tools=[{"type": "function", "function": city}])
+        assert done.choices[0].message.model_extra["reasoning_content"] == "The user wants weather."
+        assert json.loads(done.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+    with openai_client(scripted_pipeline(tok, ids(tok, *thoughts, '{"ok": true}'))) as client:
+        done = client.chat.completions.create(model="m", messages=history[:1], response_format=OK)
+        assert done.choices[0].message.content == '{"ok": true}'
+        assert done.choices[0].message.model_extra["reasoning_content"] == "The user wants weather."
