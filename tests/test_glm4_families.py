@@ -431,3 +431,12 @@ def test_gguf_written_by_llama_cpps_converter_reads_here(tmp_path, llama_cpp_src
     assert file.encode(text) == folder.encode(text)
     chat = [{"role": "user", "content": "Weather in Oslo?"}]
     assert file.encode_chat(chat) == folder.encode_chat(chat)
+
+
+@pytest.mark.parametrize("arch", list(BUILDERS))
+def test_a_folder_in_safetensors_shards(tmp_path, arch):
+    """save_pretrained's shards and their model.safetensors.index.json, as the Hub's GLM folders come."""
+    ref = BUILDERS[arch]()
+    ref.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
+    assert rel_err(load_model(tmp_path, dtype="f32").logits(IDS), reference(ref, IDS)) < TOL
