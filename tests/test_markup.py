@@ -427,3 +427,25 @@ def test_the_real_glm_templates(llama_cpp_src, tmp_path, template):
         done = client.chat.completions.create(model="m", messages=history[:1], response_format=OK)
         assert done.choices[0].message.content == '{"ok": true}'
         assert done.choices[0].message.model_extra["reasoning_content"] == "The user wants weather."
+
+
+def test_cli_runs_the_tagged_tool_loop(tokenizer, tmp_path, monkeypatch, capsys):
+    """`chatglm chat --tools ... --tool-module ...` with a template that offers tools: the call in GLM-4.5's tags
+    runs and its result goes back (the thoughts shown before, plain when piped); GLM-Z1's template is refused by name."""
+    from chatglm import cli
+
+    (tmp_path / "tools.json").write_text(json.dumps([{"type": "function", "function": WEATHER}]))
+    (tmp_path / "weather.py").write_text("def get_weather(city, days=1, units=None):\n    return {'city': city}\n")
+    call = ["<think>", "Look it up.", "</think>", "<tool_call>", "get_weather", "<arg_key>", "city", "</arg_key>",
+            "<arg_value>", "Oslo", "</arg_value>", "</tool_call>"]
+    monkeypatch.setattr("chatglm.pipeline.Pipeline",
+                        lambda *args, **kwargs: scripted(tokenizer, call, ["<think>", "</think>", "Sunny."]))
+    args = ["chat", "--tools", str(tmp_path / "tools.json"), "--tool-module", str(tmp_path / "weather.py"), "--temp",
+            "0", "-p", "Weather in Oslo?"]
+    if not takes_tools(tokenizer.chat_template):
+        assert cli.main(args) != 0
+        assert "a chat template that offers tools" in capsys.readouterr().err
+        return
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == ("Look it up.\n[calling get_weather(city='Oslo')]\n[get_weather returned]\n"
+                                       '{"city": "Oslo"}\nSunny.\n')
