@@ -274,6 +274,10 @@ CALL_PARTS = ["<tool_call>", "get_weather", "\n", "<arg_key>", "city", "</arg_ke
 OK = {"type": "json_schema", "json_schema": {"name": "ok", "schema": {
     "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}}}
 
+FORECAST = {"name": "forecast", "parameters": {"type": "object", "required": ["city", "days"], "properties": {
+    "city": {"type": "string", "enum": ["Oslo", "Rome"]}, "days": {"type": "integer", "minimum": 1, "maximum": 9},
+    "hourly": {"type": "boolean"}}}}
+
 
 def openai_client(pipe):
     """The official openai client over the server's routes, in-process (a context manager)."""
@@ -335,20 +339,17 @@ def test_forced_calls_and_json_hold_their_schemas_when_sampled(tokenizer, tmp_pa
     model.config.eos_token_id = sorted(tokenizer.eos_ids)  # the folder's stops (the tiny model's are text here)
     model.save_pretrained(folder)
     shutil.copy(tokenizer.path.parent / "generation_config.json", folder)
-    forecast = {"name": "forecast", "parameters": {"type": "object", "required": ["city", "days"], "properties": {
-        "city": {"type": "string", "enum": ["Oslo", "Rome"]}, "days": {"type": "integer", "minimum": 1, "maximum": 9},
-        "hourly": {"type": "boolean"}}}}
     ask = [{"role": "user", "content": "Weather in Oslo?"}]
     off = {"chat_template_kwargs": {"enable_thinking": False}}
     with openai_client(Pipeline(folder, dtype="f32")) as client:
         for seed in range(3):
             done = client.chat.completions.create(model="m", messages=ask, tool_choice="required", temperature=1.0,
-                                                  seed=seed, max_tokens=40, tools=[{"type": "function", "function": forecast}],
+                                                  seed=seed, max_tokens=40, tools=[{"type": "function", "function": FORECAST}],
                                                   extra_body=off)
             assert done.choices[0].finish_reason == "tool_calls", done.choices[0]
             [call] = done.choices[0].message.tool_calls
             args = json.loads(call.function.arguments)
-            jsonschema.validate(args, forecast["parameters"])
+            jsonschema.validate(args, FORECAST["parameters"])
             assert set(args) == {"city", "days"}
             done = client.chat.completions.create(model="m", messages=ask, response_format=OK, temperature=1.0,
                                                   seed=seed, max_tokens=40, extra_body=off)
@@ -449,3 +450,56 @@ def test_cli_runs_the_tagged_tool_loop(tokenizer, tmp_path, monkeypatch, capsys)
     assert cli.main(args) == 0
     assert capsys.readouterr().out == ("Look it up.\n[calling get_weather(city='Oslo')]\n[get_weather returned]\n"
                                        '{"city": "Oslo"}\nSunny.\n')
+
+
+# GLM-4.7-Flash's generation prompt: the reply starts inside its reasoning unless enable_thinking is false
+FLASH_OPENING = "{{ '</think>' if (enable_thinking is defined and not enable_thinking) else '<think>' }}"
+
+
+@pytest.fixture(scope="module")
+def flash_server(tmp_path_factory):
+    """`chatglm serve -m` a q8_0 GGUF of a random GLM-4.7-Flash, converted from a folder with a GLM tokenizer.json and
+    a template in GLM-4.7-Flash's layout (tools, <think> opened by the prompt)."""
+    from chatglm.convert import convert
+
+    from checkpoints import tiny_glm4_moe_lite
+    from test_server_support import serving
+
+    folder = tmp_path_factory.mktemp("flash")
+    vocab = write_glm_tokenizer(folder, TEMPLATE.replace("{{ THINK }}", FLASH_OPENING))
+    model = tiny_glm4_moe_lite(vocab_size=vocab, max_position_embeddings=1024,
+                               eos_token_id=sorted(load_tokenizer(folder).eos_ids))
+    model.save_pretrained(folder)
+    gguf = convert(folder, folder / "flash.gguf", "q8_0", progress=False)
+    with serving(["-m", str(gguf), "--max-batch", "2", "--log-level", "warning"], folder / "serve.log") as url:
+        yield url
+
+
+def test_serve_a_glm_4_7_flash_gguf_to_the_openai_client(flash_server):
+    """As a user hits it: reasoning_content in the reply and in the stream; with thinking off, tool_choice "required"
+    and json_schema give what the schemas accept (jsonschema), sampled at temperature 1."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from openai import OpenAI
+
+    from patience import PATIENCE
+
+    client = OpenAI(base_url=f"{flash_server}/v1", api_key="unused", max_retries=0, timeout=PATIENCE)
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    done = client.chat.completions.create(model="m", messages=ask, temperature=0, max_tokens=8)
+    thoughts = done.choices[0].message.model_extra["reasoning_content"]
+    assert thoughts and not done.choices[0].message.content  # a random model does not close its thinking
+    chunks = client.chat.completions.create(model="m", messages=ask, temperature=0, max_tokens=8, stream=True)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == thoughts
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    for seed in range(2):
+        done = client.chat.completions.create(model="m", messages=ask, tool_choice="required", temperature=1.0,
+                                              seed=seed, max_tokens=40, extra_body=off,
+                                              tools=[{"type": "function", "function": FORECAST}])
+        assert done.choices[0].finish_reason == "tool_calls", done.choices[0]
+        [call] = done.choices[0].message.tool_calls
+        assert call.function.name == "forecast"
+        jsonschema.validate(json.loads(call.function.arguments), FORECAST["parameters"])
+        done = client.chat.completions.create(model="m", messages=ask, response_format=OK, temperature=1.0,
+                                              seed=seed, max_tokens=40, extra_body=off)
+        jsonschema.validate(json.loads(done.choices[0].message.content), OK["json_schema"]["schema"])
