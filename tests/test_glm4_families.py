@@ -166,8 +166,8 @@ def test_engines_generate_what_transformers_generates(pair):
 
 
 GGUF_MODELS = {"glm4": lambda vocab: tiny_glm4(vocab=vocab),
-               # llama.cpp's glm4moe routes without expert groups, and the file here has no MTP layer
-               "glm4_moe": lambda vocab: tiny_glm4_moe(vocab_size=vocab, n_group=1, num_nextn_predict_layers=0),
+               # the top group of two chosen per token (expert_group_count / _used_count); the file has no MTP layer
+               "glm4_moe": lambda vocab: tiny_glm4_moe(vocab_size=vocab, num_nextn_predict_layers=0),
                "glm4_moe_lite": lambda vocab: tiny_glm4_moe_lite(vocab_size=vocab)}  # as llama.cpp's deepseek2
 
 
@@ -384,7 +384,7 @@ def with_mtp_layer(folder, ref) -> None:
 
 
 LLAMA_CPP_WRITES = {"glm4": ("glm4", lambda v: tiny_glm4(vocab=v), "GLM-4.6.jinja"),
-                    "glm4_moe": ("glm4moe", lambda v: tiny_glm4_moe(vocab_size=v, n_group=1), "GLM-4.6.jinja"),
+                    "glm4_moe": ("glm4moe", lambda v: tiny_glm4_moe(vocab_size=v), "GLM-4.6.jinja"),
                     "glm4_moe_lite": ("deepseek2", lambda v: tiny_glm4_moe_lite(vocab_size=v), "GLM-4.7-Flash.jinja")}
 
 
