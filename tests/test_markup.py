@@ -194,6 +194,11 @@ def test_openai_client_reads_reasoning_content_and_tool_calls(tokenizer):
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "The user wants weather."
         assert "".join(d.content or "" for d in deltas) == "Let me look."
+        if not z1:  # the call streams as OpenAI's tool_calls deltas, and the stream ends for it
+            calls = [c for d in deltas for c in d.tool_calls or []]
+            assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
+                [("get_weather", {"city": "Oslo"})]
+            assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 @pytest.mark.parametrize("tty", [True, False])
