@@ -508,3 +508,27 @@ def test_serve_a_glm_4_7_flash_gguf_to_the_openai_client(flash_server):
         done = client.chat.completions.create(model="m", messages=ask, response_format=OK, temperature=1.0,
                                               seed=seed, max_tokens=40, extra_body=off)
         jsonschema.validate(json.loads(done.choices[0].message.content), OK["json_schema"]["schema"])
+
+
+def test_the_thudm_style_apis_answer_without_the_reasoning(tokenizer):
+    """GLM API (/chat, /chat-stream), ChatGLM-6B's api.py (POST /, whole or streamed) and the ChatGLM2 SSE server
+    (/stream) have no field for reasoning: streamed or whole, they carry the answer only, and so does their history."""
+    from fastapi.testclient import TestClient
+
+    from chatglm.server import create_app
+
+    from test_server_support import sse_events
+
+    z1 = not takes_tools(tokenizer.chat_template)
+    pipe = scripted_pipeline(tokenizer, ids(tokenizer, *([] if z1 else ["<think>"]), "Hmm.", "</think>", "Sunny."))
+    with TestClient(create_app(pipe, max_batch=2, max_queue=4)) as client:
+        assert client.post("/chat", json={"prompt": "hi"}).json()["content"] == "Sunny."
+        assert client.post("/", json={"prompt": "hi", "history": []}).json()["response"] == "Sunny."
+        with client.stream("POST", "/chat-stream", json={"prompt": "hi"}) as r:
+            events = [json.loads(d) for _, d in sse_events(r.iter_lines())]
+        assert "".join(e["content"] for e in events) == "Sunny."
+        with client.stream("POST", "/", json={"prompt": "hi", "history": [], "stream": True}) as r:
+            assert [json.loads(d) for _, d in sse_events(r.iter_lines())][-1]["response"] == "Sunny."
+        with client.stream("POST", "/stream", json={"query": "hi", "history": []}) as r:
+            last = [json.loads(d) for _, d in sse_events(r.iter_lines())][-1]
+        assert last["response"] == "Sunny." and last["history"] == [["hi", "Sunny."]]
