@@ -26,6 +26,17 @@ def reference(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
+def assert_llama_cpp_gives(llama_cpp, path, ids: list[int], logits, tol: float) -> None:
+    """llama.cpp (its KV cache in float32) computes these logits for the file."""
+    from test_convert import llama_cpp_logits
+
+    llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)
+    try:
+        assert rel_err(llama_cpp_logits(llm, ids), logits) < tol
+    finally:
+        llm.close()
+
+
 def saved(model, folder):
     model.save_pretrained(folder)
     return load_model(folder, dtype="f32")
@@ -181,7 +192,7 @@ def test_gguf_written_here_loads_in_llama_cpp_with_the_same_logits(tmp_path, lla
 
     from chatglm.convert import convert
 
-    from test_convert import llama_cpp_logits, write_bpe_tokenizer
+    from test_convert import write_bpe_tokenizer
 
     ref = GGUF_MODELS[arch](write_bpe_tokenizer(tmp_path))
     ref.save_pretrained(tmp_path)
@@ -199,11 +210,8 @@ def test_gguf_written_here_loads_in_llama_cpp_with_the_same_logits(tmp_path, lla
         pytest.skip("q8_0 latent attention is checked in float32 here and with runtime quantization above")
     else:
         assert rel_err(logits, reference(rounded(ref, qtype), IDS)) < TOL
-    llm = llama_cpp.Llama(str(out), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)  # f32 cache
-    try:  # llama.cpp rounds activations to 8 bits for q8_0 weights
-        assert rel_err(llama_cpp_logits(llm, IDS), logits) < (1e-4 if qtype == "f32" else 2e-2)
-    finally:
-        llm.close()
+    # llama.cpp rounds activations to 8 bits for q8_0 weights
+    assert_llama_cpp_gives(llama_cpp, out, IDS, logits, 1e-4 if qtype == "f32" else 2e-2)
 
 
 def test_gguf_experts_are_read_in_place_and_only_when_chosen(tmp_path):
@@ -280,16 +288,10 @@ def test_synthetic_files_of_the_new_shapes_load_here_and_in_llama_cpp(tmp_path, 
     own GGUF tables; their tiny versions give the same logits in llama.cpp (float32 cache) as here."""
     from chatglm.synthetic import synthetic_gguf
 
-    from test_convert import llama_cpp_logits
-
     path = synthetic_gguf(name, "q4_0", tmp_path)
     ids = [100, 2000, 300, 40, 5000, 6]
     ours = load_model(path).logits(ids)  # llama.cpp's numerics: 8-bit activations on the file's blocks
-    llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)
-    try:
-        assert rel_err(llama_cpp_logits(llm, ids), ours) < 3e-2
-    finally:
-        llm.close()
+    assert_llama_cpp_gives(llama_cpp, path, ids, ours, 3e-2)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -324,7 +326,7 @@ def test_a_deepseek2_file_that_names_no_gating_routes_as_llama_cpp_routes_it(tmp
     from chatglm.convert import convert
     from chatglm.errors import ModelFileError
 
-    from test_convert import llama_cpp_logits, write_bpe_tokenizer
+    from test_convert import write_bpe_tokenizer
 
     def without_gating(layers: int, vocab: int):
         folder = tmp_path / str(layers)
@@ -341,11 +343,7 @@ def test_a_deepseek2_file_that_names_no_gating_routes_as_llama_cpp_routes_it(tmp
     ref, bare = without_gating(47, 154880)
     ours = load_model(bare, dtype="f32").logits(IDS)
     assert rel_err(ours, reference(ref, IDS)) < TOL
-    llm = llama_cpp.Llama(str(bare), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)
-    try:
-        assert rel_err(llama_cpp_logits(llm, IDS), ours) < 1e-4
-    finally:
-        llm.close()
+    assert_llama_cpp_gives(llama_cpp, bare, IDS, ours, 1e-4)
     with pytest.raises(ModelFileError, match=r"deepseek2.expert_gating_func is 1 \(or absent, meaning 1\)"):
         load_model(without_gating(3, 320)[1])
 
@@ -402,7 +400,6 @@ def test_gguf_written_by_llama_cpps_converter_reads_here(tmp_path, llama_cpp_src
     from chatglm.tokenizers import load_tokenizer
 
     from checkpoints import write_glm_tokenizer
-    from test_convert import llama_cpp_logits
 
     name, build, template = LLAMA_CPP_WRITES[arch]
     ref = build(write_glm_tokenizer(tmp_path, (llama_cpp_src / "models" / "templates" / template).read_text()))
@@ -421,11 +418,7 @@ def test_gguf_written_by_llama_cpps_converter_reads_here(tmp_path, llama_cpp_src
     assert ckpt.config.arch == arch
     ours = load_model(out, dtype="f32").logits(IDS)
     assert rel_err(ours, reference(ref, IDS)) < TOL
-    llm = llama_cpp.Llama(str(out), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)
-    try:
-        assert rel_err(llama_cpp_logits(llm, IDS), ours) < 1e-4
-    finally:
-        llm.close()
+    assert_llama_cpp_gives(llama_cpp, out, IDS, ours, 1e-4)
     folder, file = load_tokenizer(tmp_path), ckpt.load_tokenizer()
     text = "The user wants the weather in Oslo: 21 degrees."
     assert file.encode(text) == folder.encode(text)
