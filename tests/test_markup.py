@@ -532,3 +532,16 @@ def test_the_thudm_style_apis_answer_without_the_reasoning(tokenizer):
         with client.stream("POST", "/stream", json={"query": "hi", "history": []}) as r:
             last = [json.loads(d) for _, d in sse_events(r.iter_lines())][-1]
         assert last["response"] == "Sunny." and last["history"] == [["hi", "Sunny."]]
+
+
+def test_thudm_model_chat_answers_without_the_reasoning(tokenizer):
+    """compat's model.chat / stream_chat (THUDM's API, which has no place for thoughts): the answer, in the history."""
+    from pathlib import Path
+
+    from chatglm.compat import ChatModel
+
+    z1 = not takes_tools(tokenizer.chat_template)
+    model = ChatModel(Path("unused"))
+    model._pipeline = scripted(tokenizer, [*([] if z1 else ["<think>"]), "Hmm.", "</think>", "Sunny."])
+    response, history = model.chat(None, "Weather?", history=[])
+    assert response == "Sunny." and history == [("Weather?", "Sunny.")]
