@@ -194,14 +194,14 @@ def _tag(specials: Mapping[str, int], tag: str) -> str:
     return f"<[{specials[tag]}]>" if tag in specials else json.dumps(tag)
 
 
-def _tagged_value(schema: Mapping[str, Any]) -> str:
-    """An argument's value between <arg_value> tags: a string parameter as bare text (its enum's words where it has
-    one; never a '<', so it cannot run into a tag), any other as JSON of its schema (markup.parse_call reads both)."""
+def _tagged_value(schema: Mapping[str, Any], text: str) -> str:
+    """An argument's value between <arg_value> tags: a string parameter as bare `text` (its enum's words where it
+    has one), any other as JSON of its schema (markup.parse_call reads both)."""
     if schema.get("type") != "string":
         return _json(schema)
     if "enum" in schema:
         return "(" + " | ".join(json.dumps(str(v)) for v in schema["enum"]) + ")"
-    return "/[^<]*/"
+    return text
 
 
 def markup_call_grammar(specials: Mapping[str, int], functions: Sequence[Mapping[str, Any]]) -> str:
@@ -210,9 +210,11 @@ def markup_call_grammar(specials: Mapping[str, int], functions: Sequence[Mapping
     parameters (all when none is marked) are written, in the order of ``properties``."""
     open_call, close_call, *arg_tags = (_tag(specials, t) for t in (CALL_OPEN, CALL_CLOSE, *ARG_TAGS))
     key_open, key_close, value_open, value_close = arg_tags
+    # bare text cannot spell a special token, so it may hold anything; a tag spelled in text ends at its '<'
+    text = "/(?s:.*)/" if ARG_TAGS[-1] in specials else "/[^<]*/"
     rules, names = [], []
     for k, f in enumerate(functions):
-        args = [f'"\\n"? {key_open} {json.dumps(key)} {key_close} "\\n"? {value_open} {_tagged_value(schema)} '
+        args = [f'"\\n"? {key_open} {json.dumps(key)} {key_close} "\\n"? {value_open} {_tagged_value(schema, text)} '
                 f'{value_close}' for key, schema in _written(f.get("parameters") or {})]
         rules.append(f'call{k}: {open_call} {json.dumps(f["name"])} {" ".join(args)} "\\n"? {close_call}')
         names.append(f"call{k}")

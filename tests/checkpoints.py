@@ -196,7 +196,8 @@ def write_glm_tokenizer(folder: Path, chat_template: str) -> int:
     tok.decoder = decoders.ByteLevel()
     corpus = ["The user wants the weather of a city. Let me look it up. It is sunny in Oslo, 21 degrees.",
               "get_weather city days units Oslo Rome Paris tool_response Tools function name key value"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
     tok.add_special_tokens([AddedToken(t, special=True) for t in GLM_SPECIALS])
     tok.save(str(folder / "tokenizer.json"))
     (folder / "chat_template.jinja").write_text(chat_template)
