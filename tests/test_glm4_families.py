@@ -433,3 +433,25 @@ def test_a_folder_in_safetensors_shards(tmp_path, arch):
     ref.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
     assert rel_err(load_model(tmp_path, dtype="f32").logits(IDS), reference(ref, IDS)) < TOL
+
+
+@pytest.mark.parametrize("name", ["glm4-moe-tiny", "glm4-moe-lite-tiny"])
+def test_a_moe_gguf_holds_no_copy_of_its_weights(tmp_path, name):
+    """Mapped (use_mmap=True), every weight of a GLM-4.5 / GLM-4.7-Flash GGUF (experts, attention, norms, routers,
+    embeddings; the one-call step reads the same blocks) is a view of the file: memory after load is the file's
+    size, plus what is made at load: the rotary table and the q, k, v biases joined into one vector."""
+    from chatglm.kernels.ggml import GGMLLinear
+    from chatglm.loaders import build_model, open_checkpoint
+    from chatglm.loaders.huge_pages import address_of
+    from chatglm.synthetic import synthetic_gguf
+
+    ckpt = open_checkpoint(synthetic_gguf(name, "q4_0", tmp_path), use_mmap=True)
+    model = build_model(ckpt)
+    file = ckpt.get.__self__.buffer
+    lo, hi = address_of(file), address_of(file) + len(file)
+    tensors = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    tensors.update({f"{n}.part{k}": p for n, m in model.named_modules() if isinstance(m, GGMLLinear)
+                    for k, p in enumerate(m.parts)})
+    made = {n for n, t in tensors.items() if t.numel() and not lo <= t.data_ptr() < hi}
+    assert "rope" in made and all(n == "rope" or n.endswith(".attn.qkv.bias") for n in made), made
+    assert sum(t.numel() * t.element_size() for n, t in tensors.items() if n not in made) > 0.9 * len(file)
