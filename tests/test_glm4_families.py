@@ -455,3 +455,70 @@ def test_a_moe_gguf_holds_no_copy_of_its_weights(tmp_path, name):
     made = {n for n, t in tensors.items() if t.numel() and not lo <= t.data_ptr() < hi}
     assert "rope" in made and all(n == "rope" or n.endswith(".attn.qkv.bias") for n in made), made
     assert sum(t.numel() * t.element_size() for n, t in tensors.items() if n not in made) > 0.9 * len(file)
+
+
+# Run in a child process: the torch blocks name the experts a batch of three tokens is routed to, every whole page of
+# the other experts' blocks in the mapped file is then made unreadable (mprotect), and the one-call C++ step runs
+# the same batch: a read of any expert not chosen ends the child with SIGSEGV.
+GUARDED_STEP = """import ctypes, mmap, sys
+import torch
+from chatglm.loaders import build_model, open_checkpoint
+from chatglm.loaders.huge_pages import address_of
+ckpt = open_checkpoint(sys.argv[1], use_mmap=True)
+model = build_model(ckpt)
+assert model.fused is not None, "no one-call step"
+file, spec = ckpt.get.__self__, model.config.moe
+ids, pos, slots = torch.tensor([[5], [9], [7]]), torch.zeros(3, 1, dtype=torch.long), torch.arange(3)
+chosen = set()
+hooks = [x.register_forward_hook(lambda m, a, o, key=(i, e): chosen.add(key)) for i, layer in enumerate(model.layers)
+         if hasattr(layer.ffn, "experts") for e, x in enumerate(layer.ffn.experts)]
+fused, model.fused = model.fused, None
+torch_logits = model(ids, pos, model.new_cache(3, 4), slots)
+model.fused = fused
+for h in hooks:
+    h.remove()
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+base, page, guarded = address_of(file.buffer), mmap.PAGESIZE, 0
+for name, t in file.tensors.items():
+    if "_exps." in name:
+        per = t.nbytes // spec.experts
+        for e in range(spec.experts):
+            lo = -(-(base + t.start + e * per) // page) * page
+            hi = (base + t.start + (e + 1) * per) // page * page
+            if (int(name.split(".")[1]), e) not in chosen and hi > lo:
+                assert libc.mprotect(lo, hi - lo, 0) == 0
+                guarded += hi - lo
+logits = model(ids, pos, model.new_cache(3, 4), slots)
+print(len(chosen), guarded, float((logits - torch_logits).abs().max() / torch_logits.abs().max()))
+"""
+
+
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
+def test_the_one_call_step_reads_only_the_chosen_experts(tmp_path, arch):
+    """Bytes read per token follow the active parameters in the C++ step too (decode_step.cpp for GLM-4.5,
+    latent_moe_step.cpp for GLM-4.7-Flash): with every other expert's pages unreadable it runs, and agrees with
+    the torch blocks."""
+    import subprocess
+    import sys
+
+    from chatglm.convert import convert
+    from chatglm.kernels.ggml import available
+
+    from test_convert import write_bpe_tokenizer
+
+    if not available() or not sys.platform.startswith("linux"):
+        pytest.skip("needs the C++ kernels (make install builds them) and Linux's mprotect")
+    widths = dict(hidden_size=512, moe_intermediate_size=512)  # each expert's matrix spans whole pages (272 KiB)
+    ref = (tiny_glm4_moe(vocab_size=write_bpe_tokenizer(tmp_path), n_group=1, num_nextn_predict_layers=0, **widths)
+           if arch == "glm4_moe" else
+           tiny_glm4_moe_lite(vocab_size=write_bpe_tokenizer(tmp_path), qk_nope_head_dim=32, **widths))
+    ref.save_pretrained(tmp_path)
+    path = convert(tmp_path, tmp_path / "m.gguf", "q8_0", progress=False)
+    done = subprocess.run([sys.executable, "-c", GUARDED_STEP, str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, f"it read an expert not routed to ({done.returncode}): {done.stderr[-1500:]}"
+    chosen, guarded, diff = done.stdout.split()
+    spec = load_model(path).config.moe
+    moe_layers = ref.config.num_hidden_layers - len(spec.dense_layers)
+    assert int(chosen) < moe_layers * spec.experts and int(guarded) > 0  # some experts were left out, and guarded
+    assert float(diff) < 1e-2  # the same 8-bit activations; the sums in another order
