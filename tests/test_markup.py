@@ -300,6 +300,28 @@ def openai_client(pipe):
     return client()
 
 
+def sampled_constraints_hold(client, seeds: range) -> None:
+    """With the thinking off, sampled at temperature 1: tool_choice "required" gives a call of FORECAST with its
+    required arguments, which its schema accepts, and json_schema a reply OK's schema accepts (jsonschema checks)."""
+    import jsonschema
+
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    for seed in seeds:
+        done = client.chat.completions.create(model="m", messages=ask, tool_choice="required", temperature=1.0,
+                                              seed=seed, max_tokens=40, extra_body=off,
+                                              tools=[{"type": "function", "function": FORECAST}])
+        assert done.choices[0].finish_reason == "tool_calls", done.choices[0]
+        [call] = done.choices[0].message.tool_calls
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "forecast" and set(args) == {"city", "days"}
+        jsonschema.validate(args, FORECAST["parameters"])
+        done = client.chat.completions.create(model="m", messages=ask, response_format=OK, temperature=1.0,
+                                              seed=seed, max_tokens=40, extra_body=off)
+        assert (done.choices[0].message.model_extra or {}).get("reasoning_content") is None
+        jsonschema.validate(json.loads(done.choices[0].message.content), OK["json_schema"]["schema"])
+
+
 def test_forced_calls_and_json_come_after_the_reasoning(tokenizer):
     """tool_choice "required" writes GLM-4.5's tagged call, and response_format's JSON is the answer, not the
     thoughts: the grammar lets the model reason first (GLM-Z1's prompt opens <think>; GLM-4.5 may open it) and
@@ -331,7 +353,7 @@ def test_forced_calls_and_json_hold_their_schemas_when_sampled(tokenizer, tmp_pa
     reply it accepts."""
     import shutil
 
-    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("jsonschema")
     from checkpoints import tiny_glm4
 
     if not takes_tools(tokenizer.chat_template):
@@ -346,22 +368,8 @@ def test_forced_calls_and_json_hold_their_schemas_when_sampled(tokenizer, tmp_pa
     model.config.eos_token_id = sorted(tokenizer.eos_ids)  # the folder's stops (the tiny model's are text here)
     model.save_pretrained(folder)
     shutil.copy(tokenizer.path.parent / "generation_config.json", folder)
-    ask = [{"role": "user", "content": "Weather in Oslo?"}]
-    off = {"chat_template_kwargs": {"enable_thinking": False}}
     with openai_client(Pipeline(folder, dtype="f32")) as client:
-        for seed in range(3):
-            done = client.chat.completions.create(model="m", messages=ask, tool_choice="required", temperature=1.0,
-                                                  seed=seed, max_tokens=40, extra_body=off,
-                                                  tools=[{"type": "function", "function": FORECAST}])
-            assert done.choices[0].finish_reason == "tool_calls", done.choices[0]
-            [call] = done.choices[0].message.tool_calls
-            args = json.loads(call.function.arguments)
-            jsonschema.validate(args, FORECAST["parameters"])
-            assert set(args) == {"city", "days"}
-            done = client.chat.completions.create(model="m", messages=ask, response_format=OK, temperature=1.0,
-                                                  seed=seed, max_tokens=40, extra_body=off)
-            assert (done.choices[0].message.model_extra or {}).get("reasoning_content") is None
-            jsonschema.validate(json.loads(done.choices[0].message.content), OK["json_schema"]["schema"])
+        sampled_constraints_hold(client, range(3))
 
 
 def test_constraints_where_the_tags_are_plain_text(tmp_path):
@@ -485,7 +493,7 @@ def flash_server(tmp_path_factory):
 def test_serve_a_glm_4_7_flash_gguf_to_the_openai_client(flash_server):
     """As a user hits it: reasoning_content in the reply and in the stream; with thinking off, tool_choice "required"
     and json_schema give what the schemas accept (jsonschema), sampled at temperature 1."""
-    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("jsonschema")
     from openai import OpenAI
 
     from patience import PATIENCE
@@ -498,18 +506,7 @@ def test_serve_a_glm_4_7_flash_gguf_to_the_openai_client(flash_server):
     chunks = client.chat.completions.create(model="m", messages=ask, temperature=0, max_tokens=8, stream=True)
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == thoughts
-    off = {"chat_template_kwargs": {"enable_thinking": False}}
-    for seed in range(2):
-        done = client.chat.completions.create(model="m", messages=ask, tool_choice="required", temperature=1.0,
-                                              seed=seed, max_tokens=40, extra_body=off,
-                                              tools=[{"type": "function", "function": FORECAST}])
-        assert done.choices[0].finish_reason == "tool_calls", done.choices[0]
-        [call] = done.choices[0].message.tool_calls
-        assert call.function.name == "forecast"
-        jsonschema.validate(json.loads(call.function.arguments), FORECAST["parameters"])
-        done = client.chat.completions.create(model="m", messages=ask, response_format=OK, temperature=1.0,
-                                              seed=seed, max_tokens=40, extra_body=off)
-        jsonschema.validate(json.loads(done.choices[0].message.content), OK["json_schema"]["schema"])
+    sampled_constraints_hold(client, range(2))
 
 
 def test_the_thudm_style_apis_answer_without_the_reasoning(tokenizer):
