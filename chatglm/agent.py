@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, Union
 
 from .errors import ChatGLMError
 from .messages import ChatMessage
-from .tools import INTERPRETER, ToolCall, read_tools, system_messages
+from .tools import INTERPRETER, ToolCall, read_tools
 
 OBSERVATION_LIMIT = 1024  # characters of a result the model sees, as in THUDM's and chatglm.cpp's demos
 MAX_CALL_ROUNDS = 8        # replies with calls in one turn before the loop gives up
@@ -145,13 +145,12 @@ class Agent:
     def __init__(self, pipe, tools: Sequence[Mapping[str, Any]] = (),
                  functions: ModuleType | Mapping[str, Callable[..., Any]] | None = None,
                  interpreter: CodeRunner | None = None, max_rounds: int = MAX_CALL_ROUNDS):
-        self.specs, _ = read_tools(tools)  # the function definitions
-        system_messages(pipe.tokenizer.family, self.specs, interpreter is not None)  # a family without tools: refused
+        self.tools = list(tools) + ([{"type": "code_interpreter"}] if interpreter is not None else [])
+        self.specs, _ = pipe.check_tools(self.tools)  # the function definitions; a model without tools: refused
         self.pipe = pipe
         self.functions = functions
         self.interpreter = interpreter
         self.max_rounds = max_rounds
-        self.tools = list(tools) + ([{"type": "code_interpreter"}] if interpreter is not None else [])
         missing = [f["name"] for f in self.specs if self._function(f["name"]) is None]
         if missing:
             raise ChatGLMError(f"no function for the tools {', '.join(missing)}: the tool module must define "

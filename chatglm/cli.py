@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("-p", "--prompt", help="answer this one prompt and exit")
     mode.add_argument("-i", "--interactive", action="store_true", help="chat until 'stop' or EOF (the default)")
     chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--tools", metavar="FILE", help="JSON list of functions the model may call (ChatGLM3, GLM-4)")
+    chat.add_argument("--tools", metavar="FILE", help="JSON list of functions the model may call (ChatGLM3, GLM-4, "
+                      "and models whose chat template offers tools: GLM-4.5/4.6/4.7)")
     chat.add_argument("--tool-module", metavar="MODULE",
                       help="dotted name or .py file whose functions (named as the tools) run the calls")
     chat.add_argument("--code-interpreter", action="store_true",

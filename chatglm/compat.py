@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .loaders import resolve_path
+from .markup import Reasoning
 from .messages import ChatMessage
 from .pipeline import Pipeline
 from .tokenizers import Tokenizer, load_tokenizer
@@ -134,7 +135,8 @@ class ChatModel:
     def stream_chat(self, tokenizer: Any, query: str, history: Sequence | None = None, role: str = "user",
                     max_length: int = 8192, num_beams: int = 1, do_sample: bool = True, top_p: float = 0.8,
                     temperature: float = 0.8, **kwargs: Any) -> Iterator[tuple[str, list]]:
-        """Yield (response so far, history with it) as the reply grows."""
+        """Yield (response so far, history with it) as the reply grows; a reasoning model's thoughts are left out,
+        as the official API has no place for them."""
         if num_beams != 1:
             log.warning("num_beams=%d is not supported; sampling one sequence", num_beams)
         pipe = self.pipeline
@@ -143,6 +145,8 @@ class ChatModel:
         response = ""
         for delta in pipe.chat(messages, stream=True, max_length=max_length, do_sample=do_sample, top_p=top_p,
                                temperature=temperature, seed=kwargs.get("seed")):
+            if isinstance(delta, Reasoning):
+                continue
             response += delta
             yield response, _history(history or [], role, query, response, roles)
         if not response:  # an empty reply still answers once

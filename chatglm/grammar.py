@@ -17,6 +17,7 @@ import numpy
 import torch
 
 from .errors import ChatGLMError
+from .markup import ARG_TAGS, CALL_CLOSE, CALL_OPEN, THINK_CLOSE, THINK_OPEN, closes_reasoning, opens_reasoning
 from .tools import TOOL_FAMILIES
 
 
@@ -170,9 +171,7 @@ def tool_call_grammar(family: str, functions: Sequence[Mapping[str, Any]]) -> st
         if family == "glm4":
             rules.append(f"call{k}: {name} \"\\n\" {_json(params)}")
         elif family == "chatglm3":
-            props = params.get("properties") or {}
-            required = set(params.get("required") or props)
-            args = [f'"{key}=" {_json(schema)}' for key, schema in props.items() if key in required]
+            args = [f'"{key}=" {_json(schema)}' for key, schema in _written(params)]
             body = ' ", " '.join(args)
             rules.append(f'call{k}: {name} "\\n```python\\ntool_call(" {body} ")\\n```"')
         else:
@@ -180,6 +179,65 @@ def tool_call_grammar(family: str, functions: Sequence[Mapping[str, Any]]) -> st
                                "tool_choice")
         names.append(f"call{k}")
     return "start: " + " | ".join(names) + "\n" + "\n".join(rules)
+
+
+def _written(params: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The parameters a forced call writes: the required ones (all when none is marked), in ``properties``' order."""
+    props = params.get("properties") or {}
+    required = set(params.get("required") or props)
+    return [(key, schema) for key, schema in props.items() if key in required]
+
+
+def _tag(specials: Mapping[str, int], tag: str) -> str:
+    """A tag as the grammar writes it: its token where the vocabulary has the tag as a special token (as GLM
+    folders and GGUFs do), else its text."""
+    return f"<[{specials[tag]}]>" if tag in specials else json.dumps(tag)
+
+
+def _tagged_value(schema: Mapping[str, Any], text: str) -> str:
+    """An argument's value between <arg_value> tags: a string parameter as bare `text` (its enum's words where it
+    has one), any other as JSON of its schema (markup.parse_call reads both)."""
+    if schema.get("type") != "string":
+        return _json(schema)
+    if "enum" in schema:
+        return "(" + " | ".join(json.dumps(str(v)) for v in schema["enum"]) + ")"
+    return text
+
+
+def markup_call_grammar(specials: Mapping[str, int], functions: Sequence[Mapping[str, Any]]) -> str:
+    """A reply that is one call of one of `functions` in GLM-4.5's tagged form, ``<tool_call>name<arg_key>k
+    </arg_key><arg_value>v</arg_value>...</tool_call>`` (a newline allowed between the parts); the required
+    parameters (all when none is marked) are written, in the order of ``properties``."""
+    open_call, close_call, *arg_tags = (_tag(specials, t) for t in (CALL_OPEN, CALL_CLOSE, *ARG_TAGS))
+    key_open, key_close, value_open, value_close = arg_tags
+    # bare text cannot spell a special token, so it may hold anything; a tag spelled in text ends at its '<'
+    text = "/(?s:.*)/" if ARG_TAGS[-1] in specials else "/[^<]*/"
+    rules, names = [], []
+    for k, f in enumerate(functions):
+        args = [f'"\\n"? {key_open} {json.dumps(key)} {key_close} "\\n"? {value_open} {_tagged_value(schema, text)} '
+                f'{value_close}' for key, schema in _written(f.get("parameters") or {})]
+        rules.append(f'call{k}: {open_call} {json.dumps(f["name"])} {" ".join(args)} "\\n"? {close_call}')
+        names.append(f"call{k}")
+    return "start: " + " | ".join(names) + "\n" + "\n".join(rules)
+
+
+def after_reasoning(grammar: str, specials: Mapping[str, int], opened: bool) -> str:
+    """`grammar` after the model's reasoning (as vLLM constrains a reasoning model's output only after it): free
+    thoughts up to </think>, then the constrained answer, so the answer and not the thoughts holds the JSON or the
+    call. `opened`: the prompt opened the reasoning (GLM-Z1), else the reply may open it (GLM-4.5 thinking)."""
+    think = (f"think: /(?s:.*)/ {_tag(specials, THINK_CLOSE)}" if THINK_CLOSE in specials
+             else "think[lazy]: /(?s:.*?)<\\/think>/")
+    start = "think" if opened else f"({_tag(specials, THINK_OPEN)} think)?"
+    return f'start: {start} "\\n"? answer\n{think}\n' + grammar.replace("start:", "answer:", 1)
+
+
+def for_prompt(grammar: str | None, tokenizer: Any, prompt: Sequence[int]) -> str | None:
+    """`grammar` as a reply to `prompt` takes it: after the reasoning where the chat template writes one and the
+    prompt has not closed it."""
+    if grammar is None or tokenizer.family != "llama" or THINK_OPEN not in (tokenizer.chat_template or "") \
+            or closes_reasoning(tokenizer, prompt):
+        return grammar
+    return after_reasoning(grammar, tokenizer.specials, opens_reasoning(tokenizer, prompt))
 
 
 def response_grammar(family: str, response_format: Mapping[str, Any] | None) -> str | None:

@@ -164,5 +164,21 @@ def markup_parser(tokenizer: Any, prompt: Sequence[int], functions: Sequence[Map
     starts inside its reasoning when the prompt ends by opening it (GLM-Z1's and GLM-4.5's thinking mode)."""
     if tokenizer.family != "llama" or not speaks_markup(tokenizer.chat_template):
         return None
-    tail = "".join(tokenizer.token_text(i) for i in prompt[-4:]).rstrip()
-    return MarkupParser({f["name"]: f for f in functions}, reasoning=tail.endswith(THINK_OPEN))
+    return MarkupParser({f["name"]: f for f in functions}, reasoning=opens_reasoning(tokenizer, prompt))
+
+
+def opens_reasoning(tokenizer: Any, prompt: Sequence[int]) -> bool:
+    """Whether a reply to `prompt` starts inside its reasoning: the prompt ends by opening it (GLM-Z1, GLM-4.5
+    thinking), in a tokenizer whose chat template writes tags."""
+    return _prompt_ends_with(tokenizer, prompt, THINK_OPEN)
+
+
+def closes_reasoning(tokenizer: Any, prompt: Sequence[int]) -> bool:
+    """Whether `prompt` ends with the reasoning already closed (GLM-4.5 with thinking off writes <think></think>)."""
+    return _prompt_ends_with(tokenizer, prompt, THINK_CLOSE)
+
+
+def _prompt_ends_with(tokenizer: Any, prompt: Sequence[int], tag: str) -> bool:
+    if tokenizer.family != "llama" or not speaks_markup(tokenizer.chat_template):
+        return False
+    return "".join(tokenizer.token_text(i) for i in prompt[-4:]).rstrip().endswith(tag)

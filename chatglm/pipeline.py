@@ -10,7 +10,7 @@ import torch
 
 from .engine import SamplingParams, TokenMask, generate
 from .errors import ChatFormatError
-from .grammar import Vocabulary, response_grammar
+from .grammar import Vocabulary, for_prompt, response_grammar
 from .loaders import build_model, mmap_option, open_checkpoint
 from .markup import MarkupParser, Reasoning, markup_parser, openai_tools, takes_tools
 from .messages import ChatMessage, MessageLike, as_messages
@@ -115,15 +115,20 @@ def reply_text(tokens: Iterable[int], tokenizer, stop: Sequence[str] = (),
             yield text
 
 
+def _template_offers(tokenizer, functions: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse functions a model's chat template cannot offer (ChatFormatError)."""
+    if functions and not takes_tools(tokenizer.chat_template):
+        raise ChatFormatError("tool calls need a ChatGLM3 or GLM-4 model, or a chat template that offers tools "
+                              f"(GLM-4.5/4.6/4.7); this one is of family {tokenizer.family!r} and its template "
+                              "has no tool calls")
+
+
 def template_chat(tokenizer, messages: Sequence[MessageLike], functions: Sequence[Mapping[str, Any]] = (),
                   template_kwargs: Mapping[str, Any] = {}) -> tuple[list[int], MarkupParser | None]:
     """The prompt of a conversation for a model whose Jinja chat template writes it (observations as the
     "tool" role templates know), the functions offered through the template, and the reply's parser when
     the template writes tagged reasoning or calls."""
-    if functions and not takes_tools(tokenizer.chat_template):
-        raise ChatFormatError("tool calls need a ChatGLM3 or GLM-4 model, or a chat template that offers tools "
-                              f"(GLM-4.5/4.6/4.7); this one is of family {tokenizer.family!r} and its template "
-                              "has no tool calls")
+    _template_offers(tokenizer, functions)
     history = [replace(m, role="tool") if m.role == "observation" else m for m in as_messages(list(messages))]
     prompt = tokenizer.encode_chat(history, tools=openai_tools(functions), template_kwargs=template_kwargs)
     return prompt, markup_parser(tokenizer, prompt, functions)
@@ -243,7 +248,8 @@ class Pipeline:
         {"name", "schema"}}``, enforced while decoding (grammar.py); a bad schema raises GrammarError.
         """
         prompt, parser = self.chat_prompt(messages, tools, template_kwargs)
-        tokens = self._tokens(prompt, sampling, response_grammar(self.tokenizer.family, response_format))
+        grammar = for_prompt(response_grammar(self.tokenizer.family, response_format), self.tokenizer, prompt)
+        tokens = self._tokens(prompt, sampling, grammar)
         reply = ChatStream(reply_text(tokens, self.tokenizer, stop, parser), parser)
         return reply if stream else reply.message()
 
@@ -251,14 +257,26 @@ class Pipeline:
                     template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[int], ReplyParser | MarkupParser | None]:
         """The prompt ids of a conversation in the family's chat format, and the parser its reply needs."""
         family = self.tokenizer.family
-        functions, interpreter = read_tools(tools or ())
+        functions, interpreter = self.check_tools(tools)
         if family in TOOL_FAMILIES:
             names = [f["name"] for f in functions] + ([INTERPRETER] if interpreter else [])
             history = system_messages(family, functions, interpreter) + as_messages(list(messages))
             return self.tokenizer.encode_chat(model_messages(family, history)), ReplyParser(family, names)
-        if interpreter:
-            raise ChatFormatError(f"the code interpreter needs a ChatGLM3 model; this one is of family {family!r}")
         return template_chat(self.tokenizer, messages, functions, template_kwargs or {})
+
+    def check_tools(self, tools: Sequence[Mapping[str, Any]] | None) -> tuple[list[dict[str, Any]], bool]:
+        """The functions and whether the code interpreter is asked for, or ChatFormatError where the model cannot
+        be offered them: ChatGLM3 / GLM-4 in their own system messages (the interpreter: ChatGLM3 only), other
+        models through a chat template that offers tools (GLM-4.5/4.6/4.7)."""
+        family = self.tokenizer.family
+        functions, interpreter = read_tools(tools or ())
+        if family in TOOL_FAMILIES:
+            system_messages(family, functions, interpreter)
+        elif interpreter:
+            raise ChatFormatError(f"the code interpreter needs a ChatGLM3 model; this one is of family {family!r}")
+        else:
+            _template_offers(self.tokenizer, functions)
+        return functions, interpreter
 
     def generate(self, prompt: str, *, stream: bool = False, stop: Sequence[str] = (), parse_special: bool | None = None,
                  response_format: Mapping[str, Any] | None = None, **sampling) -> str | Iterator[str]:

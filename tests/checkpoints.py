@@ -177,6 +177,37 @@ def tiny_glm4_moe_lite(layers: int = 3, seed: int = 0, **overrides):
     return model
 
 
+GLM_SPECIALS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>",
+                "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+                "</arg_value>"]
+
+
+def write_glm_tokenizer(folder: Path, chat_template: str) -> int:
+    """A GLM-4.5-style tokenizer.json (byte-level BPE trained here behind GLM-4's split pattern, the chat and tag
+    tokens added as special, as GLM folders add them), the chat template beside it and the folder's stops; returns
+    the vocabulary's size."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from chatglm.tokenizers import GLM4_PATTERN
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(GLM4_PATTERN), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["The user wants the weather of a city. Let me look it up. It is sunny in Oslo, 21 degrees.",
+              "get_weather city days units Oslo Rome Paris tool_response Tools function name key value"]
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True) for t in GLM_SPECIALS])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "chat_template.jinja").write_text(chat_template)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    vocab = tok.get_vocab()
+    stops = [vocab[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}))
+    return tok.get_vocab_size()
+
+
 def _randomize_moe(model: torch.nn.Module) -> None:
     """Random weights, and a random routing correction bias (a buffer, zero by default)."""
     _randomize(model)

@@ -33,3 +33,15 @@ def llama_cpp():
     import llama_cpp
 
     return llama_cpp
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_src() -> Path:
+    """A llama.cpp source tree (LLAMA_CPP_SRC): its own HF-to-GGUF converter, gguf-py and real chat templates."""
+    import os
+
+    src = Path(os.environ.get("LLAMA_CPP_SRC", "/nonexistent"))
+    if not (src / "convert_hf_to_gguf.py").is_file() or not (src / "models" / "templates").is_dir():
+        pytest.skip("LLAMA_CPP_SRC does not name a llama.cpp source tree (for one: `pip download --no-deps "
+                    "--no-binary :all: llama-cpp-python` and unpack the sdist's vendor/llama.cpp)")
+    return src

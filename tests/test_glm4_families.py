@@ -26,6 +26,17 @@ def reference(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
+def assert_llama_cpp_gives(llama_cpp, path, ids: list[int], logits, tol: float) -> None:
+    """llama.cpp (its KV cache in float32) computes these logits for the file."""
+    from test_convert import llama_cpp_logits
+
+    llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)
+    try:
+        assert rel_err(llama_cpp_logits(llm, ids), logits) < tol
+    finally:
+        llm.close()
+
+
 def saved(model, folder):
     model.save_pretrained(folder)
     return load_model(folder, dtype="f32")
@@ -166,8 +177,8 @@ def test_engines_generate_what_transformers_generates(pair):
 
 
 GGUF_MODELS = {"glm4": lambda vocab: tiny_glm4(vocab=vocab),
-               # llama.cpp's glm4moe routes without expert groups, and the file here has no MTP layer
-               "glm4_moe": lambda vocab: tiny_glm4_moe(vocab_size=vocab, n_group=1, num_nextn_predict_layers=0),
+               # the top group of two chosen per token (expert_group_count / _used_count); the file has no MTP layer
+               "glm4_moe": lambda vocab: tiny_glm4_moe(vocab_size=vocab, num_nextn_predict_layers=0),
                "glm4_moe_lite": lambda vocab: tiny_glm4_moe_lite(vocab_size=vocab)}  # as llama.cpp's deepseek2
 
 
@@ -181,7 +192,7 @@ def test_gguf_written_here_loads_in_llama_cpp_with_the_same_logits(tmp_path, lla
 
     from chatglm.convert import convert
 
-    from test_convert import llama_cpp_logits, write_bpe_tokenizer
+    from test_convert import write_bpe_tokenizer
 
     ref = GGUF_MODELS[arch](write_bpe_tokenizer(tmp_path))
     ref.save_pretrained(tmp_path)
@@ -199,11 +210,8 @@ def test_gguf_written_here_loads_in_llama_cpp_with_the_same_logits(tmp_path, lla
         pytest.skip("q8_0 latent attention is checked in float32 here and with runtime quantization above")
     else:
         assert rel_err(logits, reference(rounded(ref, qtype), IDS)) < TOL
-    llm = llama_cpp.Llama(str(out), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)  # f32 cache
-    try:  # llama.cpp rounds activations to 8 bits for q8_0 weights
-        assert rel_err(llama_cpp_logits(llm, IDS), logits) < (1e-4 if qtype == "f32" else 2e-2)
-    finally:
-        llm.close()
+    # llama.cpp rounds activations to 8 bits for q8_0 weights
+    assert_llama_cpp_gives(llama_cpp, out, IDS, logits, 1e-4 if qtype == "f32" else 2e-2)
 
 
 def test_gguf_experts_are_read_in_place_and_only_when_chosen(tmp_path):
@@ -280,16 +288,10 @@ def test_synthetic_files_of_the_new_shapes_load_here_and_in_llama_cpp(tmp_path, 
     own GGUF tables; their tiny versions give the same logits in llama.cpp (float32 cache) as here."""
     from chatglm.synthetic import synthetic_gguf
 
-    from test_convert import llama_cpp_logits
-
     path = synthetic_gguf(name, "q4_0", tmp_path)
     ids = [100, 2000, 300, 40, 5000, 6]
     ours = load_model(path).logits(ids)  # llama.cpp's numerics: 8-bit activations on the file's blocks
-    llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)
-    try:
-        assert rel_err(llama_cpp_logits(llm, ids), ours) < 3e-2
-    finally:
-        llm.close()
+    assert_llama_cpp_gives(llama_cpp, path, ids, ours, 3e-2)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -311,3 +313,212 @@ def test_bad_moe_configs_are_refused_by_name(tmp_path, change, message):
     with pytest.raises(ModelFileError, match="config.json") as e:
         load_model(tmp_path)
     assert message in str(e.value)
+
+
+def test_a_deepseek2_file_that_names_no_gating_routes_as_llama_cpp_routes_it(tmp_path, llama_cpp):
+    """llama.cpp's converter writes GLM-4.7-Flash without expert_gating_func (its config.json names no scoring_func);
+    llama.cpp then routes by sigmoid where the file has GLM-4.7-Flash's 47 blocks and 154880-token vocabulary, else by
+    softmax. Here: such a file (the key removed by gguf-py's own gguf_new_metadata) gives llama.cpp's logits and
+    transformers', and the same file with 3 blocks is refused by the key's name (softmax is not GLM's routing)."""
+    import subprocess
+    import sys
+
+    from chatglm.convert import convert
+    from chatglm.errors import ModelFileError
+
+    from test_convert import write_bpe_tokenizer
+
+    def without_gating(layers: int, vocab: int):
+        folder = tmp_path / str(layers)
+        folder.mkdir()
+        write_bpe_tokenizer(folder)
+        ref = tiny_glm4_moe_lite(layers=layers, vocab_size=vocab)
+        ref.save_pretrained(folder)
+        out = convert(folder, folder / "m.gguf", "f32", progress=False)
+        bare = folder / "bare.gguf"
+        subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(out), str(bare), "--force",
+                        "--remove-metadata", "deepseek2.expert_gating_func"], check=True, capture_output=True)
+        return ref, bare
+
+    ref, bare = without_gating(47, 154880)
+    ours = load_model(bare, dtype="f32").logits(IDS)
+    assert rel_err(ours, reference(ref, IDS)) < TOL
+    assert_llama_cpp_gives(llama_cpp, bare, IDS, ours, 1e-4)
+    with pytest.raises(ModelFileError, match=r"deepseek2.expert_gating_func is 1 \(or absent, meaning 1\)"):
+        load_model(without_gating(3, 320)[1])
+
+
+# llama.cpp's own converter, run on a folder here. The tokenizer is trained by the test, so llama.cpp cannot know its
+# pre-tokenizer by the hash of its output: the converter is told GLM-4's, as it would tell for a real GLM folder.
+LLAMA_CPP_CONVERT = """import runpy, sys
+src = sys.argv.pop(1)
+sys.path[:0] = [src, src + "/gguf-py"]
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "glm4"
+sys.argv[0] = src + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def with_mtp_layer(folder, ref) -> None:
+    """Add what GLM-4.5 and GLM-4.7-Flash folders carry after the decoder: one multi-token-prediction layer (its
+    decoder weights NaN, so reading them would show) and num_nextn_predict_layers in config.json."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    last, hidden = ref.config.num_hidden_layers - 1, ref.config.hidden_size
+    extra = {k.replace(f"layers.{last}.", f"layers.{last + 1}."): torch.full_like(v, float("nan"))
+             for k, v in state.items() if f"layers.{last}." in k}
+    mtp = f"model.layers.{last + 1}."
+    extra.update({mtp + "eh_proj.weight": torch.zeros(hidden, 2 * hidden), mtp + "enorm.weight": torch.ones(hidden),
+                  mtp + "hnorm.weight": torch.ones(hidden), mtp + "shared_head.norm.weight": torch.ones(hidden)})
+    save_file({**state, **extra}, folder / "model.safetensors")
+    cfg = json.loads((folder / "config.json").read_text())
+    # as GLM-4.5/4.7 configs name them (what llama.cpp's converter reads): the dense layers and the routing's scores
+    cfg.update(num_nextn_predict_layers=1, first_k_dense_replace=1, scoring_func="sigmoid")
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+LLAMA_CPP_WRITES = {"glm4": ("glm4", lambda v: tiny_glm4(vocab=v), "GLM-4.6.jinja"),
+                    "glm4_moe": ("glm4moe", lambda v: tiny_glm4_moe(vocab_size=v), "GLM-4.6.jinja"),
+                    "glm4_moe_lite": ("deepseek2", lambda v: tiny_glm4_moe_lite(vocab_size=v), "GLM-4.7-Flash.jinja")}
+
+
+@pytest.mark.parametrize("arch", list(LLAMA_CPP_WRITES))
+def test_gguf_written_by_llama_cpps_converter_reads_here(tmp_path, llama_cpp_src, llama_cpp, arch):
+    """A folder (tokenizer.json, the real chat template llama.cpp keeps for the family, MTP layer for the MoE families)
+    converted by llama.cpp's convert_hf_to_gguf.py: read here as its family, with transformers' logits (the MTP layer
+    unread), llama.cpp's own logits, the folder's tokens and its chat template."""
+    import subprocess
+    import sys
+
+    import gguf
+
+    from chatglm.loaders import open_checkpoint
+    from chatglm.tokenizers import load_tokenizer
+
+    from checkpoints import write_glm_tokenizer
+
+    name, build, template = LLAMA_CPP_WRITES[arch]
+    ref = build(write_glm_tokenizer(tmp_path, (llama_cpp_src / "models" / "templates" / template).read_text()))
+    ref.save_pretrained(tmp_path)
+    if arch != "glm4":
+        with_mtp_layer(tmp_path, ref)
+    out = tmp_path / "m.gguf"
+    done = subprocess.run([sys.executable, "-c", LLAMA_CPP_CONVERT, str(llama_cpp_src), str(tmp_path), "--outfile",
+                           str(out), "--outtype", "f32"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fields = gguf.GGUFReader(str(out)).fields
+    assert fields["general.architecture"].contents() == name
+    if arch != "glm4":
+        assert fields[f"{name}.nextn_predict_layers"].contents() == 1  # the MTP layer is in the file
+    ckpt = open_checkpoint(out)
+    assert ckpt.config.arch == arch
+    ours = load_model(out, dtype="f32").logits(IDS)
+    assert rel_err(ours, reference(ref, IDS)) < TOL
+    assert_llama_cpp_gives(llama_cpp, out, IDS, ours, 1e-4)
+    folder, file = load_tokenizer(tmp_path), ckpt.load_tokenizer()
+    text = "The user wants the weather in Oslo: 21 degrees."
+    assert file.encode(text) == folder.encode(text)
+    chat = [{"role": "user", "content": "Weather in Oslo?"}]
+    assert file.encode_chat(chat) == folder.encode_chat(chat)
+
+
+@pytest.mark.parametrize("arch", list(BUILDERS))
+def test_a_folder_in_safetensors_shards(tmp_path, arch):
+    """save_pretrained's shards and their model.safetensors.index.json, as the Hub's GLM folders come."""
+    ref = BUILDERS[arch]()
+    ref.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
+    assert rel_err(load_model(tmp_path, dtype="f32").logits(IDS), reference(ref, IDS)) < TOL
+
+
+@pytest.mark.parametrize("name", ["glm4-moe-tiny", "glm4-moe-lite-tiny"])
+def test_a_moe_gguf_holds_no_copy_of_its_weights(tmp_path, name):
+    """Mapped (use_mmap=True), every weight of a GLM-4.5 / GLM-4.7-Flash GGUF (experts, attention, norms, routers,
+    embeddings; the one-call step reads the same blocks) is a view of the file: memory after load is the file's
+    size, plus what is made at load: the rotary table and the q, k, v biases joined into one vector."""
+    from chatglm.kernels.ggml import GGMLLinear
+    from chatglm.loaders import build_model, open_checkpoint
+    from chatglm.loaders.huge_pages import address_of
+    from chatglm.synthetic import synthetic_gguf
+
+    ckpt = open_checkpoint(synthetic_gguf(name, "q4_0", tmp_path), use_mmap=True)
+    model = build_model(ckpt)
+    file = ckpt.get.__self__.buffer
+    lo, hi = address_of(file), address_of(file) + len(file)
+    tensors = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    tensors.update({f"{n}.part{k}": p for n, m in model.named_modules() if isinstance(m, GGMLLinear)
+                    for k, p in enumerate(m.parts)})
+    made = {n for n, t in tensors.items() if t.numel() and not lo <= t.data_ptr() < hi}
+    assert "rope" in made and all(n == "rope" or n.endswith(".attn.qkv.bias") for n in made), made
+    assert sum(t.numel() * t.element_size() for n, t in tensors.items() if n not in made) > 0.9 * len(file)
+
+
+# Run in a child process: the torch blocks name the experts a batch of three tokens is routed to, every whole page of
+# the other experts' blocks in the mapped file is then made unreadable (mprotect), and the one-call C++ step runs
+# the same batch: a read of any expert not chosen ends the child with SIGSEGV.
+GUARDED_STEP = """import ctypes, mmap, sys
+import torch
+from chatglm.loaders import build_model, open_checkpoint
+from chatglm.loaders.huge_pages import address_of
+ckpt = open_checkpoint(sys.argv[1], use_mmap=True)
+model = build_model(ckpt)
+assert model.fused is not None, "no one-call step"
+file, spec = ckpt.get.__self__, model.config.moe
+ids, pos, slots = torch.tensor([[5], [9], [7]]), torch.zeros(3, 1, dtype=torch.long), torch.arange(3)
+chosen = set()
+hooks = [x.register_forward_hook(lambda m, a, o, key=(i, e): chosen.add(key)) for i, layer in enumerate(model.layers)
+         if hasattr(layer.ffn, "experts") for e, x in enumerate(layer.ffn.experts)]
+fused, model.fused = model.fused, None
+torch_logits = model(ids, pos, model.new_cache(3, 4), slots)
+model.fused = fused
+for h in hooks:
+    h.remove()
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+base, page, guarded = address_of(file.buffer), mmap.PAGESIZE, 0
+for name, t in file.tensors.items():
+    if "_exps." in name:
+        per = t.nbytes // spec.experts
+        for e in range(spec.experts):
+            lo = -(-(base + t.start + e * per) // page) * page
+            hi = (base + t.start + (e + 1) * per) // page * page
+            if (int(name.split(".")[1]), e) not in chosen and hi > lo:
+                assert libc.mprotect(lo, hi - lo, 0) == 0
+                guarded += hi - lo
+logits = model(ids, pos, model.new_cache(3, 4), slots)
+print(len(chosen), guarded, float((logits - torch_logits).abs().max() / torch_logits.abs().max()))
+"""
+
+
+@pytest.mark.parametrize("arch", ["glm4_moe", "glm4_moe_lite"])
+def test_the_one_call_step_reads_only_the_chosen_experts(tmp_path, arch):
+    """Bytes read per token follow the active parameters in the C++ step too (decode_step.cpp for GLM-4.5,
+    latent_moe_step.cpp for GLM-4.7-Flash): with every other expert's pages unreadable it runs, and agrees with
+    the torch blocks."""
+    import subprocess
+    import sys
+
+    from chatglm.convert import convert
+    from chatglm.kernels.ggml import available
+
+    from test_convert import write_bpe_tokenizer
+
+    if not available() or not sys.platform.startswith("linux"):
+        pytest.skip("needs the C++ kernels (make install builds them) and Linux's mprotect")
+    widths = dict(hidden_size=512, moe_intermediate_size=512)  # each expert's matrix spans whole pages (272 KiB)
+    ref = (tiny_glm4_moe(vocab_size=write_bpe_tokenizer(tmp_path), n_group=1, num_nextn_predict_layers=0, **widths)
+           if arch == "glm4_moe" else
+           tiny_glm4_moe_lite(vocab_size=write_bpe_tokenizer(tmp_path), qk_nope_head_dim=32, **widths))
+    ref.save_pretrained(tmp_path)
+    path = convert(tmp_path, tmp_path / "m.gguf", "q8_0", progress=False)
+    done = subprocess.run([sys.executable, "-c", GUARDED_STEP, str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, f"it read an expert not routed to ({done.returncode}): {done.stderr[-1500:]}"
+    chosen, guarded, diff = done.stdout.split()
+    spec = load_model(path).config.moe
+    moe_layers = ref.config.num_hidden_layers - len(spec.dense_layers)
+    assert int(chosen) < moe_layers * spec.experts and int(guarded) > 0  # some experts were left out, and guarded
+    assert float(diff) < 1e-2  # the same 8-bit activations; the sums in another order

@@ -15,7 +15,7 @@ from chatglm.engine import BatchEngine, SamplingParams, generate
 from chatglm.kv_cache import KVCache, parse_size
 from chatglm.server import create_app
 
-from checkpoints import tiny_glm, tiny_llama
+from checkpoints import tiny_glm, tiny_glm4, tiny_glm4_moe, tiny_glm4_moe_lite, tiny_llama
 from patience import PATIENCE
 from test_server import metrics
 from test_server_support import glm_tokenizer, scripted_pipeline
@@ -115,6 +115,28 @@ def test_a_shared_system_prompt_is_prefilled_once(model):
         assert engine.stats["prefix_hit_blocks"] == 30 and engine.stats["prefix_lookups"] == 4
         for prompt, request in zip(prompts, done):
             assert request.generated == list(generate(model, prompt, greedy(5)))
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("make", [tiny_glm4, tiny_glm4_moe, tiny_glm4_moe_lite],
+                         ids=["glm4-0414", "glm4.5-moe", "glm4.7-flash-latent"])
+def test_the_new_glm_families_prefill_a_shared_system_prompt_once(tmp_path, make):
+    """GLM-4-0414, GLM-4.5's experts and GLM-4.7-Flash's latent cache share whole prompt blocks as the others do,
+    and the replies are transformers' greedy ones."""
+    hf = make()
+    hf.save_pretrained(tmp_path)
+    engine = BatchEngine(load_model(tmp_path, dtype="f32"), max_batch=4, block_size=BLOCK)
+    try:
+        system = [(5 * j) % 80 + 10 for j in range(40)]  # ten whole blocks
+        prompts = [system + [k + 1, k + 2, k + 3] for k in range(4)]
+        done = run_all(engine, prompts, greedy(5))
+        assert engine.stats["reused_tokens"] == 3 * 40 and engine.stats["prefill_tokens"] == 43 + 3 * 3
+        with torch.no_grad():
+            for prompt, request in zip(prompts, done):
+                expected = hf.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, min_new_tokens=5,
+                                       eos_token_id=None)[0, len(prompt):].tolist()
+                assert request.generated == expected
     finally:
         engine.close()
 

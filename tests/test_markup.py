@@ -16,6 +16,7 @@ from chatglm.markup import MarkupParser, Reasoning, parse_call, speaks_markup, t
 from chatglm.pipeline import Pipeline
 from chatglm.tokenizers import load_tokenizer
 
+from checkpoints import write_glm_tokenizer
 from reply_script import ReplyModel, ids
 from test_server_support import scripted_pipeline
 
@@ -84,9 +85,6 @@ def test_several_calls_in_one_reply_without_newlines():
 
 # ----- end to end: tokenizer.json + chat template, Pipeline and server -----
 
-SPECIALS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>",
-            "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
-            "</arg_value>"]
 # GLM-4.5's layout: tools as JSON lines in a system part, calls as tagged parts, results in <tool_response>
 TEMPLATE = (
     "[gMASK]<sop>"
@@ -109,26 +107,12 @@ TEMPLATE = (
 @pytest.fixture(scope="module", params=["glm45", "z1"])
 def tokenizer(request, tmp_path_factory):
     """A GLM-4.5-style folder (tools, optional thinking) or a GLM-Z1-style one (the prompt opens <think>)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-
     folder = tmp_path_factory.mktemp(request.param)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["The user wants the weather of a city. Let me look it up. It is sunny in Oslo, 21 degrees.",
-              "get_weather city days units Oslo Rome Paris tool_response Tools function name key value"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
-    tok.save(str(folder / "tokenizer.json"))
     think = "" if request.param == "glm45" else "\n<think>"
     template = TEMPLATE.replace("{{ THINK }}", think)
     if request.param == "z1":  # GLM-Z1 has no tool format
         template = template.split("{% if tools %}")[0] + template.split("{% endif %}", 1)[1]
-    (folder / "chat_template.jinja").write_text(template)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    vocab = tok.get_vocab()
-    stops = [vocab[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}))
+    write_glm_tokenizer(folder, template)
     return load_tokenizer(folder)
 
 
@@ -210,6 +194,11 @@ def test_openai_client_reads_reasoning_content_and_tool_calls(tokenizer):
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "The user wants weather."
         assert "".join(d.content or "" for d in deltas) == "Let me look."
+        if not z1:  # the call streams as OpenAI's tool_calls deltas, and the stream ends for it
+            calls = [c for d in deltas for c in d.tool_calls or []]
+            assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
+                [("get_weather", {"city": "Oslo"})]
+            assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 @pytest.mark.parametrize("tty", [True, False])
@@ -280,3 +269,278 @@ def test_template_kwargs_reach_the_template_and_decide_where_the_reply_starts(to
         assert pipe.model.prompt() == off
     finally:
         (folder / "chat_template.jinja").write_text(template[: -len(switch)])
+
+
+# ----- constrained replies: forced calls and response_format after the reasoning -----
+
+CALL_PARTS = ["<tool_call>", "get_weather", "\n", "<arg_key>", "city", "</arg_key>", "<arg_value>", "Oslo <N>",
+              "</arg_value>", "<arg_key>", "days", "</arg_key>", "<arg_value>", "3", "</arg_value>", "<arg_key>",
+              "units", "</arg_key>", "<arg_value>", '{"t": "C"}', "</arg_value>", "</tool_call>"]
+OK = {"type": "json_schema", "json_schema": {"name": "ok", "schema": {
+    "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}}}
+
+FORECAST = {"name": "forecast", "parameters": {"type": "object", "required": ["city", "days"], "properties": {
+    "city": {"type": "string", "enum": ["Oslo", "Rome"]}, "days": {"type": "integer", "minimum": 1, "maximum": 9},
+    "hourly": {"type": "boolean"}}}}
+
+
+def openai_client(pipe):
+    """The official openai client over the server's routes, in-process (a context manager)."""
+    from contextlib import contextmanager
+
+    from fastapi.testclient import TestClient
+    from openai import OpenAI
+
+    from chatglm.server import create_app
+
+    @contextmanager
+    def client():
+        with TestClient(create_app(pipe, max_batch=2, max_queue=4)) as test_client:
+            yield OpenAI(base_url="http://testserver/v1", api_key="none", http_client=test_client)
+    return client()
+
+
+def sampled_constraints_hold(client, seeds: range) -> None:
+    """With the thinking off, sampled at temperature 1: tool_choice "required" gives a call of FORECAST with its
+    required arguments, which its schema accepts, and json_schema a reply OK's schema accepts (jsonschema checks)."""
+    import jsonschema
+
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    for seed in seeds:
+        done = client.chat.completions.create(model="m", messages=ask, tool_choice="required", temperature=1.0,
+                                              seed=seed, max_tokens=40, extra_body=off,
+                                              tools=[{"type": "function", "function": FORECAST}])
+        assert done.choices[0].finish_reason == "tool_calls", done.choices[0]
+        [call] = done.choices[0].message.tool_calls
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "forecast" and set(args) == {"city", "days"}
+        jsonschema.validate(args, FORECAST["parameters"])
+        done = client.chat.completions.create(model="m", messages=ask, response_format=OK, temperature=1.0,
+                                              seed=seed, max_tokens=40, extra_body=off)
+        assert (done.choices[0].message.model_extra or {}).get("reasoning_content") is None
+        jsonschema.validate(json.loads(done.choices[0].message.content), OK["json_schema"]["schema"])
+
+
+def test_forced_calls_and_json_come_after_the_reasoning(tokenizer):
+    """tool_choice "required" writes GLM-4.5's tagged call, and response_format's JSON is the answer, not the
+    thoughts: the grammar lets the model reason first (GLM-Z1's prompt opens <think>; GLM-4.5 may open it) and
+    accepts each part as the model writes it (a model that left the grammar would be pulled off its script)."""
+    z1 = not takes_tools(tokenizer.chat_template)
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    thoughts = [*([] if z1 else ["<think>"]), "The user wants weather.", "</think>", "\n"]
+    with openai_client(scripted_pipeline(tokenizer, ids(tokenizer, *thoughts, '{"ok": true}'))) as client:
+        done = client.chat.completions.create(model="m", messages=ask, response_format=OK)
+        assert done.choices[0].message.content == '{"ok": true}'
+        assert done.choices[0].message.model_extra["reasoning_content"] == "The user wants weather."
+    if z1:
+        return
+    with openai_client(scripted_pipeline(tokenizer, ids(tokenizer, *thoughts, *CALL_PARTS))) as client:
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            done = client.chat.completions.create(model="m", messages=ask, tool_choice=choice,
+                                                  tools=[{"type": "function", "function": WEATHER}])
+            assert done.choices[0].finish_reason == "tool_calls"
+            assert done.choices[0].message.model_extra["reasoning_content"] == "The user wants weather."
+            [call] = done.choices[0].message.tool_calls
+            # a string argument is any text where the tags are tokens ('<' included)
+            assert call.function.name == "get_weather"
+            assert json.loads(call.function.arguments) == ARGS | {"city": "Oslo <N>"}
+
+
+def test_forced_calls_and_json_hold_their_schemas_when_sampled(tokenizer, tmp_path):
+    """A random GLM-4-0414 over the folder's tokenizer, sampled at temperature 1: tool_choice "required" gives a
+    tagged call whose arguments the function's JSON Schema accepts (checked by jsonschema), and json_schema a
+    reply it accepts."""
+    import shutil
+
+    pytest.importorskip("jsonschema")
+    from checkpoints import tiny_glm4
+
+    if not takes_tools(tokenizer.chat_template):
+        pytest.skip("GLM-Z1's template has no tool format; its JSON is checked after its reasoning above")
+    folder = tmp_path / "model"
+    shutil.copytree(tokenizer.path.parent, folder)
+    # thinking off, as GLM-4.5's template turns it off (a random model's thoughts would run to max_tokens)
+    switch = "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    (folder / "chat_template.jinja").write_text((folder / "chat_template.jinja").read_text() + switch)
+    model = tiny_glm4(vocab=tokenizer.vocab_size)
+    model.config.max_position_embeddings = 512  # the prompt lists the tools
+    model.config.eos_token_id = sorted(tokenizer.eos_ids)  # the folder's stops (the tiny model's are text here)
+    model.save_pretrained(folder)
+    shutil.copy(tokenizer.path.parent / "generation_config.json", folder)
+    with openai_client(Pipeline(folder, dtype="f32")) as client:
+        sampled_constraints_hold(client, range(3))
+
+
+def test_constraints_where_the_tags_are_plain_text(tmp_path):
+    """A vocabulary without the tags as tokens (the model spells them): the same grammars accept GLM-4.5's reply
+    written in ordinary tokens, and refuse an answer outside them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from chatglm.grammar import Vocabulary, after_reasoning, json_grammar, markup_call_grammar
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["Let me think. </think> <tool_call>get_weather</tool_call> <arg_key>city</arg_key>"],
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    plain = load_tokenizer(tmp_path)
+    vocab = Vocabulary(plain, [0])
+
+    def accepts(grammar: str, text: str) -> bool:
+        mask = vocab.mask(grammar)
+        for i in plain.encode(text):
+            if not mask.matcher.validate_tokens([i]):
+                return False
+            mask.accept(i)
+        return mask.matcher.is_accepting()
+
+    call = CALL.replace("42", "Oslo")
+    assert accepts(after_reasoning(json_grammar("llama"), {}, opened=True), 'Let me think.</think>\n{"ok": true}')
+    assert accepts(after_reasoning(json_grammar("llama"), {}, opened=False), '{"ok": true}')
+    assert accepts(after_reasoning(markup_call_grammar({}, [WEATHER]), {}, opened=False), f"<think>Hmm.</think>\n{call}")
+    assert not accepts(after_reasoning(json_grammar("llama"), {}, opened=True), "Let me think.</think>\nSunny.")
+    assert not accepts(markup_call_grammar({}, [WEATHER]), call.replace("get_weather", "get_time"))
+
+
+@pytest.mark.parametrize("template", ["GLM-4.6.jinja", "GLM-4.7-Flash.jinja"])
+def test_the_real_glm_templates(llama_cpp_src, tmp_path, template):
+    """The chat templates GLM-4.6 and GLM-4.7-Flash ship (as llama.cpp keeps them) with a GLM tokenizer.json: the
+    reasoning and a call in the model's own layout come apart (GLM-4.7-Flash's prompt opens <think>, GLM-4.6's reply
+    does), the call and its result go back through the template, and over the openai client tool_choice "required"
+    and json_schema hold after the reasoning."""
+    write_glm_tokenizer(tmp_path, (llama_cpp_src / "models" / "templates" / template).read_text())
+    tok = load_tokenizer(tmp_path)
+    flash = "Flash" in template
+    assert (tok.encode_chat([{"role": "user", "content": "hi"}])[-1] == tok.specials["<think>"]) == flash
+    thoughts = [*([] if flash else ["<think>"]), "The user wants weather.", "</think>", "\n"]
+    newline = [] if flash else ["\n"]  # GLM-4.6 puts each part of a call on its own line
+    call = ["<tool_call>", "get_weather", *newline, "<arg_key>", "city", "</arg_key>", *newline, "<arg_value>", "Oslo",
+            "</arg_value>", *newline, "</tool_call>"]
+    city = {"name": "get_weather", "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    pipe = scripted(tok, [*thoughts, *call], [*thoughts, "It is sunny in Oslo."])
+    history = [{"role": "user", "content": "Weather in Oslo?"}]
+    reply = pipe.chat(history, tools=[city])
+    assert reply.reasoning_content == "The user wants weather." and reply.content == ""
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in reply.tool_calls] == \
+        [("get_weather", {"city": "Oslo"})]
+    assert json.dumps({"type": "function", "function": city}) in tok.decode(pipe.model.prompts[0])  # tools listed
+    history += [reply, {"role": "tool", "content": "sunny, 21 degrees"}]
+    assert pipe.chat(history, tools=[city]).content == "It is sunny in Oslo."
+    second = tok.decode(pipe.model.prompts[1])
+    assert "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value></tool_call>" in \
+        second.replace("\n", "")
+    assert "<tool_response>" in second and "sunny, 21 degrees" in second
+    with openai_client(scripted_pipeline(tok, ids(tok, *thoughts, *call))) as client:
+        done = client.chat.completions.create(model="m", messages=history[:1], tool_choice="required",
+                                              tools=[{"type": "function", "function": city}])
+        assert done.choices[0].message.model_extra["reasoning_content"] == "The user wants weather."
+        assert json.loads(done.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+    with openai_client(scripted_pipeline(tok, ids(tok, *thoughts, '{"ok": true}'))) as client:
+        done = client.chat.completions.create(model="m", messages=history[:1], response_format=OK)
+        assert done.choices[0].message.content == '{"ok": true}'
+        assert done.choices[0].message.model_extra["reasoning_content"] == "The user wants weather."
+
+
+def test_cli_runs_the_tagged_tool_loop(tokenizer, tmp_path, monkeypatch, capsys):
+    """`chatglm chat --tools ... --tool-module ...` with a template that offers tools: the call in GLM-4.5's tags
+    runs and its result goes back (the thoughts shown before, plain when piped); GLM-Z1's template is refused by name."""
+    from chatglm import cli
+
+    (tmp_path / "tools.json").write_text(json.dumps([{"type": "function", "function": WEATHER}]))
+    (tmp_path / "weather.py").write_text("def get_weather(city, days=1, units=None):\n    return {'city': city}\n")
+    call = ["<think>", "Look it up.", "</think>", "<tool_call>", "get_weather", "<arg_key>", "city", "</arg_key>",
+            "<arg_value>", "Oslo", "</arg_value>", "</tool_call>"]
+    monkeypatch.setattr("chatglm.pipeline.Pipeline",
+                        lambda *args, **kwargs: scripted(tokenizer, call, ["<think>", "</think>", "Sunny."]))
+    args = ["chat", "--tools", str(tmp_path / "tools.json"), "--tool-module", str(tmp_path / "weather.py"), "--temp",
+            "0", "-p", "Weather in Oslo?"]
+    if not takes_tools(tokenizer.chat_template):
+        assert cli.main(args) != 0
+        assert "a chat template that offers tools" in capsys.readouterr().err
+        return
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == ("Look it up.\n[calling get_weather(city='Oslo')]\n[get_weather returned]\n"
+                                       '{"city": "Oslo"}\nSunny.\n')
+
+
+# GLM-4.7-Flash's generation prompt: the reply starts inside its reasoning unless enable_thinking is false
+FLASH_OPENING = "{{ '</think>' if (enable_thinking is defined and not enable_thinking) else '<think>' }}"
+
+
+@pytest.fixture(scope="module")
+def flash_server(tmp_path_factory):
+    """`chatglm serve -m` a q8_0 GGUF of a random GLM-4.7-Flash, converted from a folder with a GLM tokenizer.json and
+    a template in GLM-4.7-Flash's layout (tools, <think> opened by the prompt)."""
+    from chatglm.convert import convert
+
+    from checkpoints import tiny_glm4_moe_lite
+    from test_server_support import serving
+
+    folder = tmp_path_factory.mktemp("flash")
+    vocab = write_glm_tokenizer(folder, TEMPLATE.replace("{{ THINK }}", FLASH_OPENING))
+    model = tiny_glm4_moe_lite(vocab_size=vocab, max_position_embeddings=1024,
+                               eos_token_id=sorted(load_tokenizer(folder).eos_ids))
+    model.save_pretrained(folder)
+    gguf = convert(folder, folder / "flash.gguf", "q8_0", progress=False)
+    with serving(["-m", str(gguf), "--max-batch", "2", "--log-level", "warning"], folder / "serve.log") as url:
+        yield url
+
+
+def test_serve_a_glm_4_7_flash_gguf_to_the_openai_client(flash_server):
+    """As a user hits it: reasoning_content in the reply and in the stream; with thinking off, tool_choice "required"
+    and json_schema give what the schemas accept (jsonschema), sampled at temperature 1."""
+    pytest.importorskip("jsonschema")
+    from openai import OpenAI
+
+    from patience import PATIENCE
+
+    client = OpenAI(base_url=f"{flash_server}/v1", api_key="unused", max_retries=0, timeout=PATIENCE)
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    done = client.chat.completions.create(model="m", messages=ask, temperature=0, max_tokens=8)
+    thoughts = done.choices[0].message.model_extra["reasoning_content"]
+    assert thoughts and not done.choices[0].message.content  # a random model does not close its thinking
+    chunks = client.chat.completions.create(model="m", messages=ask, temperature=0, max_tokens=8, stream=True)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == thoughts
+    sampled_constraints_hold(client, range(2))
+
+
+def test_the_thudm_style_apis_answer_without_the_reasoning(tokenizer):
+    """GLM API (/chat, /chat-stream), ChatGLM-6B's api.py (POST /, whole or streamed) and the ChatGLM2 SSE server
+    (/stream) have no field for reasoning: streamed or whole, they carry the answer only, and so does their history."""
+    from fastapi.testclient import TestClient
+
+    from chatglm.server import create_app
+
+    from test_server_support import sse_events
+
+    z1 = not takes_tools(tokenizer.chat_template)
+    pipe = scripted_pipeline(tokenizer, ids(tokenizer, *([] if z1 else ["<think>"]), "Hmm.", "</think>", "Sunny."))
+    with TestClient(create_app(pipe, max_batch=2, max_queue=4)) as client:
+        assert client.post("/chat", json={"prompt": "hi"}).json()["content"] == "Sunny."
+        assert client.post("/", json={"prompt": "hi", "history": []}).json()["response"] == "Sunny."
+        with client.stream("POST", "/chat-stream", json={"prompt": "hi"}) as r:
+            events = [json.loads(d) for _, d in sse_events(r.iter_lines())]
+        assert "".join(e["content"] for e in events) == "Sunny."
+        with client.stream("POST", "/", json={"prompt": "hi", "history": [], "stream": True}) as r:
+            assert [json.loads(d) for _, d in sse_events(r.iter_lines())][-1]["response"] == "Sunny."
+        with client.stream("POST", "/stream", json={"query": "hi", "history": []}) as r:
+            last = [json.loads(d) for _, d in sse_events(r.iter_lines())][-1]
+        assert last["response"] == "Sunny." and last["history"] == [["hi", "Sunny."]]
+
+
+def test_thudm_model_chat_answers_without_the_reasoning(tokenizer):
+    """compat's model.chat / stream_chat (THUDM's API, which has no place for thoughts): the answer, in the history."""
+    from pathlib import Path
+
+    from chatglm.compat import ChatModel
+
+    z1 = not takes_tools(tokenizer.chat_template)
+    model = ChatModel(Path("unused"))
+    model._pipeline = scripted(tokenizer, [*([] if z1 else ["<think>"]), "Hmm.", "</think>", "Sunny."])
+    response, history = model.chat(None, "Weather?", history=[])
+    assert response == "Sunny." and history == [("Weather?", "Sunny.")]

@@ -1,7 +1,8 @@
 """The paged KV cache computes what a whole-sequence prefill computes, whatever blocks a sequence got.
 
 Sequences here span many small blocks handed out in a scrambled order, decode one token at a time in a
-batch at mixed positions, and are checked step by step against transformers' models (llama, GLM-4) or
+batch at mixed positions, and are checked step by step against transformers' models (llama, GLM-4, GLM-4-0414,
+GLM-4.5's experts, GLM-4.7-Flash's latent cache) or
 against the one-pass prefill that test_models checks against the official code (P-Tuning v2 prefixes,
 ALiBi, GLM v1's 2D positions).
 """
@@ -17,7 +18,7 @@ import torch
 from chatglm import load_model
 from chatglm.kv_cache import BlockPool, KVMemoryError, parse_size
 
-from checkpoints import tiny_glm, tiny_llama, write_folder
+from checkpoints import tiny_glm, tiny_glm4, tiny_glm4_moe, tiny_glm4_moe_lite, tiny_llama, write_folder
 from test_models import GLM3_CONFIG, GLM3_NAMES, GLM3_SIZES, GLM_CONFIG, GLM_NAMES, GLM_SIZES, baichuan_state
 
 PROMPTS = [[5, 17, 3, 44, 9, 61, 2], [8, 30, 71], [12, 6, 90, 33, 1, 4, 4, 9, 10, 11]]
@@ -56,7 +57,8 @@ def follow_ups(vocab: int) -> list[list[int]]:
     return [g.integers(0, vocab, STEPS).tolist() for _ in PROMPTS]
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_glm], ids=["llama", "glm4"])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_glm, tiny_glm4, tiny_glm4_moe, tiny_glm4_moe_lite],
+                         ids=["llama", "glm4", "glm4-0414", "glm4.5-moe", "glm4.7-flash-latent"])
 def test_blocks_in_any_order_match_transformers(tmp_path, make):
     hf = make()
     hf.save_pretrained(tmp_path)

@@ -4,9 +4,6 @@ LangChain (ChatOpenAI, and the ChatGLM LLM on POST /), plain SSE readers, seed 0
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,35 +12,17 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from patience import PATIENCE, free_port
-from test_server_support import sse_events
+from patience import PATIENCE
+from test_server_support import serving, sse_events
 
 
 
 
 @pytest.fixture(scope="module")
 def base_url(default_gguf, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "CHATGLM_API_KEY"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "chatglm", "serve", "--port", str(port), "--max-batch", "8",
-                                 "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + PATIENCE
-    try:
-        while True:
-            assert proc.poll() is None, f"the server exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"the server did not start:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with serving(["--max-batch", "8", "--log-level", "warning"], log) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

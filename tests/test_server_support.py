@@ -6,16 +6,25 @@ milliseconds with ChatGLM3 or GLM-4 prompts, which the small default model canno
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
+
+import httpx
 
 import torch
 
 from chatglm.kv_cache import BlockPool
 from chatglm.pipeline import Pipeline
 from chatglm.tokenizers import load_tokenizer
+
+from patience import PATIENCE, free_port
 
 TOKENIZER_FILES = {"chatglm3": "chatglm3-6b/tokenizer.model", "glm4": "glm-4-9b/tokenizer.model"}
 
@@ -99,3 +108,28 @@ def sse_events(lines: Iterable[str]) -> list[tuple[str, str]]:
 def sse_json(lines: Iterable[str]) -> list[dict]:
     """The JSON data of each event, the OpenAI stream's closing [DONE] left out."""
     return [json.loads(data) for _, data in sse_events(lines) if data != "[DONE]"]
+
+
+@contextmanager
+def serving(args: Sequence[str], log: Path) -> Iterator[str]:
+    """`chatglm serve` with `args` in a subprocess on a free port (no API key), its URL once /health answers."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "CHATGLM_API_KEY"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "chatglm", "serve", "--port", str(port), *args],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + PATIENCE
+    try:
+        while True:
+            assert proc.poll() is None, f"the server exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the server did not start:\n{log.read_text()}"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -107,13 +107,23 @@ def config_from_hf(cfg: Mapping[str, Any], source: object) -> ModelConfig:
     )
 
 
-SOFTMAX = 1  # what llama.cpp's deepseek2 routes by when a file does not say
+SOFTMAX = 1
+FLASH_LAYERS, FLASH_VOCAB = (47, 48), 154880  # GLM-4.7-Flash's blocks (without and with its MTP layer), vocabulary
+
+
+def unsaid_gating(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """What llama.cpp's deepseek2 routes by when a file has no expert_gating_func (its converter writes none for
+    GLM-4.7-Flash, whose config.json names no scoring_func): sigmoid where the shapes are GLM-4.7-Flash's, as
+    llama.cpp tells them apart, else softmax (DeepSeek-V2's)."""
+    blocks = meta.get(f"{meta['general.architecture']}.block_count")
+    vocab = shapes.get("token_embd.weight", (0,))[0]
+    return int(SIGMOID) if blocks in FLASH_LAYERS and vocab == FLASH_VOCAB else SOFTMAX
 
 
 def config_from_gguf(meta: Mapping[str, Any], source: object, shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
     """llama.cpp's deepseek2 metadata (GLM-4.7-Flash): key_length_mla / value_length_mla are the heads' own sizes,
     key_length and value_length the latent's."""
-    check_gating(meta, source, SOFTMAX)
+    check_gating(meta, source, unsaid_gating(meta, shapes))
     key = gguf_key(meta, source)
     scaling = meta.get(f"{meta['general.architecture']}.rope.scaling.type", "none")
     if scaling not in ("none", None):

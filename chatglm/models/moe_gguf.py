@@ -43,9 +43,11 @@ def moe_metadata(cfg: ModelConfig) -> dict[str, Any]:
     dense = spec.dense_layers
     if dense != tuple(range(len(dense))):
         raise ValueError(f"llama.cpp takes GLM's dense layers only first; these are {list(dense)}")
-    if spec.groups > 1:
-        raise ValueError("llama.cpp does not group GLM's experts (n_group must be 1)")
+    # llama.cpp groups experts as the config does, but asks for fewer groups used than there are: all used is
+    # the same routing as one group
+    groups = (spec.groups, spec.groups_per_token) if spec.groups_per_token < spec.groups else (1, 1)
     return {"add_expert_count": spec.experts, "add_expert_used_count": spec.experts_per_token,
+            "add_expert_group_count": groups[0], "add_expert_group_used_count": groups[1],
             "add_expert_feed_forward_length": spec.expert_ffn_size,
             "add_expert_shared_count": spec.shared_ffn_size // spec.expert_ffn_size,
             "add_leading_dense_block_count": len(dense), "add_expert_gating_func": SIGMOID,

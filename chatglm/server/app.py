@@ -232,9 +232,15 @@ class Generation:
             self.request.cancel()
             self.server.cancelled += 1
 
+    async def answer_deltas(self) -> AsyncIterator[str]:
+        """The reply's pieces without its reasoning, for the APIs that have no place for it."""
+        async for delta in self.deltas():
+            if not isinstance(delta, Reasoning):
+                yield delta
+
     async def text(self) -> str:
         """The whole reply (its reasoning left out), for the endpoints that answer at once."""
-        return "".join([delta async for delta in self.deltas() if not isinstance(delta, Reasoning)])
+        return "".join([delta async for delta in self.answer_deltas()])
 
 
 class GLMSampling(BaseModel):

@@ -59,7 +59,7 @@ async def chat(body: PromptRequest, server: Server = Depends(get_server)):
 async def _growing(gen: Generation, body: PromptRequest) -> AsyncIterator[ServerSentEvent]:
     """The reply so far in each event, as THUDM's stream_chat yields it."""
     response = ""
-    async for delta in gen.deltas():
+    async for delta in gen.answer_deltas():
         response += delta
         yield json_event({"response": response, "history": [*body.history, [body.prompt, response]],
                           "status": 200, "time": _now()})
@@ -72,7 +72,7 @@ async def stream(body: QueryRequest, server: Server = Depends(get_server)) -> Ev
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         response = ""
-        async for delta in gen.deltas():
+        async for delta in gen.answer_deltas():
             response += delta
             yield json_event({"delta": delta, "response": response, "finished": False}, event="delta")
         final: dict[str, Any] = {"query": body.query, "delta": "[EOS]", "response": response,

@@ -60,7 +60,7 @@ async def chat_stream(body: GLMChatRequest, server: Server = Depends(get_server)
     gen = _start(body, server)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
-        async for delta in gen.deltas():
+        async for delta in gen.answer_deltas():
             yield json_event({"content": delta, **_counts(gen, server)})
 
     return event_stream(gen, events())

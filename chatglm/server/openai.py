@@ -14,7 +14,7 @@ import anyio
 from fastapi import APIRouter, Depends
 from sse_starlette import ServerSentEvent
 
-from ..grammar import tool_call_grammar
+from ..grammar import for_prompt, markup_call_grammar, tool_call_grammar
 from ..markup import Reasoning, takes_tools
 from ..messages import ChatMessage
 from ..tools import TOOL_FAMILIES, model_messages, tools_message
@@ -68,12 +68,18 @@ async def models(server: Server = Depends(get_server)) -> dict[str, Any]:
                      for name in cards]}
 
 
-def _chat_grammar(body: ChatRequest, server: Server, functions: list[FunctionDef]) -> str | None:
-    """tool_choice "required" or a named function: one call, its arguments valid for the function's parameters;
-    otherwise response_format's grammar, if any."""
+def _chat_grammar(body: ChatRequest, server: Server, functions: list[FunctionDef], prompt: list[int]) -> str | None:
+    """tool_choice "required" or a named function: one call, its arguments valid for the function's parameters
+    (in the model's own call format: ChatGLM3's, GLM-4's, or the tagged one of GLM-4.5's template); otherwise
+    response_format's grammar, if any. A reply that starts inside its reasoning is constrained after it."""
+    grammar = None
     if functions and (body.tool_choice == "required" or isinstance(body.tool_choice, NamedToolChoice)):
-        return checked(server, lambda: tool_call_grammar(server.family, [f.spec() for f in functions]), "tools")
-    return body.response_format.grammar(server) if body.response_format else None
+        specs = [f.spec() for f in functions]
+        grammar = checked(server, lambda: tool_call_grammar(server.family, specs) if server.family in TOOL_FAMILIES
+                          else markup_call_grammar(server.tokenizer.specials, specs), "tools")
+    elif body.response_format:
+        grammar = body.response_format.grammar(server)
+    return for_prompt(grammar, server.tokenizer, prompt)
 
 
 async def _off_loop(function, *args):
@@ -93,9 +99,9 @@ async def chat_completions(body: ChatRequest, server: Server = Depends(get_serve
     top = (body.top_logprobs or 0) if body.logprobs else None
     params, stop = body.checked(server, body.max_completion_tokens or body.max_tokens, logprobs=top)
     functions = _active_tools(body, server)
-    grammar = await _off_loop(_chat_grammar, body, server, functions)
     prompt, parser = server.chat_prompt(_messages(body, server.family, functions), [f.spec() for f in functions],
                                         body.chat_template_kwargs or {})
+    grammar = await _off_loop(_chat_grammar, body, server, functions, prompt)
     gens = [Generation(server, prompt, p, stop, parser(), request)
             for p, request in zip(params, await _off_loop(server.submit, prompt, params, grammar))]
     head = {"id": _id("chatcmpl"), "created": int(time.time()), "model": server.model_id}
