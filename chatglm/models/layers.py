@@ -18,6 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ChatGLMError, ModelFileError
 from ..kernels import fused_decoder, in_ggml_numerics, make_embedding, make_linear, tied_head
+from ..kernels.prompt import add_rms_norm, rms_norm, swiglu
 from ..kernels.threads import StepThreads
 from ..kv_cache import BLOCK_SIZE, KVCache, KVMemoryError, KVType, format_size, kv_type_name
 from ..quant import QTensor
@@ -48,11 +49,6 @@ def fresh_causal(rows: torch.Tensor, mask: torch.Tensor, span: int) -> bool:
     order = torch.arange(T, device=rows.device)
     return (span == T and mask.dtype == torch.bool and torch.equal(rows, order.expand_as(rows)) and
             torch.equal(mask, (order[:, None] >= order).expand_as(mask)))
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32 like the reference code, returned in x's dtype."""
-    return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
 def rope_table(cfg: ModelConfig, device: torch.device | str) -> torch.Tensor:
@@ -134,9 +130,9 @@ class Block(nn.Module):
             heads = qkv[..., : nq + cfg.num_kv_heads * hd].unflatten(-1, (-1, hd))  # q and k heads: one rotation
             apply_rope_(heads[..., : cfg.rope_dim], cs, cfg.rope_interleaved)
         kv = qkv[..., nq:].unflatten(-1, (2, cfg.num_kv_heads, hd))
-        x = x + self.o(attend(qkv[..., :nq].unflatten(-1, (cfg.num_heads, hd)), kv, cache, layer, step))
-        gate, up = self.gate_up(rms_norm(x, self.ffn_norm, cfg.norm_eps)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        h = self.o(attend(qkv[..., :nq].unflatten(-1, (cfg.num_heads, hd)), kv, cache, layer, step))
+        normed = add_rms_norm(h, x, self.ffn_norm, cfg.norm_eps)  # h = x + attention, in place: the next residual
+        return self.down(swiglu(self.gate_up(normed))).add_(h)
 
 
 class Decoder(nn.Module):

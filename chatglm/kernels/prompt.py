@@ -1,0 +1,42 @@
+"""The work of a prompt forward between a block's products: element-wise rows and a fresh prompt's attention.
+
+Contiguous CPU float32 rows go through the C++ kernels (csrc/prompt_ops.cpp: one pass each, split among torch's
+threads, no temporaries; a flash-style causal attention reading the cache's float16 rows as stored); other
+devices and dtypes (CUDA, bfloat16) and builds without the extension take the torch expressions they replace,
+which are also what the tests compare the kernels with.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ggml import _ggml
+
+
+def _native(*ts: torch.Tensor) -> bool:
+    """Whether the C++ row kernels take these tensors: contiguous CPU float32."""
+    return _ggml is not None and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                                     for t in ts)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, computed in float32 like the reference code, returned in x's dtype."""
+    if _native(x, weight):
+        return _ggml.rms_norm_rows(x, weight, eps)
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+def add_rms_norm(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """h += x in place (h: a product's fresh output, x: the residual), then RMSNorm(h) (see `rms_norm`)."""
+    if _native(h, x, weight) and h.shape == x.shape:
+        return _ggml.add_rms_norm_rows(h, x, weight, eps)
+    return rms_norm(h.add_(x), weight, eps)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up from a gate_up product's output [..., gate | up]."""
+    if _native(gate_up):
+        return _ggml.swiglu_rows(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+

@@ -1,0 +1,75 @@
+"""The prompt forward's C++ kernels (kernels/prompt.py, csrc/prompt_ops.cpp) against the torch operators they
+replace: RMSNorm, residual add + RMSNorm, SwiGLU, and fresh-prompt causal attention (torch's SDPA, float64)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chatglm.kernels import prompt
+from chatglm.kernels.ggml import _ggml
+
+needs_kernels = pytest.mark.skipif(_ggml is None, reason="the C++ kernels are not built here")
+needs_attention = pytest.mark.skipif(not hasattr(_ggml, "causal_attention"),
+                                     reason="the causal attention kernel needs an AVX-512 build")
+SHAPES = [(1, 33), (3, 7, 4099), (2, 130, 256)]  # odd widths and row counts: every tail of the vector loops
+
+
+def rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def assert_float32_close(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor | float = 1.0) -> None:
+    """Equal to float32 rounding: a few units of float32's epsilon relative to the values' magnitude."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    err = ((got.double() - want.double()).abs() / (want.double().abs() + scale)).max().item()
+    assert err < 4e-6, f"relative error {err:.2e}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_rows_match_torch(shape):
+    x, w = rand(*shape), rand(shape[-1], seed=1)
+    got = _ggml.rms_norm_rows(x, w, 1e-5)
+    assert_float32_close(got, F.rms_norm(x, shape[-1:], w, 1e-5))
+    assert_float32_close(prompt.rms_norm(x, w, 1e-5), got, 0.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SHAPES)
+def test_add_rms_norm_adds_in_place_then_norms(shape):
+    h, x, w = rand(*shape), rand(*shape, seed=2), rand(shape[-1], seed=1)
+    want_h = h + x
+    got = prompt.add_rms_norm(h, x, w, 1e-6)
+    assert torch.equal(h, want_h)  # one float32 add per value: exactly torch's
+    assert_float32_close(got, F.rms_norm(want_h, shape[-1:], w, 1e-6))
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SHAPES)
+def test_swiglu_rows_match_torch(shape):
+    gate_up = rand(*shape[:-1], 2 * shape[-1]) * 4  # gates far into silu's tails too
+    gate, up = gate_up.chunk(2, dim=-1)
+    got = _ggml.swiglu_rows(gate_up)
+    assert_float32_close(got, F.silu(gate) * up, up.abs())
+    assert torch.equal(prompt.swiglu(gate_up), got)
+
+
+def test_other_dtypes_take_torch():
+    """bfloat16 (and any device but the CPU) keeps the torch expressions, bit for bit."""
+    x, w = rand(2, 5, 64).bfloat16(), rand(64, seed=1).bfloat16()
+    assert torch.equal(prompt.rms_norm(x, w, 1e-5), F.rms_norm(x, (64,), w, 1e-5))
+    gate, up = x.chunk(2, dim=-1)
+    assert torch.equal(prompt.swiglu(x), F.silu(gate) * up)
+    h = rand(2, 5, 64, seed=3).bfloat16()
+    want = F.rms_norm(h + x, (64,), w, 1e-5)
+    assert torch.equal(prompt.add_rms_norm(h, x, w, 1e-5), want)
+
+
+@needs_kernels
+def test_row_kernels_name_bad_inputs():
+    with pytest.raises(RuntimeError, match="norm weight"):
+        _ggml.rms_norm_rows(rand(2, 8), rand(7), 1e-5)
+    with pytest.raises(RuntimeError, match="even"):
+        _ggml.swiglu_rows(rand(2, 7))
+
