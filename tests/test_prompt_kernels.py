@@ -73,3 +73,38 @@ def test_row_kernels_name_bad_inputs():
     with pytest.raises(RuntimeError, match="even"):
         _ggml.swiglu_rows(rand(2, 7))
 
+
+def sdpa_reference(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """torch's causal SDPA in float64 over the cache rows' values."""
+    keys, values = kv.double().permute(2, 0, 3, 1, 4)
+    att = F.scaled_dot_product_attention(q.double().transpose(1, 2), keys, values, is_causal=True, enable_gqa=True)
+    return att.transpose(1, 2)
+
+
+@needs_attention
+@pytest.mark.parametrize("batch,tokens,heads,kv_heads,head_dim", [
+    (1, 131, 32, 2, 128),   # ChatGLM3's grouping: 16 query heads share a key head; T not a multiple of any tile
+    (2, 70, 4, 4, 64),      # no grouping, two sequences
+    (1, 67, 12, 4, 128),    # 3 heads a group: work items with padding rows
+    (1, 1, 6, 2, 64),       # one token
+    (1, 200, 65, 1, 64),    # more heads a group than a work item holds: torch serves
+])
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
+def test_causal_attention_matches_sdpa(batch, tokens, heads, kv_heads, head_dim, kv_dtype):
+    qkv = rand(batch, tokens, (heads + 2 * kv_heads) * head_dim)
+    q = qkv[..., : heads * head_dim].unflatten(-1, (heads, head_dim))  # a view with the product's row stride
+    kv = qkv[..., heads * head_dim:].unflatten(-1, (2, kv_heads, head_dim)).to(kv_dtype).contiguous()
+    got = prompt.causal_attention(q, kv)
+    want = sdpa_reference(q, kv)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    err = ((got.double() - want).abs() / want.abs().amax(-1, keepdim=True)).max().item()
+    assert err < 1e-5, f"relative error {err:.2e}"
+
+
+@needs_attention
+def test_causal_attention_names_bad_inputs():
+    q = rand(1, 4, 6, 64)
+    with pytest.raises(RuntimeError, match="multiple of kv_heads"):
+        _ggml.causal_attention(q, rand(1, 4, 2, 4, 64))
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
+        _ggml.causal_attention(rand(1, 4, 2, 32), rand(1, 4, 2, 2, 32))

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ChatGLMError, ModelFileError
 from ..kernels import fused_decoder, in_ggml_numerics, make_embedding, make_linear, tied_head
-from ..kernels.prompt import add_rms_norm, rms_norm, swiglu
+from ..kernels.prompt import add_rms_norm, causal_attention, rms_norm, swiglu
 from ..kernels.threads import StepThreads
 from ..kv_cache import BLOCK_SIZE, KVCache, KVMemoryError, KVType, format_size, kv_type_name
 from ..quant import QTensor
@@ -81,16 +81,14 @@ def attend(q: torch.Tensor, kv: torch.Tensor, cache: KVCache, layer: int, step: 
     In a one-token step the query heads that share a key head become that head's rows of queries,
     in float32: torch's CPU attention then reads each key once instead of once per query head, and
     runs far faster than on bf16. A fresh prompt (`step.causal`) attends over its own keys and values as the
-    cache holds them, through torch's causal flash kernel: no gather of the pages, no T x T mask (a 3,000-token
-    prompt's attention took 1.8x less time). Otherwise only the span's blocks are gathered and decoded (q8_0).
+    cache holds them (`kernels.prompt.causal_attention`): no gather of the pages, no T x T mask. Otherwise only the span's blocks are gathered and decoded (q8_0).
     """
     B, T, H, D = q.shape
     stored = cache.store(kv)
     cache.by_row[layer].index_put_((step.blocks, step.offsets), stored)
-    if step.causal:
-        keys, values = cache.load(stored, q.dtype).permute(2, 0, 3, 1, 4)  # [B, Hkv, T, D] each
-        att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True, enable_gqa=True)
-        return att.transpose(1, 2).reshape(B, T, H * D)
+    if step.causal:  # float cache rows go as stored (the C++ kernel reads float16 itself); q8_0 ones decoded
+        rows = stored if stored.is_floating_point() else cache.load(stored, q.dtype)
+        return causal_attention(q, rows).reshape(B, T, H * D)
     pages = cache.kv[layer][:, :, step.table]  # [2, Hkv, B, blocks, block_size, row]: one gather
     pages = pages.transpose(1, 2).flatten(3, 4)[..., : step.span, :]  # [2, B, Hkv, span, row]
     if T > 1:
