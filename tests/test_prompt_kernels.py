@@ -55,6 +55,28 @@ def test_swiglu_rows_match_torch(shape):
     assert torch.equal(prompt.swiglu(gate_up), got)
 
 
+@needs_kernels
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope_rows_rotate_like_a_complex_product(interleaved):
+    """The q and k heads of a qkv product's rows (a strided view), rotated in place; the rest untouched."""
+    B, T, H, D, r = 2, 9, 5, 64, 32
+    qkv = rand(B, T, (H + 1) * D)
+    before = qkv.clone()
+    angles = rand(B, T, 1, r // 2, seed=4)
+    cs = torch.polar(torch.ones_like(angles), angles)
+    heads = qkv[..., : H * D].unflatten(-1, (H, D))[..., :r]
+    prompt.apply_rope_(heads, cs, interleaved)
+    x = before[..., : H * D].unflatten(-1, (H, D))[..., :r].double()
+    pairs = x.unflatten(-1, (-1, 2)) if interleaved else x.unflatten(-1, (2, -1)).transpose(-1, -2)
+    z = torch.view_as_complex(pairs.contiguous()) * cs.to(torch.complex128)
+    want = torch.view_as_real(z)
+    want = want.flatten(-2) if interleaved else want.transpose(-1, -2).flatten(-2)
+    assert_float32_close(heads, want.float())
+    rest = torch.ones_like(qkv, dtype=torch.bool)
+    rest[..., : H * D].unflatten(-1, (H, D))[..., :r] = False
+    assert torch.equal(qkv[rest], before[rest])
+
+
 def test_other_dtypes_take_torch():
     """bfloat16 (and any device but the CPU) keeps the torch expressions, bit for bit."""
     x, w = rand(2, 5, 64).bfloat16(), rand(64, seed=1).bfloat16()

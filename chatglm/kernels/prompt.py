@@ -33,6 +33,23 @@ def add_rms_norm(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: fl
     return rms_norm(h.add_(x), weight, eps)
 
 
+def apply_rope_(x: torch.Tensor, cs: torch.Tensor, interleaved: bool) -> None:
+    """Rotate x [B,T,H,r] in place (float32 arithmetic) by cs [B,T,1,r/2]: pairs (x0,x1),(x2,x3)...
+    when interleaved, else the two halves; one complex product either way (the C++ rotation on float32 rows)."""
+    if (_ggml is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4 and x.stride(3) == 1
+            and cs.dtype == torch.complex64 and cs.is_contiguous() and cs.shape == (*x.shape[:2], 1, x.shape[3] // 2)):
+        _ggml.rope_rows_(x, torch.view_as_real(cs), interleaved)
+        return
+    xf = x.float().contiguous()  # complex views need unit-stride pairs; a float linear may return any strides
+    if interleaved:
+        z = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * cs
+        x.copy_(torch.view_as_real(z).flatten(-2))
+    else:
+        half = x.shape[-1] // 2
+        z = torch.complex(xf[..., :half], xf[..., half:]) * cs
+        x.copy_(torch.cat([z.real, z.imag], dim=-1))
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up from a gate_up product's output [..., gate | up]."""
     if _native(gate_up):

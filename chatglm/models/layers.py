@@ -18,7 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ChatGLMError, ModelFileError
 from ..kernels import fused_decoder, in_ggml_numerics, make_embedding, make_linear, tied_head
-from ..kernels.prompt import add_rms_norm, causal_attention, rms_norm, swiglu
+from ..kernels.prompt import add_rms_norm, apply_rope_, causal_attention, rms_norm, swiglu
 from ..kernels.threads import StepThreads
 from ..kv_cache import BLOCK_SIZE, KVCache, KVMemoryError, KVType, format_size, kv_type_name
 from ..quant import QTensor
@@ -60,19 +60,6 @@ def rope_table(cfg: ModelConfig, device: torch.device | str) -> torch.Tensor:
         inv_freq = inv_freq / factors.float()
     angles = torch.outer(torch.arange(cfg.max_position, dtype=torch.float32), inv_freq)
     return torch.polar(torch.ones_like(angles), angles).to(device)
-
-
-def apply_rope_(x: torch.Tensor, cs: torch.Tensor, interleaved: bool) -> None:
-    """Rotate x [B,T,H,r] in place (float32 arithmetic) by cs [B,T,1,r/2]: pairs (x0,x1),(x2,x3)...
-    when interleaved, else the two halves; one complex product either way."""
-    xf = x.float().contiguous()  # complex views need unit-stride pairs; a float linear may return any strides
-    if interleaved:
-        z = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * cs
-        x.copy_(torch.view_as_real(z).flatten(-2))
-    else:
-        half = x.shape[-1] // 2
-        z = torch.complex(xf[..., :half], xf[..., half:]) * cs
-        x.copy_(torch.cat([z.real, z.imag], dim=-1))
 
 
 def attend(q: torch.Tensor, kv: torch.Tensor, cache: KVCache, layer: int, step: Step) -> torch.Tensor:

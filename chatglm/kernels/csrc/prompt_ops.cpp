@@ -1,5 +1,5 @@
 // The element-wise work of a prompt forward (many rows at once) between the block products: RMSNorm, the residual
-// add fused into the norm that follows it, and SwiGLU straight from the gate_up product's output. As torch
+// add fused into the norm that follows it, rotary in place, and SwiGLU straight from the gate_up product's output. As torch
 // operators each is a pass over [rows, width] with a fresh temporary (SwiGLU alone: silu, then a product); here
 // each is one pass over the rows, split among torch's threads, with step_math.h's row helpers (the decode step's
 // arithmetic). chatglm/kernels/prompt.py picks these for contiguous CPU float32 rows and torch's operators otherwise.
@@ -67,6 +67,23 @@ torch::Tensor swiglu_rows(const torch::Tensor& gate_up) {
     for (int64_t r = r0; r < r1; ++r) swiglu(g + r * n2, g + r * n2 + n, yp + r * n, n);
   });
   return y;
+}
+
+// Rotates x [B, T, H, r] in place (any strides but unit ones along r) by cs float32 [B, T, r/2, 2] (each token's
+// cos and sin): step_math.h's rotation of the decode step, every head of a token at once
+void rope_rows_(torch::Tensor& x, const torch::Tensor& cs, bool interleaved) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32 && !x.is_cuda() && x.stride(3) == 1 &&
+              x.size(3) % 2 == 0, "x must be CPU float32 [batch, tokens, heads, rope_dim] with unit stride along rope_dim");
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), r = x.size(3);
+  checked_float(cs, B * T * r, "cs (float32 [batch, tokens, rope_dim/2, 2])");
+  float* xp = x.data_ptr<float>();
+  const float* cp = cs.data_ptr<float>();
+  at::parallel_for(0, B * T, GRAIN, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float* row = xp + i / T * x.stride(0) + i % T * x.stride(1);
+      for (int64_t h = 0; h < H; ++h) rotate(row + h * x.stride(2), cp + i * r, r, interleaved);
+    }
+  });
 }
 
 #if defined(__AVX512F__)
@@ -253,6 +270,8 @@ void register_prompt_ops(pybind11::module_& m) {
   m.def("add_rms_norm_rows", &add_rms_norm_rows, "h += x in place, then RMSNorm(h)", py::arg("h"), py::arg("x"),
         py::arg("weight"), py::arg("eps"));
   m.def("swiglu_rows", &swiglu_rows, "silu(gate) * up from [..., gate | up]", py::arg("gate_up"));
+  m.def("rope_rows_", &rope_rows_, "rotary of every head of every token, in place", py::arg("x"), py::arg("cs"),
+        py::arg("interleaved"));
 #if defined(__AVX512F__)
   m.def("causal_attention", &causal_attention, "fresh-prompt causal attention over float16 or float32 cache rows",
         py::arg("q"), py::arg("kv"));
