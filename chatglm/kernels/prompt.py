@@ -63,9 +63,9 @@ def causal_attention(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     [B,T,2,Hkv,D] (float16 or float32; Hkv divides H); returns [B,T,H,D] in q's dtype."""
     H, D, Hkv = q.shape[2], q.shape[3], kv.shape[3]
     if (hasattr(_ggml, "causal_attention") and q.device.type == "cpu" and q.dtype == torch.float32
-            and kv.dtype in (torch.float16, torch.float32) and kv.is_contiguous() and q.stride(3) == 1
+            and kv.dtype in (torch.float16, torch.float32) and q.stride(3) == 1
             and q.stride(2) == D and D in (64, 128) and H // Hkv <= 64):
-        return _ggml.causal_attention(q, kv)
+        return _ggml.causal_attention(q, kv.contiguous())  # a float32 cache's rows may be a view of the product
     keys, values = kv.to(q.dtype).permute(2, 0, 3, 1, 4)  # [B, Hkv, T, D] each
     att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True, enable_gqa=True)
     return att.transpose(1, 2)
