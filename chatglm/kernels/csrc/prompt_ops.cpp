@@ -90,37 +90,29 @@ void rope_rows_(torch::Tensor& x, const torch::Tensor& cs, bool interleaved) {
 // Fresh-prompt causal attention, flash style (one pass over the keys with a running softmax), in float32.
 //
 // A work item is one kv head of one sequence and QT query positions, taken with all G query heads of that kv head:
-// ROWS = 64 query rows (QT * G of them real) that share every key and value tile, converted once from the cache's
-// float16 (or read as float32) into scratch. Queries are held transposed ([D][ROWS], scaled once), so the scores
-// come out as [keys][rows]: each key's value broadcast against 16 rows at a time, and the softmax runs across
-// rows in vector lanes. Tiles past the item's last position are never read.
+// ROWS = 64 query rows (QT * G of them real) that share every key and value tile (the cache's rows as float32, in
+// place). Queries are held transposed ([D][ROWS], scaled once), so the scores come out as [keys][rows]: each key's
+// value broadcast against 16 rows at a time, and the softmax runs across rows in vector lanes. Tiles past the
+// item's last position are never read.
 constexpr int64_t ROWS = 64;  // query rows of a work item (4 vectors of 16)
 constexpr int64_t KEYS = 64;  // keys of a tile
 
 struct Scratch {
-  std::vector<float> qt, k, v, s, o, m, l, alpha, pos;
+  std::vector<float> qt, s, o, m, l, alpha, pos;
   explicit Scratch(int64_t D)
-      : qt(D * ROWS), k(KEYS * D), v(KEYS * D), s(KEYS * ROWS), o(ROWS * D), m(ROWS), l(ROWS), alpha(ROWS),
-        pos(ROWS) {}
+      : qt(D * ROWS), s(KEYS * ROWS), o(ROWS * D), m(ROWS), l(ROWS), alpha(ROWS), pos(ROWS) {}
 };
-
-// n cache rows [n][D] (row stride `stride` elements) as float32 rows [n][D]
-template <typename T>
-void tile_f32(const T* src, int64_t stride, int64_t n, int64_t D, float* dst) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + j * D + d, load16(src + j * stride + d));
-}
 
 // s [KEYS][ROWS] = k [nk][D] . qt [D][ROWS]: KB keys against all 64 rows per pass over D
 template <int KB>
-void scores(const float* k, const float* qt, int64_t nk, int64_t D, float* s) {
+void scores(const float* k, int64_t ks, const float* qt, int64_t nk, int64_t D, float* s) {
   for (int64_t j = 0; j < nk; j += KB) {
     __m512 acc[KB][4];
     for (auto& a : acc)
       for (auto& v : a) v = _mm512_setzero_ps();
     const int64_t n = std::min<int64_t>(KB, nk - j);
     const float* kj[KB];
-    for (int i = 0; i < KB; ++i) kj[i] = k + (j + (i < n ? i : 0)) * D;  // past the tile's end: key j again, unstored
+    for (int i = 0; i < KB; ++i) kj[i] = k + (j + (i < n ? i : 0)) * ks;  // past the tile's end: key j again, unstored
     for (int64_t d = 0; d < D; ++d) {
       __m512 q[4];
       for (int c = 0; c < 4; ++c) q[c] = _mm512_loadu_ps(qt + d * ROWS + 16 * c);
@@ -137,8 +129,8 @@ void scores(const float* k, const float* qt, int64_t nk, int64_t D, float* s) {
 // rows r0..r1-1 of o [ROWS][D] = o * alpha (per row) + p . v, p held as s [nk][ROWS]: RB rows of NV vectors each
 // in registers
 template <int NV, int RB>
-void weigh_values(const float* s, const float* v, const float* alpha, int64_t nk, float* o, int64_t r0 = 0,
-                  int64_t r1 = ROWS) {
+void weigh_values(const float* s, const float* v, int64_t vs, const float* alpha, int64_t nk, float* o, int64_t r0,
+                  int64_t r1) {
   constexpr int64_t D = 16 * NV;
   for (int64_t r = r0; r + RB <= r1; r += RB) {
     __m512 acc[RB][NV];
@@ -150,7 +142,7 @@ void weigh_values(const float* s, const float* v, const float* alpha, int64_t nk
       __m512 p[RB];
       for (int i = 0; i < RB; ++i) p[i] = _mm512_set1_ps(s[j * ROWS + r + i]);
       for (int c = 0; c < NV; ++c) {
-        const __m512 vv = _mm512_loadu_ps(v + j * D + 16 * c);
+        const __m512 vv = _mm512_loadu_ps(v + j * vs + 16 * c);
         for (int i = 0; i < RB; ++i) acc[i][c] = _mm512_fmadd_ps(p[i], vv, acc[i][c]);
       }
     }
@@ -188,8 +180,8 @@ void softmax_tile(float* s, int64_t nk, int64_t j0, Scratch& w) {
 // One work item: query positions t0..t0+qt-1 of one kv head's G query heads.
 //   q: the item's first query row (position t0, the group's first head), positions q_stride apart, heads D apart
 //   k, v: the kv head's key and value rows from position 0, kv_stride apart; out like q with out_stride
-template <int NV, typename T>
-void attend_item(const float* q, int64_t q_stride, const T* k, const T* v, int64_t kv_stride, int64_t t0,
+template <int NV>
+void attend_item(const float* q, int64_t q_stride, const float* k, const float* v, int64_t kv_stride, int64_t t0,
                  int64_t qt, int64_t G, float scale, float* out, int64_t out_stride, Scratch& w) {
   constexpr int64_t D = 16 * NV;
   const int64_t real = qt * G;
@@ -205,13 +197,12 @@ void attend_item(const float* q, int64_t q_stride, const T* k, const T* v, int64
   const int64_t end = t0 + qt;  // keys 0..end-1 are seen by some row
   for (int64_t j0 = 0; j0 < end; j0 += KEYS) {
     const int64_t nk = std::min(KEYS, end - j0);
-    tile_f32(k + j0 * kv_stride, kv_stride, nk, D, w.k.data());
-    tile_f32(v + j0 * kv_stride, kv_stride, nk, D, w.v.data());
-    scores<6>(w.k.data(), w.qt.data(), nk, D, w.s.data());  // 24 accumulators: 1.35x less time than 16
+    const float *kt = k + j0 * kv_stride, *vt = v + j0 * kv_stride;
+    scores<6>(kt, kv_stride, w.qt.data(), nk, D, w.s.data());  // 24 accumulators: 1.35x less time than 16
     softmax_tile(w.s.data(), nk, j0, w);
     constexpr int RB = 24 / NV, FULL = ROWS / RB * RB;  // 24 accumulators again, then the rows left one by one
-    weigh_values<NV, RB>(w.s.data(), w.v.data(), w.alpha.data(), nk, w.o.data(), 0, FULL);
-    weigh_values<NV, 1>(w.s.data(), w.v.data(), w.alpha.data(), nk, w.o.data(), FULL, ROWS);
+    weigh_values<NV, RB>(w.s.data(), vt, kv_stride, w.alpha.data(), nk, w.o.data(), 0, FULL);
+    weigh_values<NV, 1>(w.s.data(), vt, kv_stride, w.alpha.data(), nk, w.o.data(), FULL, ROWS);
   }
   for (int64_t r = 0; r < real; ++r) {
     const int64_t p = r / G, h = r % G;
@@ -221,13 +212,13 @@ void attend_item(const float* q, int64_t q_stride, const T* k, const T* v, int64
   }
 }
 
-template <int NV, typename T>
+template <int NV>
 void attend_all(const torch::Tensor& q, const torch::Tensor& kv, torch::Tensor& out) {
   const int64_t B = q.size(0), T_ = q.size(1), H = q.size(2), D = 16 * NV, Hkv = kv.size(3), G = H / Hkv;
   const int64_t qt = std::max<int64_t>(1, ROWS / G), tiles = (T_ + qt - 1) / qt, items = B * Hkv * tiles;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const float* qp = q.data_ptr<float>();
-  const T* kvp = kv.data_ptr<T>();
+  const float* kvp = kv.data_ptr<float>();
   float* op = out.data_ptr<float>();
   std::atomic<int64_t> next{0};
   // each thread takes the next item as it finishes one, the longest (last positions) first: causal items differ
@@ -235,7 +226,7 @@ void attend_all(const torch::Tensor& q, const torch::Tensor& kv, torch::Tensor& 
     Scratch w(D);
     for (int64_t i; (i = next++) < items;) {
       const int64_t tile = tiles - 1 - i / (B * Hkv), b = i % (B * Hkv) / Hkv, g = i % Hkv, t0 = tile * qt;
-      const T* kvb = kvp + b * kv.stride(0) + g * D;
+      const float* kvb = kvp + b * kv.stride(0) + g * D;
       attend_item<NV>(qp + b * q.stride(0) + t0 * q.stride(1) + g * G * D, q.stride(1), kvb, kvb + kv.stride(2),
                       kv.stride(1), t0, std::min(qt, T_ - t0), G, scale,
                       op + b * out.stride(0) + t0 * out.stride(1) + g * G * D, out.stride(1), w);
@@ -257,14 +248,13 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& kv) 
               ") with at most ", ROWS, " per kv head");
   torch::Tensor out = torch::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   if (q.size(1) == 0 || q.size(0) == 0) return out;
-  auto run = [&](auto nv) {
-    constexpr int NV = decltype(nv)::value;
-    if (kv.scalar_type() == torch::kFloat16) return attend_all<NV, c10::Half>(q, kv, out);
-    TORCH_CHECK(kv.scalar_type() == torch::kFloat32, "kv must be float16 or float32, got ", kv.scalar_type());
-    attend_all<NV, float>(q, kv, out);
-  };
-  if (D == 64) run(std::integral_constant<int, 4>{});
-  else if (D == 128) run(std::integral_constant<int, 8>{});
+  TORCH_CHECK(kv.scalar_type() == torch::kFloat16 || kv.scalar_type() == torch::kFloat32,
+              "kv must be float16 or float32, got ", kv.scalar_type());
+  // float16 rows become float32 once (a few MB): every work item of a kv head then reads them in place, where
+  // converting each tile in each item took 1.1-1.3x longer (the ~T/16 items of a kv head convert its rows again)
+  const torch::Tensor rows = kv.to(torch::kFloat32);
+  if (D == 64) attend_all<4>(q, rows, out);
+  else if (D == 128) attend_all<8>(q, rows, out);
   else TORCH_CHECK(false, "head_dim must be 64 or 128, got ", D);
   return out;
 }
