@@ -1,7 +1,7 @@
 """The work of a prompt forward between a block's products: element-wise rows and a fresh prompt's attention.
 
 Contiguous CPU float32 rows go through the C++ kernels (csrc/prompt_ops.cpp: one pass each, split among torch's
-threads, no temporaries; a flash-style causal attention reading the cache's float16 rows as stored); other
+threads, no temporaries; a flash-style causal attention over the cache's float16 or float32 rows); other
 devices and dtypes (CUDA, bfloat16) and builds without the extension take the torch expressions they replace,
 which are also what the tests compare the kernels with.
 """
