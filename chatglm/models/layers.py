@@ -68,7 +68,8 @@ def attend(q: torch.Tensor, kv: torch.Tensor, cache: KVCache, layer: int, step: 
     In a one-token step the query heads that share a key head become that head's rows of queries,
     in float32: torch's CPU attention then reads each key once instead of once per query head, and
     runs far faster than on bf16. A fresh prompt (`step.causal`) attends over its own keys and values as the
-    cache holds them (`kernels.prompt.causal_attention`): no gather of the pages, no T x T mask. Otherwise only the span's blocks are gathered and decoded (q8_0).
+    cache holds them (`kernels.prompt.causal_attention`): no gather of the pages, no T x T mask. Otherwise only the
+    span's blocks are gathered and decoded (q8_0).
     """
     B, T, H, D = q.shape
     stored = cache.store(kv)

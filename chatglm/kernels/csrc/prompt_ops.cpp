@@ -1,8 +1,9 @@
-// The element-wise work of a prompt forward (many rows at once) between the block products: RMSNorm, the residual
-// add fused into the norm that follows it, rotary in place, and SwiGLU straight from the gate_up product's output. As torch
-// operators each is a pass over [rows, width] with a fresh temporary (SwiGLU alone: silu, then a product); here
-// each is one pass over the rows, split among torch's threads, with step_math.h's row helpers (the decode step's
-// arithmetic). chatglm/kernels/prompt.py picks these for contiguous CPU float32 rows and torch's operators otherwise.
+// The work of a prompt forward (many rows at once) between the block products. Element-wise: RMSNorm, the residual
+// add fused into the norm that follows it, rotary in place, and SwiGLU straight from the gate_up product's output.
+// As torch operators each is a pass over [rows, width] with a fresh temporary (SwiGLU alone: silu, then a product);
+// here each is one pass over the rows, split among torch's threads, with step_math.h's row helpers (the decode
+// step's arithmetic). Then a fresh prompt's causal attention (below). chatglm/kernels/prompt.py picks these for
+// CPU float32 rows and torch's operators otherwise.
 #include "ggml_kernels.h"
 #include "step_math.h"
 
@@ -73,7 +74,8 @@ torch::Tensor swiglu_rows(const torch::Tensor& gate_up) {
 // cos and sin): step_math.h's rotation of the decode step, every head of a token at once
 void rope_rows_(torch::Tensor& x, const torch::Tensor& cs, bool interleaved) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32 && !x.is_cuda() && x.stride(3) == 1 &&
-              x.size(3) % 2 == 0, "x must be CPU float32 [batch, tokens, heads, rope_dim] with unit stride along rope_dim");
+              x.size(3) % 2 == 0,
+              "x must be CPU float32 [batch, tokens, heads, rope_dim] with unit stride along an even rope_dim");
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), r = x.size(3);
   checked_float(cs, B * T * r, "cs (float32 [batch, tokens, rope_dim/2, 2])");
   float* xp = x.data_ptr<float>();
