@@ -38,7 +38,8 @@ else:
     setup(
         ext_modules=[CppExtension("chatglm.kernels._ggml", ["chatglm/kernels/csrc/ggml_kernels.cpp",
                                                          "chatglm/kernels/csrc/decode_step.cpp",
-                                                         "chatglm/kernels/csrc/latent_moe_step.cpp"],
+                                                         "chatglm/kernels/csrc/latent_moe_step.cpp",
+                                                         "chatglm/kernels/csrc/prompt_ops.cpp"],
                                   # -fopenmp: at::parallel_for is OpenMP inside torch's headers; without it, one thread
                                   extra_compile_args=["-O3", "-march=native", "-fopenmp"], extra_link_args=["-fopenmp"])],
         cmdclass={"build_ext": optional(BuildExtension)},

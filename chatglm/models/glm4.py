@@ -13,11 +13,11 @@ from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, as_ids, need
 from ..kernels import make_linear
+from ..kernels.prompt import swiglu
 from .glm2 import config_from_transformers
 from .layers import Decoder, KVCache, Step, Weight, _float, apply_rope_, attend, decoder_shapes, rms_norm
 
@@ -162,8 +162,7 @@ class SwiGLU(nn.Module):
         self.down = make_linear(down, None, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(swiglu(self.gate_up(x)))
 
 
 class Glm4Block(nn.Module):

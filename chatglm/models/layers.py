@@ -18,6 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ChatGLMError, ModelFileError
 from ..kernels import fused_decoder, in_ggml_numerics, make_embedding, make_linear, tied_head
+from ..kernels.prompt import add_rms_norm, apply_rope_, causal_attention, rms_norm, swiglu
 from ..kernels.threads import StepThreads
 from ..kv_cache import BLOCK_SIZE, KVCache, KVMemoryError, KVType, format_size, kv_type_name
 from ..quant import QTensor
@@ -50,11 +51,6 @@ def fresh_causal(rows: torch.Tensor, mask: torch.Tensor, span: int) -> bool:
             torch.equal(mask, (order[:, None] >= order).expand_as(mask)))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32 like the reference code, returned in x's dtype."""
-    return F.rms_norm(x, x.shape[-1:], weight, eps)
-
-
 def rope_table(cfg: ModelConfig, device: torch.device | str) -> torch.Tensor:
     """cos + i sin for every position: complex64 [max_position, rope_dim/2]."""
     half = cfg.rope_dim // 2
@@ -66,35 +62,21 @@ def rope_table(cfg: ModelConfig, device: torch.device | str) -> torch.Tensor:
     return torch.polar(torch.ones_like(angles), angles).to(device)
 
 
-def apply_rope_(x: torch.Tensor, cs: torch.Tensor, interleaved: bool) -> None:
-    """Rotate x [B,T,H,r] in place (float32 arithmetic) by cs [B,T,1,r/2]: pairs (x0,x1),(x2,x3)...
-    when interleaved, else the two halves; one complex product either way."""
-    xf = x.float().contiguous()  # complex views need unit-stride pairs; a float linear may return any strides
-    if interleaved:
-        z = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * cs
-        x.copy_(torch.view_as_real(z).flatten(-2))
-    else:
-        half = x.shape[-1] // 2
-        z = torch.complex(xf[..., :half], xf[..., half:]) * cs
-        x.copy_(torch.cat([z.real, z.imag], dim=-1))
-
-
 def attend(q: torch.Tensor, kv: torch.Tensor, cache: KVCache, layer: int, step: Step) -> torch.Tensor:
     """Write kv [B,T,2,Hkv,D] into the cache rows, attend q [B,T,H,D] over the span; returns [B,T,H*D].
 
     In a one-token step the query heads that share a key head become that head's rows of queries,
     in float32: torch's CPU attention then reads each key once instead of once per query head, and
     runs far faster than on bf16. A fresh prompt (`step.causal`) attends over its own keys and values as the
-    cache holds them, through torch's causal flash kernel: no gather of the pages, no T x T mask (a 3,000-token
-    prompt's attention took 1.8x less time). Otherwise only the span's blocks are gathered and decoded (q8_0).
+    cache holds them (`kernels.prompt.causal_attention`): no gather of the pages, no T x T mask. Otherwise only the
+    span's blocks are gathered and decoded (q8_0).
     """
     B, T, H, D = q.shape
     stored = cache.store(kv)
     cache.by_row[layer].index_put_((step.blocks, step.offsets), stored)
-    if step.causal:
-        keys, values = cache.load(stored, q.dtype).permute(2, 0, 3, 1, 4)  # [B, Hkv, T, D] each
-        att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True, enable_gqa=True)
-        return att.transpose(1, 2).reshape(B, T, H * D)
+    if step.causal:  # float cache rows go as stored (the C++ kernel reads float16 itself); q8_0 ones decoded
+        rows = stored if stored.is_floating_point() else cache.load(stored, q.dtype)
+        return causal_attention(q, rows).reshape(B, T, H * D)
     pages = cache.kv[layer][:, :, step.table]  # [2, Hkv, B, blocks, block_size, row]: one gather
     pages = pages.transpose(1, 2).flatten(3, 4)[..., : step.span, :]  # [2, B, Hkv, span, row]
     if T > 1:
@@ -134,9 +116,9 @@ class Block(nn.Module):
             heads = qkv[..., : nq + cfg.num_kv_heads * hd].unflatten(-1, (-1, hd))  # q and k heads: one rotation
             apply_rope_(heads[..., : cfg.rope_dim], cs, cfg.rope_interleaved)
         kv = qkv[..., nq:].unflatten(-1, (2, cfg.num_kv_heads, hd))
-        x = x + self.o(attend(qkv[..., :nq].unflatten(-1, (cfg.num_heads, hd)), kv, cache, layer, step))
-        gate, up = self.gate_up(rms_norm(x, self.ffn_norm, cfg.norm_eps)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        h = self.o(attend(qkv[..., :nq].unflatten(-1, (cfg.num_heads, hd)), kv, cache, layer, step))
+        normed = add_rms_norm(h, x, self.ffn_norm, cfg.norm_eps)  # h = x + attention, in place: the next residual
+        return self.down(swiglu(self.gate_up(normed))).add_(h)
 
 
 class Decoder(nn.Module):

@@ -702,4 +702,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd", &simd, "whether the AVX-512 VNNI path was compiled in");
   register_decode_step(m);
   register_latent_moe_step(m);
+  register_prompt_ops(m);
 }

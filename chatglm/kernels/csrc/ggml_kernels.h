@@ -24,3 +24,6 @@ void register_decode_step(pybind11::module_& m);
 
 // Adds GLM-4.7-Flash's one-call step (latent_moe_step.cpp).
 void register_latent_moe_step(pybind11::module_& m);
+
+// Adds the prompt forward's element-wise row kernels (prompt_ops.cpp).
+void register_prompt_ops(pybind11::module_& m);
