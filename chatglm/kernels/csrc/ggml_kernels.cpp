@@ -444,8 +444,7 @@ struct TileActs {
 
 TileActs quantize_tile_acts(const float* x, int64_t rows, int64_t k, const Format& f, int64_t panel) {
   TileActs a{rows, k / QK, (rows + TILE - 1) / TILE, panel};
-  // zeros: the lanes past the last row stay 0 and add nothing
-  a.records = torch::zeros({a.tiles * a.blocks * static_cast<int64_t>(sizeof(ActTile))}, torch::kUInt8);
+  a.records = torch::empty({a.tiles * a.blocks * static_cast<int64_t>(sizeof(ActTile))}, torch::kUInt8);
   ActTile* rec = reinterpret_cast<ActTile*>(a.records.data_ptr<uint8_t>());
   a.at = rec;
   at::parallel_for(0, a.tiles, 1, [&](int64_t t0, int64_t t1) {  // by tile: no record is shared by two threads
@@ -461,6 +460,11 @@ TileActs quantize_tile_acts(const float* x, int64_t rows, int64_t k, const Forma
           for (int j = 0; j < 8; ++j) std::memcpy(o.q[j][l], &groups[j], 4);
           if (f.bias == 0) o.dsum[l] = o.d[l] * static_cast<float>(sum);
           else o.init[l] = -f.bias * sum;
+        }
+        for (int64_t l = lanes; l < TILE; ++l) {  // the last tile's lanes past the last row: 0, adding nothing
+          for (int j = 0; j < 8; ++j) std::memset(o.q[j][l], 0, 4);
+          o.d[l] = 0.f;
+          o.init[l] = 0;
         }
       }
     }
