@@ -1,4 +1,4 @@
-"""The thread count of one-token steps follows which count ran them faster (a simulated clock: no timing here)."""
+"""The thread count of one-token steps follows which count ran them faster (simulated clocks: no timing here)."""
 from __future__ import annotations
 
 import pytest
@@ -16,16 +16,33 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def run_steps(chooser: StepThreads, monkeypatch, seconds_at: dict[int, float], steps: int, batch: int = 1) -> list[int]:
-    """Steps through the chooser on a clock where a step at n threads takes seconds_at[n]; the counts used."""
-    clock = [0.0]
+def clocks(monkeypatch) -> list[float]:
+    """Simulated [wall, process CPU] clocks for the chooser's timing."""
+    clock = [0.0, 0.0]
     monkeypatch.setattr(threads.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(threads.time, "process_time", lambda: clock[1])
+    return clock
+
+
+def tick(clock: list[float], seconds: float, n: int, taken: bool) -> None:
+    """A step of `seconds` at n threads: they are busy all the time, or 60% of it where another process took a core."""
+    clock[0] += seconds
+    clock[1] += seconds * n * (0.6 if taken else 1.0)
+
+
+def run_steps(chooser: StepThreads, monkeypatch, seconds_at: dict[int, float], steps: int, batch: int = 1,
+              taken: bool | None = None) -> list[int]:
+    """Steps through the chooser where a step at n threads takes seconds_at[n]; the counts used. A core is taken
+    (unless told) where fewer threads run faster: that is what makes them faster."""
+    clock = clocks(monkeypatch)
+    if taken is None:
+        taken = seconds_at[max(seconds_at)] > seconds_at[min(seconds_at)]
     used = []
     for _ in range(steps):
         with chooser.chosen(batch):
             n = torch.get_num_threads()
             used.append(n)
-            clock[0] += seconds_at[n]
+            tick(clock, seconds_at[n], n, taken)
         assert torch.get_num_threads() == chooser.most  # torch gets back the count asked for after every step
     return used
 
@@ -41,25 +58,35 @@ def test_a_busy_core_moves_steps_to_one_thread_and_a_quiet_one_back(monkeypatch,
     assert 1 in run_steps(chooser, monkeypatch, {2: 0.10, 1: 0.19}, QUIET_PROBE_EVERY)
 
 
+def test_a_quiet_machine_never_pays_for_a_try_in_a_short_reply(monkeypatch, two_threads):
+    """Steps that keep both threads busy show no core taken: fewer threads are tried only every QUIET_PROBE_EVERY."""
+    used = run_steps(StepThreads(), monkeypatch, {2: 0.10, 1: 0.19}, QUIET_PROBE_EVERY)
+    assert used == [2] * (QUIET_PROBE_EVERY - 1) + [1]
+
+
 def test_a_machine_getting_busy_moves_to_one_thread_without_waiting_for_a_try(monkeypatch, two_threads):
-    """The count in use is timed at every step: once its average passes what one thread took at its last try,
-    the steps move."""
+    """The count in use is timed at every step, its time and the cores it kept busy: a machine getting busy shows
+    within a few steps, and the steps move."""
     chooser = StepThreads()
     run_steps(chooser, monkeypatch, {2: 0.10, 1: 0.19}, PROBE_EVERY + 8)
+    busy = run_steps(chooser, monkeypatch, {2: 0.30, 1: 0.195}, 10)
+    assert busy[:2] == [2, 2] and busy[4:] == [1] * 6
+    chooser = StepThreads()  # and once one thread has been tried, by its time alone
+    run_steps(chooser, monkeypatch, {2: 0.10, 1: 0.19}, PROBE_EVERY + 8, taken=True)
     busy = run_steps(chooser, monkeypatch, {2: 0.30, 1: 0.195}, 10)
     assert busy[:2] == [2, 2] and busy[4:] == [1] * 6
 
 
 def test_a_warm_up_step_does_not_count(monkeypatch, two_threads):
-    """The first step (allocations) is slow and not counted; one thread is first tried FIRST_TRY steps later."""
+    """The first step (allocations) is slow and not counted; one thread is first tried FIRST_TRY steps later (a core
+    taken, but two threads still faster)."""
     chooser = StepThreads()
-    clock = [0.0]
-    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock[0])
+    clock = clocks(monkeypatch)
     used = []
     for i in range(3 * PROBE_EVERY):
         with chooser.chosen(1):
             used.append(torch.get_num_threads())
-            clock[0] += (5.0 if i == 0 else 0.10) if used[-1] == 2 else 0.12
+            tick(clock, (5.0 if i == 0 else 0.10) if used[-1] == 2 else 0.12, used[-1], True)
     assert used.count(1) == 1 and chooser.seconds[1, 2] == pytest.approx(0.10, rel=1e-3)
 
 
@@ -69,7 +96,7 @@ def test_each_batch_size_keeps_its_own_times_and_a_new_count_resets_them(monkeyp
     run_steps(chooser, monkeypatch, {2: 0.5, 1: 1.0}, PROBE_EVERY + 1, batch=8)
     assert chooser.pick(1)[0] == 1 and chooser.pick(8)[0] == 2
     torch.set_num_threads(4)  # the caller asks for another count: earlier times say nothing about it
-    assert run_steps(chooser, monkeypatch, {4: 0.2, 2: 0.3}, FIRST_TRY + 1) == [4] * (FIRST_TRY - 1) + [2, 4]
+    assert run_steps(chooser, monkeypatch, {4: 0.2, 2: 0.3}, FIRST_TRY + 1, taken=True) == [4] * (FIRST_TRY - 1) + [2, 4]
     assert chooser.most == 4 and chooser.counts() == (4, 2)
 
 
@@ -99,12 +126,11 @@ def test_a_lucky_try_costs_a_few_steps_not_a_probe_period(monkeypatch, two_threa
     """On a quiet machine one try at one thread happens to run fast: the steps after it, timed at one thread,
     bring two threads back within a few steps."""
     chooser = StepThreads()
-    clock = [0.0]
-    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock[0])
+    clock = clocks(monkeypatch)
     used = []
     for step in range(1, 2 * QUIET_PROBE_EVERY + 1):
         with chooser.chosen(1):
             n = torch.get_num_threads()
             used.append(n)
-            clock[0] += 0.10 if n == 2 else (0.05 if step == QUIET_PROBE_EVERY else 0.19)
+            tick(clock, 0.10 if n == 2 else (0.05 if step == QUIET_PROBE_EVERY else 0.19), n, False)
     assert used[QUIET_PROBE_EVERY - 1] == 1 and used[QUIET_PROBE_EVERY + 4:].count(1) == 1  # the next try only

@@ -8,7 +8,9 @@ The count is not guessed from the load: each batch size keeps a moving average o
 runs the faster one. The count in use is timed at every step, so a machine getting busy shows at once; the other
 count's average is refreshed by a try every PROBE_EVERY steps while on fewer threads (to notice the machine
 getting quiet), and only every QUIET_PROBE_EVERY steps while on all of them (a try at fewer threads costs most of a
-step on a quiet machine).
+step on a quiet machine). The first try waits for a sign that a core was taken: steps on all threads that kept
+them busy less than HELD_OFF of the time (process CPU time over wall time; 1.93-2.03 cores of 2 at every quiet
+6B step here, 1.18-1.51 beside a CPU-bound process), so a quiet machine never pays for it in a short reply.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ FIRST_TRY = 8            # the step that first tries fewer threads (the first st
 PROBE_EVERY = 32         # steps between tries of all threads while running on fewer
 QUIET_PROBE_EVERY = 256  # steps between tries of fewer threads while running on all
 WEIGHT = 0.3             # weight of the newest step time in the average of the count in use
+HELD_OFF = 0.8           # below this share of their cores in use, the steps on all threads had a core taken
 
 
 class StepThreads:
@@ -32,13 +35,15 @@ class StepThreads:
         self.most = torch.get_num_threads()  # the count asked for (torch.set_num_threads, --threads)
         self.seconds: dict[tuple[int, int], float] = {}  # (batch, threads) -> moving average seconds per step
         self.steps: dict[int, int] = {}
+        self.use: dict[int, float] = {}  # batch -> moving average of the cores busy during its steps on all threads
 
     def counts(self) -> tuple[int, ...]:
         return (self.most, self.most // 2) if self.most > 1 else (1,)
 
     def pick(self, batch: int) -> tuple[int, bool]:
-        """This step's count: the one with the lower average (all threads until fewer have been tried, first at step
-        FIRST_TRY, when the model is warm), or now and then the other one (a try)."""
+        """This step's count: the one with the lower average (all threads until fewer have been tried: first from
+        step FIRST_TRY on, when the model is warm, once the steps show a core taken), or now and then the other one (a
+        try)."""
         counts = self.counts()
         step = self.steps[batch] = self.steps.get(batch, 0) + 1
         if len(counts) == 1:
@@ -47,7 +52,8 @@ class StepThreads:
         best = min(counts, key=average.__getitem__)  # all threads first on a tie
         other = next(n for n in counts if n != best)
         period = QUIET_PROBE_EVERY if best == self.most else PROBE_EVERY
-        if (step == FIRST_TRY and average[other] == math.inf) or step % period == 0:
+        first = average[other] == math.inf and step >= FIRST_TRY and self.use.get(batch, 0.0) < HELD_OFF * self.most
+        if first or step % period == 0:
             return other, True
         return best, False
 
@@ -59,13 +65,14 @@ class StepThreads:
             self.most = current
             self.seconds.clear()
             self.steps.clear()
+            self.use.clear()
         n, trying = self.pick(batch)
         torch.set_num_threads(n)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
-            spent = time.perf_counter() - start
+            spent, busy = time.perf_counter() - start, time.process_time() - cpu
             torch.set_num_threads(self.most)
             # a batch size's first step warms up (allocations) and says nothing of the machine; a try replaces what
             # the count's average knew (old news of another machine state); a lucky try costs little: the count it
@@ -73,3 +80,6 @@ class StepThreads:
             if self.steps[batch] > 1:
                 old = spent if trying else self.seconds.get((batch, n), spent)
                 self.seconds[batch, n] = (1 - WEIGHT) * old + WEIGHT * spent
+                if n == self.most and spent > 0:
+                    cores = busy / spent
+                    self.use[batch] = (1 - WEIGHT) * self.use.get(batch, cores) + WEIGHT * cores
