@@ -24,7 +24,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -640,16 +639,15 @@ void linear_into(const float* x, int64_t m, int64_t k, const std::vector<torch::
     return;
   }
   const TileActs a = quantize_tile_acts(x, m, k, f, (tile_rows + TILE - 1) / TILE);
-  // Prompts take chunks of weight rows from a shared counter: a thread that shares its core with another process
-  // takes fewer, where an even split would wait for it. A chunk is at most the rows rows_prompt keeps in L2 and at
-  // least 4 for each thread; decode keeps the even split (a shared counter cost it 10-25%).
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunk = std::min(prompt_chunk_rows(k / QK * f.block_bytes), (n_out + 48 * threads - 1) / (48 * threads) * 12);
+  // Prompts' threads claim chunks of weight rows (decode keeps the even split: claiming cost it 10-25%). A chunk is
+  // at most the rows rows_prompt keeps in L2, and small enough that each thread has 4 to take: n_out / (4 threads)
+  // rounded up to a multiple of 12.
+  const int64_t fewest = 4 * at::get_num_threads(), in_l2 = prompt_chunk_rows(k / QK * f.block_bytes);
+  const int64_t chunk = std::min(in_l2, (n_out + 12 * fewest - 1) / (12 * fewest) * 12);
   const int64_t chunks = (n_out + chunk - 1) / chunk;
-  std::atomic<int64_t> next{0};
   by_type([&](auto qt) {
-    at::parallel_for(0, std::min(chunks, threads), 1, [&](int64_t, int64_t) {
-      for (int64_t c = next++; c < chunks; c = next++)
+    claimed(chunks, [&](auto take) {
+      for (int64_t c; (c = take()) < chunks;)
         parts_in(c * chunk, std::min(n_out, (c + 1) * chunk),
                  [&](const uint8_t* w, int64_t stride, float* yp, int64_t lo, int64_t hi) {
                    rows_prompt<decltype(qt)::value>(w, stride, a, yp, n_out, lo, hi);

@@ -9,8 +9,6 @@
 
 #include <ATen/Parallel.h>
 
-#include <atomic>
-
 namespace {
 
 constexpr int64_t GRAIN = 8;  // rows a thread takes at least: a row is thousands of values
@@ -222,11 +220,10 @@ void attend_all(const torch::Tensor& q, const torch::Tensor& kv, torch::Tensor& 
   const float* qp = q.data_ptr<float>();
   const float* kvp = kv.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  std::atomic<int64_t> next{0};
-  // each thread takes the next item as it finishes one, the longest (last positions) first: causal items differ
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  // threads claim items, the longest (last positions) first: causal items differ
+  claimed(items, [&](auto take) {
     Scratch w(D);
-    for (int64_t i; (i = next++) < items;) {
+    for (int64_t i; (i = take()) < items;) {
       const int64_t tile = tiles - 1 - i / (B * Hkv), b = i % (B * Hkv) / Hkv, g = i % Hkv, t0 = tile * qt;
       const float* kvb = kvp + b * kv.stride(0) + g * D;
       attend_item<NV>(qp + b * q.stride(0) + t0 * q.stride(1) + g * G * D, q.stride(1), kvb, kvb + kv.stride(2),
