@@ -138,10 +138,9 @@ def bench_speculative(args: argparse.Namespace) -> dict[str, Any]:
     """Greedy replies to a real prompt, plain and with drafts, alternating: decode tok/s, the speed-up, the
     share of drafted tokens accepted; the replies must be equal (speculation changes speed, never text)."""
     from .engine import SamplingParams, generate
+    from .loaders.huge_pages import settle
     from .pipeline import Pipeline
     from .speculative import PromptLookup, open_draft
-
-    from .loaders.huge_pages import settle
 
     pipe = Pipeline(args.model, dtype=args.dtype, device=args.device, use_mmap=args.use_mmap)
     settle()  # the weights sit still before anything is timed
@@ -178,20 +177,25 @@ def bench_speculative(args: argparse.Namespace) -> dict[str, Any]:
         if args.draft:
             raise ValueError("--compare llama.cpp with --prompt-file measures prompt lookup (--lookup), not --draft")
         out["llama_cpp"] = bench_llama_cpp_lookup(str(resolve_path(pipe.path)), torch.get_num_threads(), prompt,
-                                                  args.new_tokens, args.lookup or 10, args.rounds)
+                                                  args.new_tokens, args.lookup or 10, args.rounds, peer_mmap(args))
     return out
 
 
+def peer_mmap(args: argparse.Namespace) -> bool:
+    """llama.cpp's use_mmap beside ours: the --mmap / --no-mmap given, else its own default (mapped)."""
+    return True if args.use_mmap is None else args.use_mmap
+
+
 def bench_llama_cpp_lookup(path: str, threads: int, prompt: list[int], new_tokens: int, lookup: int,
-                           rounds: int) -> dict[str, Any]:
+                           rounds: int, use_mmap: bool = True) -> dict[str, Any]:
     """llama-cpp-python greedy on the same prompt ids, plain and with LlamaPromptLookupDecoding, alternating."""
     import llama_cpp
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     # logits_all=True with the draft: otherwise its score rows are sized by n_batch, too few (llama-cpp-python 0.3)
     engines = {name: llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new_tokens + lookup + 8, n_threads=threads,
-                                     n_threads_batch=threads, n_batch=max(len(prompt), 8), verbose=False,
-                                     logits_all=name == "speculative",
+                                     n_threads_batch=threads, n_batch=max(len(prompt), 8), use_mmap=use_mmap,
+                                     verbose=False, logits_all=name == "speculative",
                                      draft_model=LlamaPromptLookupDecoding(num_pred_tokens=lookup)
                                      if name == "speculative" else None)
                for name in ("plain", "speculative")}
@@ -259,7 +263,7 @@ def _bench(args: argparse.Namespace) -> int:
         from .loaders import resolve_path
 
         peer = bench_llama_cpp(str(resolve_path(path)), torch.get_num_threads(), args.prompt_tokens, args.new_tokens,
-                               args.kv_type, True if args.use_mmap is None else args.use_mmap)  # not told: its default
+                               args.kv_type, peer_mmap(args))
         result["llama_cpp"] = peer
         result["decode_ratio"] = round(ours["decode_tok_s"] / peer["decode_tok_s"], 3)
         result["prefill_ratio"] = round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 3)
