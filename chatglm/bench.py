@@ -1,5 +1,6 @@
 """`chatglm bench`: load time, prefill and decode speed, peak memory; optionally llama.cpp on the
-same file in the same run, so a speed is always read as a ratio against a peer measured beside it.
+same file in the same run, the two alternating round by round, so a speed is always read as a ratio against a
+peer measured beside it.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .cli import kv_type_flag, mmap_flag
-from .kv_cache import KV_TYPES, kv_type_name
+from .kv_cache import KV_TYPES, RESERVE, available_memory, kv_type_name
 from .quant import QType
 
 
@@ -33,82 +34,134 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
     return torch.randint(100, max(101, min(vocab, 30000)), (n,), generator=g).tolist()
 
 
-def bench_ours(path: str, device: str, dtype: str, prompt_tokens: int, new_tokens: int, batch: int,
-               kv_type: str = "auto", use_mmap: bool | None = None) -> dict[str, Any]:
-    from .loaders import build_model, mmap_option, open_checkpoint
-    from .loaders.huge_pages import settle
+class Ours:
+    """Our model and cache on one file, timed a round at a time: a prompt's prefill, then decode from its end."""
 
-    start = time.perf_counter()
-    use_mmap = mmap_option(use_mmap, device)
-    checkpoint = open_checkpoint(path, use_mmap=use_mmap)
-    model = build_model(checkpoint, dtype, device)
-    load_s = time.perf_counter() - start
-    settle()  # moving into huge pages: decode is timed once the weights sit still
-    moved_s = time.perf_counter() - start - load_s
-    ids = prompt_ids(model.config.vocab_size, prompt_tokens)
-    cache = model.new_cache(batch, prompt_tokens + new_tokens + 1, dtype=KV_TYPES.get(kv_type))
-    slots = torch.arange(batch, device=model.device)
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    engine = "chatglm"
 
-    def prefill() -> float:
+    def __init__(self, path: str, device: str, dtype: str, prompt_tokens: int, new_tokens: int, batch: int,
+                 kv_type: str = "auto", use_mmap: bool | None = None) -> None:
+        from .loaders import build_model, mmap_option, open_checkpoint
+        from .loaders.huge_pages import settle
+
+        start = time.perf_counter()
+        use_mmap = mmap_option(use_mmap, device)
+        checkpoint = open_checkpoint(path, use_mmap=use_mmap)
+        self.model = model = build_model(checkpoint, dtype, device)
+        load_s = time.perf_counter() - start
+        settle()  # moving into huge pages: decode is timed once the weights sit still
+        moved_s = time.perf_counter() - start - load_s
+        self.ids = prompt_ids(model.config.vocab_size, prompt_tokens)
+        self.batch, self.new_tokens = batch, new_tokens
+        self.cache = model.new_cache(batch, prompt_tokens + new_tokens + 1, dtype=KV_TYPES.get(kv_type))
+        self.slots = torch.arange(batch, device=model.device)
+        self.sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+        self.info = {"load_s": round(load_s, 3), "batch": batch, "prompt_tokens": prompt_tokens,
+                     "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+                     "fused_step": getattr(model, "fused", None) is not None,  # decode ran as one C++ call per token
+                     "kv_type": kv_type_name(self.cache.kv_type), "kv_bytes_per_token": self.cache.token_bytes(),
+                     "weights": checkpoint.placement, "use_mmap": use_mmap,
+                     **({} if use_mmap else {"weights_moved_s": round(moved_s, 3)})}
+
+    def prefill(self) -> float:
         t = time.perf_counter()
-        tokens = torch.tensor([ids] * batch, device=model.device)
-        pos = torch.arange(prompt_tokens, device=model.device).expand(batch, -1)
-        model(tokens, pos, cache, slots, last_only=True)
-        sync()
+        n = len(self.ids)
+        tokens = torch.tensor([self.ids] * self.batch, device=self.model.device)
+        pos = torch.arange(n, device=self.model.device).expand(self.batch, -1)
+        self.model(tokens, pos, self.cache, self.slots, last_only=True)
+        self.sync()
         return time.perf_counter() - t
 
-    prefill()  # warm-up: first calls allocate and pick kernels
-    prefill_s = prefill()
-    token = torch.full((batch, 1), ids[-1], device=model.device)
-    for step in range(2):  # warm-up decode steps
-        model(token, torch.full((batch, 1), prompt_tokens + step, device=model.device), cache, slots)
-    sync()
-    t = time.perf_counter()
-    for step in range(new_tokens):
-        model(token, torch.full((batch, 1), prompt_tokens + step, device=model.device), cache, slots)
-    sync()
-    decode_s = time.perf_counter() - t
-    out = {"engine": "chatglm", "load_s": round(load_s, 3), "prefill_tok_s": round(batch * prompt_tokens / prefill_s, 2),
-           "decode_tok_s": round(batch * new_tokens / decode_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-           "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
-           "fused_step": getattr(model, "fused", None) is not None,  # decode ran as one C++ call per token
-           "kv_type": kv_type_name(cache.kv_type), "kv_bytes_per_token": cache.token_bytes(),
-           "weights": checkpoint.placement, "use_mmap": use_mmap,
-           **({} if use_mmap else {"weights_moved_s": round(moved_s, 3)})}
-    if model.device.type == "cuda":
-        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
+    def decode(self, steps: int) -> float:
+        token = torch.full((self.batch, 1), self.ids[-1], device=self.model.device)
+        t = time.perf_counter()
+        for step in range(steps):
+            self.model(token, torch.full((self.batch, 1), len(self.ids) + step, device=self.model.device), self.cache,
+                       self.slots)
+        self.sync()
+        return time.perf_counter() - t
+
+    def memory(self) -> dict[str, float]:
+        """Peak memory so far: measured before llama.cpp loads into the same process."""
+        out = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+        if self.model.device.type == "cuda":
+            out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return out
 
 
-def bench_llama_cpp(path: str, threads: int, prompt_tokens: int, new_tokens: int,
-                    kv_type: str = "auto", use_mmap: bool = True) -> dict[str, Any]:
-    """llama.cpp (llama-cpp-python) on the same file: prompt eval, then token-by-token eval; its cache stored as
-    ours (`kv_type`; q8_0 values need its flash attention), or its default (f16) for auto; use_mmap=False is
-    llama.cpp's --no-mmap (the file read into allocated memory)."""
-    import llama_cpp
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python) on the same file, timed as `Ours`: its cache stored as ours (`kv_type`; q8_0
+    values need its flash attention), or its default (f16) for auto; use_mmap=False is llama.cpp's --no-mmap (the
+    file read into allocated memory)."""
 
-    cache = {}
-    if kv_type != "auto":  # ggml's type id, as its -ctk / -ctv take it
-        ggml_type = int(QType[kv_type.upper()])
-        cache = dict(type_k=ggml_type, type_v=ggml_type, flash_attn=kv_type == "q8_0")
-    start = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=path, n_ctx=prompt_tokens + new_tokens + 8, n_threads=threads,
-                          n_threads_batch=threads, n_batch=max(prompt_tokens, 8), use_mmap=use_mmap, verbose=False,
-                          **cache)
-    load_s = time.perf_counter() - start
-    ids = prompt_ids(llm.n_vocab(), prompt_tokens)
-    llm.eval(ids)  # warm-up
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(ids)
-    prefill_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(new_tokens):
-        llm.eval([ids[-1]])
-    decode_s = time.perf_counter() - t
-    return {"engine": "llama.cpp", "load_s": round(load_s, 3), "prefill_tok_s": round(prompt_tokens / prefill_s, 2),
-            "decode_tok_s": round(new_tokens / decode_s, 2), "use_mmap": use_mmap}
+    engine = "llama.cpp"
+
+    def __init__(self, path: str, threads: int, prompt_tokens: int, new_tokens: int, kv_type: str = "auto",
+                 use_mmap: bool = True) -> None:
+        import llama_cpp
+
+        cache = {}
+        if kv_type != "auto":  # ggml's type id, as its -ctk / -ctv take it
+            ggml_type = int(QType[kv_type.upper()])
+            cache = dict(type_k=ggml_type, type_v=ggml_type, flash_attn=kv_type == "q8_0")
+        start = time.perf_counter()
+        self.llm = llama_cpp.Llama(model_path=path, n_ctx=prompt_tokens + new_tokens + 8, n_threads=threads,
+                                   n_threads_batch=threads, n_batch=max(prompt_tokens, 8), use_mmap=use_mmap,
+                                   verbose=False, **cache)
+        self.ids = prompt_ids(self.llm.n_vocab(), prompt_tokens)
+        self.info = {"load_s": round(time.perf_counter() - start, 3), "use_mmap": use_mmap}
+
+    def prefill(self) -> float:
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(self.ids)
+        return time.perf_counter() - t
+
+    def decode(self, steps: int) -> float:
+        self.llm.n_tokens = len(self.ids)  # from the prompt's end, as ours: eval drops the cache past n_tokens
+        t = time.perf_counter()
+        for _ in range(steps):
+            self.llm.eval([self.ids[-1]])
+        return time.perf_counter() - t
+
+
+def warmed(engine):
+    """The engine after one untimed prefill and two decode steps (first calls allocate and pick kernels)."""
+    engine.prefill()
+    engine.decode(2)
+    return engine
+
+
+def timed_rounds(engines: list, rounds: int, new_tokens: int) -> list[dict[str, list[float]]]:
+    """Each engine's prefill and decode seconds over `rounds` rounds, the engines alternating within a round and
+    taking turns going first: on a shared machine the memory bus swings by 20-30% from one second to the next, so
+    only neighbouring times compare."""
+    times: list[dict[str, list[float]]] = [{"prefill": [], "decode": []} for _ in engines]
+    for r in range(rounds):
+        for i in range(len(engines)) if r % 2 == 0 else reversed(range(len(engines))):
+            times[i]["prefill"].append(engines[i].prefill())
+            times[i]["decode"].append(engines[i].decode(new_tokens))
+    return times
+
+
+def speeds(times: dict[str, list[float]], tokens: int, new_tokens: int) -> dict[str, float]:
+    """Median prefill and decode tok/s over the rounds."""
+    return {"prefill_tok_s": round(tokens / statistics.median(times["prefill"]), 2),
+            "decode_tok_s": round(new_tokens / statistics.median(times["decode"]), 2)}
+
+
+def ratio(ours: list[float], peer: list[float], alternated: bool) -> float:
+    """Our speed over the peer's: the median of the rounds' ratios when they alternated (each against its
+    neighbour), else the ratio of the medians."""
+    if alternated:
+        return round(statistics.median(p / o for o, p in zip(ours, peer)), 3)
+    return round(statistics.median(peer) / statistics.median(ours), 3)
+
+
+def fits_beside(path: str) -> bool:
+    """Whether llama.cpp's copy of the file can be loaded beside ours (each holds about the file) with room to
+    spare, so the two can alternate."""
+    return 2 * os.path.getsize(path) + RESERVE <= available_memory()
 
 
 class CountedDrafter:
@@ -251,39 +304,59 @@ def _bench(args: argparse.Namespace) -> int:
         from .synthetic import synthetic_file
 
         path = str(synthetic_file(args.synthetic, args.qtype, Path(args.synthetic_dir), args.synthetic_layers))
-    ours = bench_ours(path, args.device, args.dtype, args.prompt_tokens, args.new_tokens, args.batch, args.kv_type,
-                      args.use_mmap)
-    result: dict[str, Any] = {"model": str(path), **ours}
     if args.compare == "llama.cpp":
         if str(path).endswith(".bin"):
             raise ValueError(f"--compare llama.cpp: llama.cpp cannot read {path} (chatglm.cpp's GGML format); "
                              "measure chatglm.cpp on it instead")
         if args.batch != 1:
             raise ValueError("--compare llama.cpp measures batch 1 only")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds {args.rounds}: expected at least 1")
+    threads, n, new = torch.get_num_threads(), args.prompt_tokens, args.new_tokens
+    peer_args = (n, new, args.kv_type, peer_mmap(args))
+    if args.compare == "llama.cpp":
         from .loaders import resolve_path
 
-        peer = bench_llama_cpp(str(resolve_path(path)), torch.get_num_threads(), args.prompt_tokens, args.new_tokens,
-                               args.kv_type, peer_mmap(args))
-        result["llama_cpp"] = peer
-        result["decode_ratio"] = round(ours["decode_tok_s"] / peer["decode_tok_s"], 3)
-        result["prefill_ratio"] = round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 3)
+        peer_path = str(resolve_path(path))
+        alternated = fits_beside(peer_path)
+    ours = warmed(Ours(path, args.device, args.dtype, n, new, args.batch, args.kv_type, args.use_mmap))
+    result: dict[str, Any] = {"model": str(path), "engine": "chatglm", **ours.info, **ours.memory(),
+                              "rounds": args.rounds}
+    engines = [ours]
+    if args.compare == "llama.cpp" and alternated:
+        engines.append(warmed(LlamaCpp(peer_path, threads, *peer_args)))
+    times = timed_rounds(engines, args.rounds, new)
+    result.update(speeds(times[0], args.batch * n, args.batch * new))
+    if args.compare == "llama.cpp":
+        if not alternated:  # one at a time: ours goes before llama.cpp's copy is read
+            print(f"{peer_path}: two copies do not fit in memory, so llama.cpp runs after ours, not alternating",
+                  file=sys.stderr)
+            del engines, ours
+            engines = [warmed(LlamaCpp(peer_path, threads, *peer_args))]
+            times += timed_rounds(engines, args.rounds, new)
+        peer = engines[-1]
+        result["llama_cpp"] = {"engine": "llama.cpp", **peer.info, **speeds(times[-1], n, new)}
+        result["alternated"] = alternated
+        result["decode_ratio"] = ratio(times[0]["decode"], times[-1]["decode"], alternated)
+        result["prefill_ratio"] = ratio(times[0]["prefill"], times[-1]["prefill"], alternated)
     result["busy_core_cpu_s"] = round(args.busy_seconds(), 2)
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"model {result['model']}  threads {ours['threads']}  batch {ours['batch']}"
+        print(f"model {result['model']}  threads {threads}  batch {args.batch}  median of {args.rounds} rounds"
               + ("  (a CPU-bound process on core 0)" if args.busy else ""))
-        print(f"chatglm    load {ours['load_s']:.2f} s  prefill {ours['prefill_tok_s']:.1f} tok/s  "
-              f"decode {ours['decode_tok_s']:.1f} tok/s  peak RSS {ours['peak_rss_mb']:.0f} MB  "
-              f"KV {ours['kv_type']} {ours['kv_bytes_per_token']} B/token")
-        if ours["weights"]:
-            moved = f", all moved {ours['weights_moved_s']:.2f} s after load" if "weights_moved_s" in ours else ""
-            print(f"           {ours['weights']}{moved}")
+        print(f"chatglm    load {result['load_s']:.2f} s  prefill {result['prefill_tok_s']:.1f} tok/s  "
+              f"decode {result['decode_tok_s']:.1f} tok/s  peak RSS {result['peak_rss_mb']:.0f} MB  "
+              f"KV {result['kv_type']} {result['kv_bytes_per_token']} B/token")
+        if result["weights"]:
+            moved = f", all moved {result['weights_moved_s']:.2f} s after load" if "weights_moved_s" in result else ""
+            print(f"           {result['weights']}{moved}")
         if "llama_cpp" in result:
             p = result["llama_cpp"]
             print(f"llama.cpp  load {p['load_s']:.2f} s  prefill {p['prefill_tok_s']:.1f} tok/s  "
                   f"decode {p['decode_tok_s']:.1f} tok/s")
-            print(f"ratio      prefill {result['prefill_ratio']:.2f}x  decode {result['decode_ratio']:.2f}x")
+            how = "each round against its neighbour" if alternated else "one after the other"
+            print(f"ratio      prefill {result['prefill_ratio']:.2f}x  decode {result['decode_ratio']:.2f}x  ({how})")
     return 0
 
 
@@ -332,6 +405,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "llama-cpp-python's prompt-lookup decoding")
     p.add_argument("--lookup", type=int, default=0, metavar="N", help="with --prompt-file: drafts of N tokens (10)")
     p.add_argument("--draft", default=None, metavar="MODEL", help="with --prompt-file: a draft model instead")
-    p.add_argument("--rounds", type=int, default=3, help="with --prompt-file: measured rounds of each (median)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measured rounds of each engine, alternating with --compare (median); with --prompt-file, "
+                        "of plain and speculative decoding")
     p.set_defaults(func=cmd_bench)
 

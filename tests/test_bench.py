@@ -11,7 +11,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from chatglm import load_model
+from chatglm import bench, load_model
+from chatglm.cli import main
 from chatglm.kernels import ggml
 from chatglm.kv_cache import KV_TYPES, format_size
 from chatglm.loaders import open_checkpoint
@@ -44,7 +45,48 @@ def test_bench_json_with_llama_cpp(tmp_path, default_gguf, llama_cpp):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("decode_tok_s", "prefill_tok_s", "load_s", "peak_rss_mb", "decode_ratio", "kv_bytes_per_token"):
         assert result[key] > 0, key
-    assert result["llama_cpp"]["engine"] == "llama.cpp"
+    assert result["llama_cpp"]["engine"] == "llama.cpp" and result["alternated"] is True and result["rounds"] == 3
+
+
+class Clocked:
+    """A stand-in engine whose every prefill and decode takes `seconds` and logs the call."""
+
+    def __init__(self, name: str, seconds: list[float], log: list[str]) -> None:
+        self.name, self.seconds, self.log = name, iter(seconds), log
+
+    def prefill(self) -> float:
+        self.log.append(self.name)
+        return 1.0
+
+    def decode(self, steps: int) -> float:
+        return next(self.seconds)
+
+
+def test_rounds_alternate_and_each_ratio_is_taken_against_its_neighbour():
+    """The peer runs beside ours a round at a time, each going first in turn; the bus's swings (here the 3rd round
+    twice as slow for both) cancel in each round's ratio, so the median ratio is the engines' true 1.25."""
+    log: list[str] = []
+    ours = Clocked("ours", [0.8, 0.8, 1.6, 0.8], log)
+    peer = Clocked("peer", [1.0, 1.0, 2.0, 1.0], log)
+    times = bench.timed_rounds([ours, peer], 4, 8)
+    assert log == ["ours", "peer", "peer", "ours", "ours", "peer", "peer", "ours"]
+    assert bench.ratio(times[0]["decode"], times[1]["decode"], alternated=True) == 1.25
+    assert bench.ratio([0.8, 0.8, 1.6], [2.0, 2.0, 2.0], alternated=False) == 2.5  # the medians', one after the other
+    assert bench.speeds(times[0], 16, 8) == {"prefill_tok_s": 16.0, "decode_tok_s": 10.0}
+
+
+def test_bench_runs_llama_cpp_after_ours_when_two_copies_do_not_fit(tmp_path, default_gguf, llama_cpp, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setattr(bench, "available_memory", lambda: bench.RESERVE)  # no room for two copies beside it
+    args = ["bench", "--synthetic", "chatglm-tiny", "--synthetic-dir", str(tmp_path), "--prompt-tokens", "16",
+            "--new-tokens", "4", "--rounds", "2", "--compare", "llama.cpp", "--json"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["alternated"] is False and "not alternating" in err
+    assert result["llama_cpp"]["decode_tok_s"] > 0 and result["decode_ratio"] > 0
+    assert main(args[:-5] + ["--rounds", "0"]) == 1
+    assert "--rounds 0: expected at least 1" in capsys.readouterr().err
 
 
 def test_bench_busy_runs_a_pinned_spinner_beside_both_engines_and_stops_it(tmp_path, default_gguf, llama_cpp):
