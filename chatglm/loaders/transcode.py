@@ -1,0 +1,120 @@
+"""K-quant and other block types without a kernel, turned at load into the legacy blocks the C++ kernels run.
+
+Most downloaded GGUFs are K-quant mixes (Q4_K_M: Q4_K with some tensors Q6_K). Our kernels multiply the legacy
+32-value blocks (q4_0 q4_1 q5_0 q5_1 q8_0) in place, so each other block tensor is rewritten once, as it is read:
+
+- Q4_K -> q4_1 and Q5_K -> q5_1: a K-quant's 32-value sub-block is affine, value = d*sc*q - dmin*m with the same
+  4- or 5-bit codes q, which is q4_1 / q5_1's value = d'*q + m'. The codes are kept; only d' = d*sc and
+  m' = -dmin*m, exact in float32, are rounded to float16: each at most 2^-11 of itself (float16 keeps 11
+  significant bits), so a value moves by at most 2^-11 * (|d'|*q + |m'|).
+- Q6_K, Q3_K, Q2_K (16-value sub-blocks with their own scales) and every other type: their exact values
+  (gguf.quants) requantized to q8_0, at most half a q8_0 step away (amax/254 per 32 values, well under
+  their own steps).
+- Pieces fused along rows (q, k, v) must share one type: where their targets differ, all become q8_0.
+
+Transcoded tensors live in anonymous memory (about the file's size: +11% for q4_1 over Q4_K, +30% for q8_0
+over Q6_K); the file pages they were read from are dropped from the process's mapping.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES
+
+from ..quant import DECODERS, FLOAT_TYPES, QTensor, QType, dequantize, q8_0_bytes
+
+AFFINE_TARGETS = {QType.Q4_K: QType.Q4_1, QType.Q5_K: QType.Q5_1}
+_CHUNK_VALUES = 1 << 22  # values decoded to float32 at a time on the q8_0 path (16 MB)
+
+
+def target_of(qtype: QType) -> QType | None:
+    """The legacy block type a tensor of `qtype` is transcoded to; None when it already runs as it is."""
+    if qtype in DECODERS or qtype in FLOAT_TYPES:
+        return None
+    return AFFINE_TARGETS.get(qtype, QType.Q8_0)
+
+
+def plan(types: Mapping[str, QType], groups: Iterable[list[str]]) -> dict[str, QType]:
+    """file tensor name -> its target type, for every tensor that changes: `groups` are the names fused along
+    rows into one weight, which must end in one type (q8_0 where their targets differ)."""
+    out = {name: t for name, qtype in types.items() if (t := target_of(qtype)) is not None}
+    for names in groups:
+        blocks = [n for n in names if types[n] not in FLOAT_TYPES]
+        if len({out.get(n, types[n]) for n in blocks}) > 1:
+            out.update({n: QType.Q8_0 for n in blocks if types[n] != QType.Q8_0})
+    return out
+
+
+def summary(types: Mapping[str, QType], targets: Mapping[str, QType]) -> str:
+    """'transcoded at load: 7 Q4_K -> q4_1, 2 Q6_K -> q8_0' (empty when nothing is)."""
+    counts = Counter((types[n].name, t.name.lower()) for n, t in targets.items())
+    return ("transcoded at load: " + ", ".join(f"{c} {a} -> {b}" for (a, b), c in sorted(counts.items()))
+            if counts else "")
+
+
+def transcode(w: QTensor, target: QType) -> QTensor:
+    """`w`'s blocks as `target` blocks, in fresh memory ([rows, bytes per row] as the file lays them), a few rows
+    at a time (never the whole tensor decoded at once)."""
+    affine = (w.qtype, target) in ((QType.Q4_K, QType.Q4_1), (QType.Q5_K, QType.Q5_1))
+    if not affine and target != QType.Q8_0:
+        raise ValueError(f"cannot transcode {w.qtype.name} to {target.name}; expected a target from target_of")
+    rows, cols = w.shape
+    block, size = GGML_QUANT_SIZES[target]
+    out = torch.empty(rows, cols // block * size, dtype=torch.uint8)
+    step = max(1, _CHUNK_VALUES // cols)
+    for at in range(0, rows, step):
+        part = w.raw[at : at + step].numpy()
+        if affine:
+            out[at : at + step] = _affine_blocks(part, w.qtype).reshape(len(part), -1)
+        else:
+            out[at : at + step] = q8_0_bytes(torch.from_numpy(dequantize(part, w.qtype, (len(part), cols))))
+    return QTensor(out, target, w.shape)
+
+
+def _scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 six-bit scales and mins packed in a Q4_K/Q5_K block's 12 bytes (ggml's get_scale_min_k4)."""
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, m
+
+
+def _affine_blocks(raw: np.ndarray, qtype: QType) -> torch.Tensor:
+    """Q4_K -> q4_1 or Q5_K -> q5_1 bytes, one legacy block per 32-value sub-block: the codes as they are,
+    scale float16(d*sc) and offset float16(-dmin*m) (d, dmin float16, sc, m six-bit: exact in float32)."""
+    blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+    n = len(blocks)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = _scales_mins(blocks[:, 4:16])
+    scale = (d * sc).astype(np.float16)                                    # [n, 8]
+    offset = (-(dmin * m)).astype(np.float16)
+    qs = blocks[:, -128:].reshape(n, 4, 1, 32)
+    codes = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(n, 8, 32)   # sub-block 2j low nibbles, 2j+1 high
+    head = np.stack([scale, offset], axis=-1).view(np.uint8).reshape(n, 8, 4)
+    low = codes[..., :16] & 15 | (codes[..., 16:] & 15) << 4              # value i low, value i + 16 high
+    if qtype == QType.Q4_K:
+        out = np.concatenate([head, low], axis=-1)
+    else:
+        qh = blocks[:, 16:48].reshape(n, 1, 32)                            # bit k of qh[l]: sub-block k's value l
+        fifth = (qh >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+        out = np.concatenate([head, np.packbits(fifth, axis=-1, bitorder="little"), low], axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(out))
+
+
+def transcoding(get: Callable[[str], torch.Tensor | QTensor], targets: Mapping[str, QType],
+                release: Callable[[str], None]) -> Callable[[str], torch.Tensor | QTensor]:
+    """A tensor reader that transcodes the tensors named in `targets`, then `release`s the file bytes they were
+    read from (the process's memory is the transcoded copy, not both). A damaged scale (NaN, inf) carries into
+    the new blocks' scales, which the loader's finite check refuses."""
+    def read(name: str) -> torch.Tensor | QTensor:
+        w = get(name)
+        if name not in targets or not isinstance(w, QTensor):
+            return w
+        out = transcode(w, targets[name])
+        release(name)
+        return out
+
+    return read
