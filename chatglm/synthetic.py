@@ -20,7 +20,7 @@ from .default_model import default_model_path
 from .loaders.gguf import read_gguf
 from .loaders.gguf_writer import OutTensor, write_gguf
 from .loaders.vocab_writer import Vocab
-from .quant import QTensor, qtype_of
+from .quant import FLOAT_TYPES, QTensor, qtype_of
 
 SHAPES = {
     "chatglm3-6b": dict(arch="chatglm", hidden_size=4096, num_layers=28, num_heads=32, num_kv_heads=2, head_dim=128,
@@ -140,7 +140,7 @@ def _random_tensors(decoder: Any, cfg: ModelConfig,
         blocks = len(sizes[canon]) == 2 and not canon.endswith("router")
         t = OutTensor(canon, sizes[canon], None, q if blocks else QType.F32)
         data = torch.from_numpy(_random_data(t, rng))
-        return QTensor(data, q, t.shape) if t.qtype == q else data
+        return QTensor(data, q, t.shape) if t.qtype == q and q not in FLOAT_TYPES else data
 
     return sizes, get
 

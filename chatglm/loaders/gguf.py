@@ -266,5 +266,5 @@ def open_gguf(path: Path, use_mmap: bool = True) -> Checkpoint:
         return tokenizer_from_gguf(meta, path)
 
     stored = matrix_dtype(file.tensor(name) for name in file.tensors)
-    return Checkpoint(path, family, config, layout, family.GGUF_NAMES, transcoding(file.tensor, targets, file.release),
-                      stored, tokenizer, {}, "gguf", placement)
+    get = transcoding(file.tensor, targets, file.release) if targets else file.tensor
+    return Checkpoint(path, family, config, layout, family.GGUF_NAMES, get, stored, tokenizer, {}, "gguf", placement)
