@@ -17,6 +17,7 @@ over Q6_K); the file pages they were read from are dropped from the process's ma
 """
 from __future__ import annotations
 
+import ctypes
 from collections import Counter
 from typing import Callable, Iterable, Mapping
 
@@ -27,7 +28,7 @@ from gguf import GGML_QUANT_SIZES
 from ..quant import DECODERS, FLOAT_TYPES, QTensor, QType, dequantize, q8_0_bytes
 
 AFFINE_TARGETS = {QType.Q4_K: QType.Q4_1, QType.Q5_K: QType.Q5_1}
-_CHUNK_VALUES = 1 << 22  # values decoded to float32 at a time on the q8_0 path (16 MB)
+_CHUNK_VALUES = 1 << 18  # values decoded at a time: gguf.quants takes ~40 bytes a value in temporaries
 
 
 def target_of(qtype: QType) -> QType | None:
@@ -115,6 +116,15 @@ def transcoding(get: Callable[[str], torch.Tensor | QTensor], targets: Mapping[s
             return w
         out = transcode(w, targets[name])
         release(name)
+        _return_freed_heap()
         return out
 
     return read
+
+
+def _return_freed_heap() -> None:
+    """Give the decoding temporaries' freed heap pages back to the system (glibc's malloc_trim; elsewhere nothing):
+    glibc keeps them between the long-lived transcoded tensors, tens of MB that would count as the model's."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
