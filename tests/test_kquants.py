@@ -145,21 +145,36 @@ def test_glm4_k_quants_match_llama_cpp(llama_cpp, glm4_file, ftype):
     assert_matches_llama_cpp(llama_cpp, path, model)
 
 
-def test_glm4_moe_q4_k_m_matches_llama_cpp(llama_cpp, folder):
-    """GLM-4.5 (llama.cpp's glm4moe) in Q4_K_M: 3-D expert stacks of Q4_K (each expert's gate and up blocks q4_1),
-    q in Q4_K beside k and v in q8_0 (all three q8_0), the one-call step with the routed experts."""
+@pytest.mark.parametrize("name", ["glm4-moe-tiny", "glm4-moe-lite-tiny"])
+def test_moe_q4_k_m_matches_llama_cpp(llama_cpp, folder, name):
+    """GLM-4.5 (llama.cpp's glm4moe) and GLM-4.7-Flash (deepseek2) in Q4_K_M: 3-D expert stacks of Q4_K (each
+    expert's gate and up blocks q4_1), the one-call step with the routed experts; GLM-4.5's q in Q4_K beside k and
+    v in q8_0 become one q8_0 weight."""
     from chatglm.synthetic import synthetic_gguf
 
-    path = quantized(llama_cpp, synthetic_gguf("glm4-moe-tiny", "f32", folder), "Q4_K_M", folder / "moe-Q4_K_M.gguf")
-    stacks = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors if "_exps." in t.name}
-    assert "Q4_K" in stacks.values()
+    path = quantized(llama_cpp, synthetic_gguf(name, "f32", folder), "Q4_K_M", folder / f"{name}-Q4_K_M.gguf")
+    stacks = {t.tensor_type.name for t in GGUFReader(path).tensors if "_exps." in t.name}
+    assert "Q4_K" in stacks
     ckpt = open_checkpoint(path)
-    assert "Q4_K -> q4_1" in ckpt.placement and "Q4_K -> q8_0" in ckpt.placement
+    assert "Q4_K -> q4_1" in ckpt.placement
+    assert ("Q4_K -> q8_0" in ckpt.placement) == (name == "glm4-moe-tiny")
     model = build_model(ckpt)
     all_in_blocks(model)
     experts = [m for n, m in model.named_modules() if ".experts." in n and isinstance(m, GGMLLinear)]
     assert QType.Q4_1 in {m.qtype for m in experts}
     assert_matches_llama_cpp(llama_cpp, path, model)
+
+
+def test_huge_pages_load_gives_the_same_logits(glm4_file):
+    """With use_mmap=False the file's other tensors move into huge pages while the transcoded ones are left out of
+    the move (they are copied anyway): the same model either way."""
+    from chatglm.loaders.huge_pages import settle
+
+    path = glm4_file("Q4_K_M")
+    mapped = load_model(path, use_mmap=True).logits(IDS)
+    model = load_model(path, use_mmap=False)
+    settle()
+    assert np.array_equal(model.logits(IDS), mapped)
 
 
 @pytest.fixture(scope="module")
