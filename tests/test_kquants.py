@@ -4,7 +4,6 @@ the file's blocks, the models' logits and greedy tokens against llama.cpp's on t
 step in use, and memory after load about the file's size rather than its float size."""
 from __future__ import annotations
 
-import ctypes
 import json
 import subprocess
 import sys
@@ -39,15 +38,11 @@ LOGIT_TOL = 3e-2
 F16_ROUNDING = 2.0 ** -11  # float16 keeps 11 significant bits: rounding moves a value by at most 2^-11 of itself
 
 
-def quantized(llama_cpp, src: Path, ftype: str, out: Path) -> Path:
-    """`src` quantized by llama.cpp (llama_model_quantize) to `ftype`, written once to `out`."""
-    if not out.is_file():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-        params.nthread = 2
-        params.allow_requantize = True  # the default model is q4_1: llama.cpp decodes it to float first
-        assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
-    return out
+def quantized(src: Path, mix: str, out: Path) -> Path:
+    """`src` quantized by llama.cpp to `mix` once, into `out`."""
+    from chatglm.synthetic import llama_quantized
+
+    return out if out.is_file() else llama_quantized(src, mix.lower(), out)
 
 
 def types_in(path: Path) -> set[str]:
@@ -65,7 +60,7 @@ def glm4_file(llama_cpp, folder):
     from chatglm.synthetic import synthetic_gguf
 
     src = synthetic_gguf("glm4-tiny", "f32", folder)
-    return lambda ftype: quantized(llama_cpp, src, ftype, folder / f"glm4-tiny-{ftype}.gguf")
+    return lambda ftype: quantized(src, ftype, folder / f"glm4-tiny-{ftype}.gguf")
 
 
 @pytest.mark.parametrize("ftype", FTYPES)
@@ -152,7 +147,7 @@ def test_moe_q4_k_m_matches_llama_cpp(llama_cpp, folder, name):
     v in q8_0 become one q8_0 weight."""
     from chatglm.synthetic import synthetic_gguf
 
-    path = quantized(llama_cpp, synthetic_gguf(name, "f32", folder), "Q4_K_M", folder / f"{name}-Q4_K_M.gguf")
+    path = quantized(synthetic_gguf(name, "f32", folder), "Q4_K_M", folder / f"{name}-Q4_K_M.gguf")
     stacks = {t.tensor_type.name for t in GGUFReader(path).tensors if "_exps." in t.name}
     assert "Q4_K" in stacks
     ckpt = open_checkpoint(path)
@@ -181,7 +176,7 @@ def test_huge_pages_load_gives_the_same_logits(glm4_file):
 def default_q4_k_m(llama_cpp, default_gguf, folder) -> Path:
     """The real default model (SmolLM2-135M) requantized to Q4_K_M by llama.cpp: its 1536-wide ffn_down in Q4_K and
     Q6_K (its 576-wide matrices fall back to q5_0 / q8_0, v beside q5_0 q and k: q, k, v all q8_0)."""
-    path = quantized(llama_cpp, default_gguf, "Q4_K_M", folder / "smollm2-Q4_K_M.gguf")
+    path = quantized(default_gguf, "Q4_K_M", folder / "smollm2-Q4_K_M.gguf")
     assert {"Q4_K", "Q6_K"} <= types_in(path)
     return path
 
@@ -218,7 +213,7 @@ def test_memory_after_load_is_about_the_file_size(llama_cpp, folder):
     from chatglm.synthetic import synthetic_gguf
 
     src = synthetic_gguf("glm4-tiny", "f32", folder, layers=24)
-    path = quantized(llama_cpp, src, "Q4_K_M", folder / "glm4-tiny-24l-Q4_K_M.gguf")
+    path = quantized(src, "Q4_K_M", folder / "glm4-tiny-24l-Q4_K_M.gguf")
     size, float_size = path.stat().st_size, src.stat().st_size
     assert float_size > 4 * size
     # VmHWM, this process image's peak (ru_maxrss would keep the forking test process's across exec)
