@@ -258,7 +258,7 @@ def open_gguf(path: Path, use_mmap: bool = True) -> Checkpoint:
         spans = [(t.start, t.nbytes) for name, t in file.tensors.items() if "_exps." not in name
                  and name not in targets]
         placement = into_huge_pages(path, file.buffer, spans)
-    placement = "; ".join(filter(None, (placement, summary(types, targets))))
+    placement = "; ".join(filter(None, (summary(types, targets), placement)))
 
     def tokenizer():
         from ..tokenizers import tokenizer_from_gguf
