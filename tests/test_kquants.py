@@ -104,6 +104,24 @@ def test_fused_pieces_of_mixed_targets_share_one_type():
     assert targets == {"q": QType.Q8_0, "k": QType.Q8_0, "v": QType.Q8_0, "gate": QType.Q4_1, "up": QType.Q4_1}
 
 
+def test_stacking_mixed_block_types_gives_q8_0():
+    """Pieces of different block types met while stacking (an expert's gate and up) become one q8_0 weight the
+    kernels run, each value within half a q8_0 step of gguf.quants' value of its piece, not a float32 copy."""
+    from chatglm.loaders.names import concat_rows
+    from chatglm.quant import QTensor, quantize
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 64)).astype(np.float32)
+    pieces = [QTensor(torch.from_numpy(quantize(x[i], q)), q, (8, 64)) for i, q in enumerate((QType.Q4_0, QType.Q8_0))]
+    stacked = concat_rows(pieces, ["gate", "up"], "test")
+    assert stacked.qtype == QType.Q8_0 and stacked.shape == (16, 64)
+    assert stacked.parts[1] is pieces[1].raw  # a piece already q8_0 is left where it is
+    ref = np.concatenate([ggml_quants.dequantize(p.raw.numpy(), p.qtype).reshape(8, 64) for p in pieces])
+    got = ggml_quants.dequantize(stacked.raw.numpy(), QType.Q8_0).reshape(16, 64)
+    step = np.abs(ref).reshape(-1, 32).max(-1, keepdims=True) / 127
+    assert np.all(np.abs(got - ref).reshape(-1, 32) <= (0.5 + 127 * F16_ROUNDING) * step * (1 + 1e-3))
+
+
 def all_in_blocks(model) -> None:
     """Every linear is a block linear of a kernel type, and the one-call decode step is built over them."""
     linears = [m for m in model.modules() if isinstance(m, GGMLLinear)]
