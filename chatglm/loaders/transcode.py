@@ -69,7 +69,7 @@ def transcode(w: QTensor, target: QType) -> QTensor:
     for at in range(0, rows, step):
         part = w.raw[at : at + step].numpy()
         if affine:
-            out[at : at + step] = _affine_blocks(part, w.qtype).reshape(len(part), -1)
+            _affine_blocks(part, w.qtype, out[at : at + step].numpy())
         else:
             out[at : at + step] = q8_0_bytes(torch.from_numpy(dequantize(part, w.qtype, (len(part), cols))))
     return QTensor(out, target, w.shape)
@@ -82,27 +82,28 @@ def _scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, m
 
 
-def _affine_blocks(raw: np.ndarray, qtype: QType) -> torch.Tensor:
-    """Q4_K -> q4_1 or Q5_K -> q5_1 bytes, one legacy block per 32-value sub-block: the codes as they are,
-    scale float16(d*sc) and offset float16(-dmin*m) (d, dmin float16, sc, m six-bit: exact in float32)."""
+def _affine_blocks(raw: np.ndarray, qtype: QType, out: np.ndarray) -> None:
+    """Q4_K -> q4_1 or Q5_K -> q5_1 bytes into `out`, one legacy block per 32-value sub-block: the codes as they
+    are, scale float16(d*sc) and offset float16(-dmin*m) (d, dmin float16, sc, m six-bit: exact in float32)."""
     blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])
     n = len(blocks)
+    out = out.reshape(n, 8, -1)                                     # [K-quant blocks, sub-blocks, legacy block]
     d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
     dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
     sc, m = _scales_mins(blocks[:, 4:16])
-    scale = (d * sc).astype(np.float16)                                    # [n, 8]
-    offset = (-(dmin * m)).astype(np.float16)
-    qs = blocks[:, -128:].reshape(n, 4, 1, 32)
-    codes = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(n, 8, 32)   # sub-block 2j low nibbles, 2j+1 high
-    head = np.stack([scale, offset], axis=-1).view(np.uint8).reshape(n, 8, 4)
-    low = codes[..., :16] & 15 | (codes[..., 16:] & 15) << 4              # value i low, value i + 16 high
-    if qtype == QType.Q4_K:
-        out = np.concatenate([head, low], axis=-1)
-    else:
-        qh = blocks[:, 16:48].reshape(n, 1, 32)                            # bit k of qh[l]: sub-block k's value l
+    out[..., 0:2] = (d * sc).astype(np.float16)[..., None].view(np.uint8)
+    out[..., 2:4] = (-(dmin * m)).astype(np.float16)[..., None].view(np.uint8)
+    # 32 bytes per pair of sub-blocks: sub-block 2j in the low nibbles, 2j + 1 in the high; a legacy block's byte i
+    # holds its value i in the low nibble and value i + 16 in the high
+    qs = blocks[:, -128:].reshape(n, 4, 32)
+    first, second = qs[..., :16], qs[..., 16:]
+    low = out[..., -16:].reshape(n, 4, 2, 16)
+    np.bitwise_or(first & 15, second << 4, out=low[:, :, 0])
+    np.bitwise_or(first >> 4, second & 0xF0, out=low[:, :, 1])
+    if qtype == QType.Q5_K:  # bit k of qh[l]: sub-block k's value l; q5_1's 32-bit qh: bit i for value i
+        qh = blocks[:, 16:48].reshape(n, 1, 32)
         fifth = (qh >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
-        out = np.concatenate([head, np.packbits(fifth, axis=-1, bitorder="little"), low], axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(out))
+        out[..., 4:8] = np.packbits(fifth, axis=-1, bitorder="little")
 
 
 def transcoding(get: Callable[[str], torch.Tensor | QTensor], targets: Mapping[str, QType],
