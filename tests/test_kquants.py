@@ -29,7 +29,7 @@ from test_glm4_families import rel_err
 
 pytestmark = pytest.mark.skipif(not ggml.available(), reason="the C++ kernels were not built on this machine")
 
-FTYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K")
+FTYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K", "IQ4_XS")  # IQ4_XS: a non-linear type, to q8_0
 IDS = [100, 2000, 300, 40, 5000, 6]
 # Ours and llama.cpp both round activations to 8 bits before the block products (ours q8_0 blocks of 32, llama.cpp
 # q8_K blocks of 256 for K-quant weights), each ~0.4% of a product: on these random tiny models the logits then
@@ -71,7 +71,8 @@ def test_transcoded_blocks_stay_within_the_bound(glm4_file, ftype):
     rounding of the step itself, 127 codes * 2^-11 steps at most)."""
     path = glm4_file(ftype)
     assert {"Q6_K"} <= types_in(path)
-    assert {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q3_K_M": "Q3_K", "Q2_K": "Q2_K"}.get(ftype, "Q6_K") in types_in(path)
+    assert {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q3_K_M": "Q3_K", "Q2_K": "Q2_K", "IQ4_XS": "IQ4_XS"}.get(ftype, "Q6_K") \
+        in types_in(path)
     file = read_gguf(path)
     checked = set()
     for name, info in file.tensors.items():
@@ -147,11 +148,11 @@ def assert_matches_llama_cpp(llama_cpp, path: Path, model) -> None:
     assert rel_err(decode_logits(model, IDS), theirs) < LOGIT_TOL
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q5_K_M", "Q2_K"])
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q5_K_M", "Q2_K", "IQ4_XS"])
 def test_glm4_k_quants_match_llama_cpp(llama_cpp, glm4_file, ftype):
     path = glm4_file(ftype)
     ckpt = open_checkpoint(path)
-    k = {"Q4_K_M": "Q4_K -> q4_1", "Q5_K_M": "Q5_K -> q5_1", "Q2_K": "Q2_K -> q8_0"}[ftype]
+    k = {"Q4_K_M": "Q4_K -> q4_1", "Q5_K_M": "Q5_K -> q5_1", "Q2_K": "Q2_K -> q8_0", "IQ4_XS": "IQ4_XS -> q8_0"}[ftype]
     assert "transcoded at load:" in ckpt.placement and k in ckpt.placement
     model = build_model(ckpt)
     all_in_blocks(model)
