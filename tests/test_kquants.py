@@ -180,15 +180,20 @@ def test_moe_q4_k_m_matches_llama_cpp(llama_cpp, folder, name):
 
 
 def test_huge_pages_load_gives_the_same_logits(glm4_file):
-    """With use_mmap=False the file's other tensors move into huge pages while the transcoded ones are left out of
-    the move (they are copied anyway): the same model either way."""
-    from chatglm.loaders.huge_pages import settle
+    """With use_mmap=False the file's other tensors move into huge pages and the transcoded ones are made in 2 MB
+    pages (2 MB-aligned, MADV_HUGEPAGE) where the machine allows: the same model either way."""
+    from chatglm.loaders.huge_pages import HUGE, settle, unavailable_reason
 
     path = glm4_file("Q4_K_M")
     mapped = load_model(path, use_mmap=True).logits(IDS)
-    model = load_model(path, use_mmap=False)
+    ckpt = open_checkpoint(path, use_mmap=False)
+    model = build_model(ckpt)
     settle()
     assert np.array_equal(model.logits(IDS), mapped)
+    if unavailable_reason(0) is None:
+        assert "(into 2 MB pages)" in ckpt.placement
+        big = [p for m in model.modules() if isinstance(m, GGMLLinear) for p in m.parts if p.numel() >= HUGE]
+        assert big and all(p.data_ptr() % HUGE == 0 for p in big)  # the embedding and head, transcoded
 
 
 @pytest.fixture(scope="module")

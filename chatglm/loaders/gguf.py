@@ -23,7 +23,7 @@ from gguf import GGUFValueType as VType
 from ..errors import ModelFileError
 from ..models import family_for_gguf
 from ..quant import FLOAT_TYPES, QTensor
-from .huge_pages import MAPPED, into_huge_pages
+from .huge_pages import MAPPED, into_huge_pages, unavailable_reason
 from .names import main_layers, plan
 from .transcode import plan as transcode_plan
 from .transcode import summary, transcoding
@@ -253,12 +253,13 @@ def open_gguf(path: Path, use_mmap: bool = True) -> Checkpoint:
     read = {n for names in layout.values() for n in names}
     types = {n: t.qtype for n, t in file.tensors.items() if n in read}
     targets = transcode_plan(types, layout.values())  # K-quants and such onto the kernels' block types
-    placement = MAPPED
-    if not use_mmap:  # once the file is known to be a model we read; transcoded tensors are copied anyway
+    placement, huge = MAPPED, False
+    if not use_mmap:  # once the file is known to be a model we read; transcoded tensors are made in huge pages
         spans = [(t.start, t.nbytes) for name, t in file.tensors.items() if "_exps." not in name
                  and name not in targets]
         placement = into_huge_pages(path, file.buffer, spans)
-    placement = "; ".join(filter(None, (summary(types, targets), placement)))
+        huge = bool(targets) and unavailable_reason(sum(file.tensors[n].nbytes for n in targets)) is None
+    placement = "; ".join(filter(None, (summary(types, targets) + (" (into 2 MB pages)" if huge else ""), placement)))
 
     def tokenizer():
         from ..tokenizers import tokenizer_from_gguf
@@ -266,5 +267,5 @@ def open_gguf(path: Path, use_mmap: bool = True) -> Checkpoint:
         return tokenizer_from_gguf(meta, path)
 
     stored = matrix_dtype(file.tensor(name) for name in file.tensors)
-    get = transcoding(file.tensor, targets, file.release) if targets else file.tensor
+    get = transcoding(file.tensor, targets, file.release, huge) if targets else file.tensor
     return Checkpoint(path, family, config, layout, family.GGUF_NAMES, get, stored, tokenizer, {}, "gguf", placement)

@@ -13,7 +13,8 @@ Most downloaded GGUFs are K-quant mixes (Q4_K_M: Q4_K with some tensors Q6_K). O
 - Pieces fused along rows (q, k, v) must share one type: where their targets differ, all become q8_0.
 
 Transcoded tensors live in anonymous memory (about the file's size: +11% for q4_1 over Q4_K, +30% for q8_0
-over Q6_K); the file pages they were read from are dropped from the process's mapping.
+over Q6_K), in 2 MB pages where the file's other weights move into them (--no-mmap); the file pages they were
+read from are dropped from the process's mapping.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 
 from ..quant import DECODERS, FLOAT_TYPES, QTensor, QType, dequantize, q8_0_bytes
+from .huge_pages import HUGE, huge_empty
 
 AFFINE_TARGETS = {QType.Q4_K: QType.Q4_1, QType.Q5_K: QType.Q5_1}
 _CHUNK_VALUES = 1 << 18  # values decoded at a time: gguf.quants takes ~40 bytes a value in temporaries
@@ -56,15 +58,17 @@ def summary(types: Mapping[str, QType], targets: Mapping[str, QType]) -> str:
             if counts else "")
 
 
-def transcode(w: QTensor, target: QType) -> QTensor:
-    """`w`'s blocks as `target` blocks, in fresh memory ([rows, bytes per row] as the file lays them), a few rows
-    at a time (never the whole tensor decoded at once)."""
+def transcode(w: QTensor, target: QType, huge: bool = False) -> QTensor:
+    """`w`'s blocks as `target` blocks, in fresh memory ([rows, bytes per row] as the file lays them; with `huge`,
+    2 MB pages for a tensor of 2 MB or more), a few rows at a time (never the whole tensor decoded at once)."""
     affine = (w.qtype, target) in ((QType.Q4_K, QType.Q4_1), (QType.Q5_K, QType.Q5_1))
     if not affine and target != QType.Q8_0:
         raise ValueError(f"cannot transcode {w.qtype.name} to {target.name}; expected a target from target_of")
     rows, cols = w.shape
     block, size = GGML_QUANT_SIZES[target]
-    out = torch.empty(rows, cols // block * size, dtype=torch.uint8)
+    width = cols // block * size
+    big = huge and rows * width >= HUGE
+    out = huge_empty(rows * width).view(rows, width) if big else torch.empty(rows, width, dtype=torch.uint8)
     step = max(1, _CHUNK_VALUES // cols)
     for at in range(0, rows, step):
         part = w.raw[at : at + step].numpy()
@@ -107,15 +111,15 @@ def _affine_blocks(raw: np.ndarray, qtype: QType, out: np.ndarray) -> None:
 
 
 def transcoding(get: Callable[[str], torch.Tensor | QTensor], targets: Mapping[str, QType],
-                release: Callable[[str], None]) -> Callable[[str], torch.Tensor | QTensor]:
-    """A tensor reader that transcodes the tensors named in `targets`, then `release`s the file bytes they were
-    read from (the process's memory is the transcoded copy, not both). A damaged scale (NaN, inf) carries into
-    the new blocks' scales, which the loader's finite check refuses."""
+                release: Callable[[str], None], huge: bool = False) -> Callable[[str], torch.Tensor | QTensor]:
+    """A tensor reader that transcodes the tensors named in `targets` (into 2 MB pages with `huge`), then
+    `release`s the file bytes they were read from (the process's memory is the transcoded copy, not both). A
+    damaged scale (NaN, inf) carries into the new blocks' scales, which the loader's finite check refuses."""
     def read(name: str) -> torch.Tensor | QTensor:
         w = get(name)
         if name not in targets or not isinstance(w, QTensor):
             return w
-        out = transcode(w, targets[name])
+        out = transcode(w, targets[name], huge)
         release(name)
         _return_freed_heap()
         return out
