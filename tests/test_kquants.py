@@ -255,3 +255,20 @@ def test_convert_writes_a_loaded_k_quant_model(glm4_file, folder):
     src = glm4_file("Q4_K_M")
     out = convert(src, folder / "from-q4_k_m-q8_0.gguf", "q8_0", progress=False)
     assert rel_err(load_model(out).logits(IDS), load_model(src).logits(IDS)) < LOGIT_TOL
+
+
+def test_a_damaged_k_quant_scale_names_the_tensor(glm4_file, folder):
+    """A NaN super-block scale in a Q4_K tensor carries into its q4_1 scales: one error naming the file and tensor."""
+    from chatglm.errors import ModelFileError
+
+    path = folder / "damaged-Q4_K_M.gguf"
+    path.write_bytes(glm4_file("Q4_K_M").read_bytes())
+    file = read_gguf(path)
+    name = next(n for n, t in file.tensors.items() if t.qtype == QType.Q4_K and n.startswith("blk."))
+    at = file.tensors[name].start
+    file.buffer.close()
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(np.float16(np.nan).tobytes())
+    with pytest.raises(ModelFileError, match=f"{name}.*NaN or infinite block scales"):
+        load_model(path)
