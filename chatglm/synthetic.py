@@ -20,7 +20,7 @@ from .default_model import default_model_path
 from .loaders.gguf import read_gguf
 from .loaders.gguf_writer import OutTensor, write_gguf
 from .loaders.vocab_writer import Vocab
-from .quant import QTensor, qtype_of
+from .quant import FLOAT_TYPES, QTensor, qtype_of
 
 SHAPES = {
     "chatglm3-6b": dict(arch="chatglm", hidden_size=4096, num_layers=28, num_heads=32, num_kv_heads=2, head_dim=128,
@@ -140,7 +140,7 @@ def _random_tensors(decoder: Any, cfg: ModelConfig,
         blocks = len(sizes[canon]) == 2 and not canon.endswith("router")
         t = OutTensor(canon, sizes[canon], None, q if blocks else QType.F32)
         data = torch.from_numpy(_random_data(t, rng))
-        return QTensor(data, q, t.shape) if t.qtype == q else data
+        return QTensor(data, q, t.shape) if t.qtype == q and q not in FLOAT_TYPES else data
 
     return sizes, get
 
@@ -230,12 +230,41 @@ def _written(path: Path, write) -> None:
         partial.unlink(missing_ok=True)
 
 
+# llama.cpp's K-quant mixes (what most downloaded GGUFs are), made by llama.cpp's own quantizer from the q8_0 file
+K_MIXES = ("q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q2_k")
+
+
+def llama_quantized(src: Path, mix: str, out: Path) -> Path:
+    """`src` requantized by llama.cpp (llama-cpp-python's llama_model_quantize) to a mix such as "q4_k_m"; where a
+    matrix's width is not a multiple of 256 llama.cpp picks a legacy type for it instead."""
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ValueError(f"the {mix} mix is made by llama.cpp's quantizer: install llama-cpp-python") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix.upper()}")
+    params.nthread = 2
+    params.allow_requantize = True  # from a block file: llama.cpp decodes it to float first
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise ValueError(f"llama.cpp could not quantize {src} to {mix}")
+    return out
+
+
 def synthetic_gguf(name: str, qtype: str, folder: Path, layers: int | None = None) -> Path:
-    """The file for shape `name` and type `qtype`, written once into `folder` and reused after; `layers` keeps
-    the shape's widths with fewer (or more) layers, so a large model's per-layer speed is measured in small files."""
+    """The file for shape `name` and type `qtype` (a ggml type, or a K-quant mix of K_MIXES), written once into
+    `folder` and reused after; `layers` keeps the shape's widths with fewer (or more) layers, so a large model's
+    per-layer speed is measured in small files."""
     if name not in SHAPES and name not in FAMILY_SHAPES:
         known = ", ".join([*SHAPES, *FAMILY_SHAPES, *GGML_SHAPES])
         raise ValueError(f"unknown synthetic shape {name!r}; expected one of {known}")
+    if qtype.lower() in K_MIXES:
+        path = Path(folder) / f"synthetic-{name}{f'-{layers}l' if layers else ''}-{qtype.lower()}.gguf"
+        if not path.is_file():
+            src = synthetic_gguf(name, "q8_0", folder, layers)
+            _written(path, lambda partial: llama_quantized(src, qtype, partial))
+        return path
     least = 2 if "moe" in FAMILY_SHAPES.get(name, {}) else 1  # the MoE shapes' first layer is dense
     if layers is not None and layers < least:
         raise ValueError(f"--synthetic-layers {layers}: give at least {least} for {name}")

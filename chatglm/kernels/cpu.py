@@ -18,7 +18,8 @@ always has the activations' dtype, so no bf16 kernel can give float32-exact resu
   a time for a float32 matmul: x @ dequantize(W).T to float32 rounding, at about the speed of a
   float32 F.linear, holding the file's bytes.
 * other ggml types (k-quants, i-quants) are dequantized to `dtype` once at build time: correct but
-  not compact; they get a packed path when a model needs one.
+  not compact. A GGUF file's never get here: the loader transcodes them to legacy blocks as it reads them
+  (loaders/transcode.py).
 """
 from __future__ import annotations
 

@@ -23,8 +23,10 @@ from gguf import GGUFValueType as VType
 from ..errors import ModelFileError
 from ..models import family_for_gguf
 from ..quant import FLOAT_TYPES, QTensor
-from .huge_pages import MAPPED, into_huge_pages
+from .huge_pages import MAPPED, into_huge_pages, unavailable_reason
 from .names import main_layers, plan
+from .transcode import plan as transcode_plan
+from .transcode import summary, transcoding
 
 if TYPE_CHECKING:
     from . import Checkpoint
@@ -75,6 +77,15 @@ class GGUFFile:
                                             "blocks (and 3-D stacks of them: MoE experts) are supported")
         rows = t.shape[0] * t.shape[1] if len(t.shape) == 3 else t.shape[0]  # experts' matrices one after another
         return QTensor(data.reshape(rows, -1), t.qtype, (rows, t.shape[-1]))
+
+    def release(self, name: str) -> None:
+        """Drop the whole pages inside one tensor's bytes from this process's mapping (MADV_DONTNEED): once
+        transcoded they are not read again, and a read-only file mapping would fault them back in unchanged."""
+        t = self.tensors[name]
+        start = -(-t.start // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (t.start + t.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start and hasattr(mmap, "MADV_DONTNEED"):
+            self.buffer.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 class _Header:
@@ -239,10 +250,16 @@ def open_gguf(path: Path, use_mmap: bool = True) -> Checkpoint:
     except (ValueError, TypeError, ArithmeticError) as e:  # a string or 0 where a size belongs
         raise ModelFileError(path, f"bad metadata value ({type(e).__name__}: {e})") from None
     layout = main_layers(plan(file.tensors, family.GGUF_NAMES), config.num_layers)
-    placement = MAPPED
-    if not use_mmap:  # once the file is known to be a model we read
-        spans = [(t.start, t.nbytes) for name, t in file.tensors.items() if "_exps." not in name]
+    read = {n for names in layout.values() for n in names}
+    types = {n: t.qtype for n, t in file.tensors.items() if n in read}
+    targets = transcode_plan(types, layout.values())  # K-quants and such onto the kernels' block types
+    placement, huge = MAPPED, False
+    if not use_mmap:  # once the file is known to be a model we read; transcoded tensors are made in huge pages
+        spans = [(t.start, t.nbytes) for name, t in file.tensors.items() if "_exps." not in name
+                 and name not in targets]
         placement = into_huge_pages(path, file.buffer, spans)
+        huge = bool(targets) and unavailable_reason(sum(file.tensors[n].nbytes for n in targets)) is None
+    placement = "; ".join(filter(None, (summary(types, targets) + (" (into 2 MB pages)" if huge else ""), placement)))
 
     def tokenizer():
         from ..tokenizers import tokenizer_from_gguf
@@ -250,5 +267,5 @@ def open_gguf(path: Path, use_mmap: bool = True) -> Checkpoint:
         return tokenizer_from_gguf(meta, path)
 
     stored = matrix_dtype(file.tensor(name) for name in file.tensors)
-    return Checkpoint(path, family, config, layout, family.GGUF_NAMES, file.tensor, stored, tokenizer, {}, "gguf",
-                      placement)
+    get = transcoding(file.tensor, targets, file.release, huge) if targets else file.tensor
+    return Checkpoint(path, family, config, layout, family.GGUF_NAMES, get, stored, tokenizer, {}, "gguf", placement)

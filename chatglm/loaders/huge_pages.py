@@ -132,6 +132,17 @@ def _move(libc: ctypes.CDLL, fd: int, base: int, at: int, n: int) -> None:
 _moving: list[threading.Thread] = []
 
 
+def huge_empty(nbytes: int) -> "torch.Tensor":
+    """uint8 [nbytes] in fresh memory the kernel backs with 2 MB pages (private anonymous, MADV_HUGEPAGE, 2 MB
+    aligned): where weights made at load (transcoded blocks) go when the file's move into huge pages."""
+    import torch
+
+    buffer = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared would be shmem
+    start = -address_of(buffer) % HUGE
+    buffer.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+    return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=start)  # holds the mapping
+
+
 def into_huge_pages(path: Path, buffer: Any, spans: Iterable[tuple[int, int]]) -> str:
     """Start moving these (file offset, bytes) spans of the file's mapping `buffer` into huge pages, on one
     background thread at low priority; a line saying where the weights are. Nothing moves (the weights stay

@@ -11,7 +11,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ..errors import ModelFileError
-from ..quant import QTensor, RowStack
+from ..quant import QTensor, QType, RowStack
+from .transcode import transcode
 
 Weight = torch.Tensor | QTensor
 
@@ -74,12 +75,16 @@ def namer(layout: Mapping[str, list[str]], table: Mapping[str, str]) -> Callable
 
 
 def concat_rows(pieces: list[Weight], names: list[str], source: object) -> Weight:
-    """Stack tensors along rows; blocks of one ggml type stay quantized, mixed types become float32."""
+    """Stack tensors along rows; blocks of one ggml type stay as they are, blocks of mixed types become q8_0 (the
+    loader's transcoding plan gives a file's fused pieces one type; this catches the rest: experts' gate and up),
+    floats mixed with blocks become float32."""
     if len({tuple(p.shape[1:]) for p in pieces}) != 1:
         shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in zip(names, pieces))
         raise ModelFileError(source, f"tensors to fuse disagree in shape: {shapes}")
     if all(isinstance(p, QTensor) for p in pieces) and len({p.qtype for p in pieces}) == 1:
         return RowStack(pieces)  # left where they are (a file's memory map) until something reads .raw
+    if all(isinstance(p, QTensor) for p in pieces):
+        return RowStack([p if p.qtype == QType.Q8_0 else transcode(p, QType.Q8_0) for p in pieces])
     floats = [p.dequantize(torch.float32) if isinstance(p, QTensor) else p for p in pieces]
     dtype = floats[0].dtype if len({f.dtype for f in floats}) == 1 else torch.float32
     return torch.cat([f.to(dtype) for f in floats])
